@@ -1,0 +1,79 @@
+"""Tiny numpy-only checkpoints (random weights, release layout) for tests that need no transformers."""
+
+import copy
+import json
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+
+
+def tiny_config(moe: bool = False, **text_overrides) -> dict:
+    """The 0.8B release config shrunk: same structure (3 linear : 1 full, MTP, k≠v heads), 300 tokens."""
+    base = {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5_moe" if moe else "qwen3_5",
+        "tie_word_embeddings": not moe,
+        "text_config": {
+            "hidden_size": 64, "num_hidden_layers": 4,
+            "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+            "full_attention_interval": 4, "head_dim": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "vocab_size": 300,
+            "mtp_num_hidden_layers": 1, "tie_word_embeddings": not moe,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                                "mrope_section": [3, 3, 2], "mrope_interleaved": True},
+        },
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "in_channels": 3,
+                          "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": 64,
+                          "num_position_embeddings": 64},
+    }
+    text = base["text_config"]
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    else:
+        text["intermediate_size"] = 128
+    text.update(text_overrides)
+    return copy.deepcopy(base)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character table, which byte-level BPE vocabularies are written in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_tokenizer(checkpoint_dir: Path) -> None:
+    """A 256-byte BPE vocabulary + a couple of merges + ChatML tokens, in the release's file layout."""
+    chars = _bytes_to_unicode()
+    vocab = {chars[b]: b for b in range(256)}
+    merges = [(chars[ord("h")], chars[ord("i")]), (chars[ord(" ")], chars[ord("t")])]
+    for i, (a, b) in enumerate(merges):
+        vocab[a + b] = 256 + i
+    added = [{"id": 280 + i, "content": t, "special": t.startswith("<|"), "normalized": False}
+             for i, t in enumerate(ADDED_TOKENS)]
+    tokenizer = {
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "behavior": "Isolated", "invert": False, "pattern": {
+                "Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"}},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "vocab": vocab, "merges": [list(m) for m in merges]},
+    }
+    (checkpoint_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    (checkpoint_dir / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "add_bos_token": False}))
+    (checkpoint_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
