@@ -55,5 +55,23 @@ def info(gguf_file):
     click.echo(describe(gguf_file))
 
 
+@main.command()
+@click.option("--dir", "workdir", default="qwen35-demo", show_default=True, type=click.Path(path_type=str),
+              help="Where the demo checkpoint and its GGUF go.")
+def demo(workdir):
+    """Build a tiny random-weight Qwen3.5 checkpoint (real vocabulary), convert it, describe the GGUF."""
+    from pathlib import Path
+
+    from .convert.demo import run_demo
+    from .convert.info import describe
+    from .convert.pipeline import terminal_progress
+
+    ckpt, outputs = run_demo(Path(workdir), progress=terminal_progress())
+    click.echo(f"demo checkpoint: {ckpt} (random weights, real Qwen3.5 structure and vocabulary)")
+    for out in outputs:
+        click.echo(f"wrote {out.path} ({out.type_name.upper()}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s\n")
+        click.echo(describe(out.path))
+
+
 if __name__ == "__main__":
     main()
