@@ -32,18 +32,35 @@ def main():
 @main.command()
 @click.argument("checkpoint_dir", type=click.Path(path_type=str))
 @click.option("-q", "--type", "qtypes", multiple=True, default=["bf16"], show_default=True,
-              help="Output type: f32, bf16, f16, q8_0. Repeat for several files from one read.")
+              help="Type or profile (f32, bf16, q8_0, q4_k_m, q4_k_m-hybrid, edge-arm, … or a .toml path). "
+                   "Repeat for several files from one read; `qwen35 profiles` lists them.")
 @click.option("-o", "--output", type=click.Path(path_type=str),
               help="Output file (one type) or directory (several). Default: ./<model>-<TYPE>.gguf")
+@click.option("--imatrix", type=click.Path(path_type=str), help="Importance matrix (llama.cpp's imatrix GGUF).")
+@click.option("--threads", type=int, help="Quantization threads. Default: physical cores.")
+@click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and file sizes; write nothing.")
 @click.option("--no-mtp", is_flag=True, help="Leave out the multi-token-prediction head.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def convert(checkpoint_dir, qtypes, output, no_mtp, force):
+def convert(checkpoint_dir, qtypes, output, imatrix, threads, dry_run, no_mtp, force):
     """Convert a Hugging Face Qwen3.5 CHECKPOINT_DIR to GGUF."""
-    from .convert import convert as run_convert
-    from .convert.pipeline import terminal_progress
+    from .convert.pipeline import Conversion, terminal_progress
 
-    for out in run_convert(checkpoint_dir, qtypes, output, mtp=not no_mtp, force=force, progress=terminal_progress()):
-        click.echo(f"wrote {out.path} ({out.type_name.upper()}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s")
+    conversion = Conversion(checkpoint_dir, qtypes, output, mtp=not no_mtp, force=force, imatrix=imatrix,
+                            dry_run=dry_run)
+    if dry_run:
+        click.echo(conversion.describe_plan())
+        return
+    for out in conversion.run(threads, terminal_progress()):
+        click.echo(f"wrote {out.path} ({out.type_name}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s")
+
+
+@main.command("profiles")
+def list_profiles():
+    """List the quantization profiles that ship with qwen35."""
+    from .convert import profiles
+
+    for name in profiles.available():
+        click.echo(f"{name:<16} {profiles.load(name).description}")
 
 
 @main.command()
@@ -69,7 +86,7 @@ def demo(workdir):
     ckpt, outputs = run_demo(Path(workdir), progress=terminal_progress())
     click.echo(f"demo checkpoint: {ckpt} (random weights, real Qwen3.5 structure and vocabulary)")
     for out in outputs:
-        click.echo(f"wrote {out.path} ({out.type_name.upper()}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s\n")
+        click.echo(f"wrote {out.path} ({out.type_name}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s\n")
         click.echo(describe(out.path))
 
 

@@ -16,16 +16,20 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
-from . import qwen35
+from . import profiles, qwen35
 from .checkpoint import Checkpoint, load_config
-from .dtypes import FILE_TYPES, Chunk, parse_output_type, tensor_type
+from .encode import Chunk
 from .errors import ConvertError
 from .gguf_file import GGUFFile, TensorSpec
+from .imatrix import Imatrix
 from .plan import PlannedTensor
+from .profiles import Choice, ModelFacts, Profile
 from .tokenizer import license_of, sampling_metadata, tokenizer_metadata
 
 CHUNK_BYTES = 16 * 1024 * 1024  # raw checkpoint bytes per read
+_FLOAT_TYPES = {T.F32, T.F16, T.BF16}
 
 
 @dataclass(frozen=True)
@@ -36,66 +40,139 @@ class Output:
     seconds: float
 
 
-def convert(checkpoint_dir, qtypes=("bf16",), output=None, *, mtp=True, force=False, progress=None) -> list[Output]:
-    """Convert a Qwen3.5 checkpoint directory to one GGUF per requested type."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise ConvertError(f"checkpoint directory {checkpoint_dir} does not exist")
-    types = {name.lower(): parse_output_type(name) for name in qtypes}  # dict: each type once, in order
-    if not types:
-        raise ConvertError("no output type given")
-    config = load_config(checkpoint_dir)
-    h = qwen35.read_hparams(config)
-    start = time.monotonic()
-
-    with Checkpoint(checkpoint_dir) as ckpt:
-        tensors, _left_out = qwen35.plan_tensors(ckpt, h, mtp=mtp)
-        n_vocab = tensors[0].shape[0]  # token_embd rows: the tokenizer is padded to match
-        name = model_name(checkpoint_dir, config)
-        common = (
-            qwen35.metadata(h, tensors)
-            + general_metadata(checkpoint_dir, name, qwen35.size_label(tensors, h))
-            + tokenizer_metadata(checkpoint_dir, n_vocab)
-            + sampling_metadata(checkpoint_dir)
-        )
-        paths = output_paths(output, name, list(types), force)
-        files = []
-        for (type_name, ggml_type), path in zip(types.items(), paths):
-            specs = [TensorSpec(t.name, t.shape, tensor_type(t, ggml_type)) for t in tensors]
-            meta = common + [
-                ("general.file_type", "u32", FILE_TYPES[ggml_type]),
-                ("general.quantization_version", "u32", 2),
-            ]
-            files.append(GGUFFile(path, meta, specs))
-        check_space(files)
-
-        with ExitStack() as stack:
-            for f in files:
-                f.open()
-                stack.callback(f.abort)  # no-op once finished
-            write_tensors(ckpt, tensors, files, progress)
-            done = [f.finish() for f in files]
-    seconds = time.monotonic() - start
-    return [Output(t, p, p.stat().st_size, seconds) for t, p in zip(types, done)]
+@dataclass
+class OutputPlan:
+    profile: Profile
+    path: Path
+    choices: list[Choice]
+    file: GGUFFile
 
 
-def write_tensors(ckpt: Checkpoint, tensors: list[PlannedTensor], files: list[GGUFFile], progress) -> None:
-    total = sum(t.n_elements for t in tensors)
-    done = 0
-    try:
-        for i, t in enumerate(tensors):
-            types = [f.tensors[i].ggml_type for f in files]
-            for raw in read_chunks(ckpt, t):
-                chunk = Chunk(raw, t)
-                for f, ggml_type in zip(files, types):
-                    f.write(chunk.encode(ggml_type))
-                done += raw.size
-                if progress:
-                    progress(done, total, t.name)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ConvertError(f"no space left on device while writing {files[0].path.parent}") from None
-        raise
+class Conversion:
+    """Everything decided before any weight is read: from config.json and the safetensors headers."""
+
+    def __init__(self, checkpoint_dir, qtypes=("bf16",), output=None, *, mtp=True, force=False, imatrix=None,
+                 dry_run=False):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        if not self.checkpoint_dir.is_dir():
+            raise ConvertError(f"checkpoint directory {self.checkpoint_dir} does not exist")
+        if not qtypes:
+            raise ConvertError("no output type given")
+        chosen = {}
+        for q in qtypes:  # each profile once, in the order given
+            profile = profiles.load(q)
+            chosen.setdefault(profile.name, profile)
+        config = load_config(self.checkpoint_dir)
+        self.hparams = h = qwen35.read_hparams(config)
+        self.ckpt = Checkpoint(self.checkpoint_dir)
+        try:
+            self.tensors, _left_out = qwen35.plan_tensors(self.ckpt, h, mtp=mtp)
+            self.imatrix = Imatrix(imatrix) if imatrix else None
+            block_count, _ = qwen35.blocks_written(self.tensors, h)
+            facts = ModelFacts(block_count, h.layer_types, h.n_heads // h.n_kv_heads, h.n_experts, h.tied,
+                               imatrix=self.imatrix is not None)
+            name = model_name(self.checkpoint_dir, config)
+            common = (
+                qwen35.metadata(h, self.tensors)
+                + general_metadata(self.checkpoint_dir, name, qwen35.size_label(self.tensors, h))
+                + tokenizer_metadata(self.checkpoint_dir, self.tensors[0].shape[0])  # padded to token_embd's rows
+                + sampling_metadata(self.checkpoint_dir)
+            )
+            paths = output_paths(output, name, list(chosen), force and not dry_run, check_existing=not dry_run)
+            self.outputs = []
+            for profile, path in zip(chosen.values(), paths):
+                choices = [profile.choose(t, facts) for t in self.tensors]
+                self._check_imatrix(profile, choices)
+                meta = common + [
+                    ("general.file_type", "u32", profile.file_type),
+                    ("general.quantization_version", "u32", 2),
+                    ("general.quantization.profile", "string", profile.name),
+                ]
+                specs = [TensorSpec(t.name, t.shape, c.type) for t, c in zip(self.tensors, choices)]
+                self.outputs.append(OutputPlan(profile, path, choices, GGUFFile(path, meta, specs)))
+        except BaseException:
+            self.ckpt.close()
+            raise
+
+    def _check_imatrix(self, profile: Profile, choices: list[Choice]) -> None:
+        from .native_quant import requires_imatrix
+
+        quantized = [(t, c) for t, c in zip(self.tensors, choices) if c.type not in _FLOAT_TYPES]
+        if self.imatrix is not None:
+            ours = {t.name for t, _ in quantized}
+            if not ours & self.imatrix.names():
+                raise ConvertError(f"imatrix {self.imatrix.path.name} does not match the model: none of its entries names a tensor of this model")
+            for t, _ in quantized:
+                if t.name in self.imatrix.names():
+                    self.imatrix.check(t.name, t.row_length, t.shape[0] if len(t.shape) == 3 else 1)
+        needing = [t.name for t, c in quantized if requires_imatrix(c.type)
+                   and (self.imatrix is None or t.name not in self.imatrix.names())]
+        if needing:
+            if self.imatrix is None:
+                raise ConvertError(f"{profile.name} needs an importance matrix ({len(needing)} tensors use types that "
+                                   "cannot be made without one): pass --imatrix FILE (llama.cpp's imatrix GGUF)")
+            raise ConvertError(f"imatrix {self.imatrix.path.name} has no entry for {needing[0]}, which {profile.name} quantizes to a type that needs one")
+
+    def describe_plan(self) -> str:
+        lines = []
+        for out in self.outputs:
+            lines.append(f"{out.path}  ({out.profile.name}: {out.profile.description})")
+            for t, c, spec in zip(self.tensors, out.choices, out.file.tensors):
+                shape = "×".join(str(d) for d in t.shape)
+                lines.append(f"  {t.name:<40} {shape:>18}  {c.type.name:<7} {spec.nbytes:>14,}  {c.reason}")
+            lines.append(f"  total {out.file.size:,} bytes ({out.file.size / 1e6:,.1f} MB)")
+        return "\n".join(lines)
+
+    def run(self, threads: int | None = None, progress=None) -> list[Output]:
+        start = time.monotonic()
+        quantizer = None
+        try:
+            if any(c.type not in _FLOAT_TYPES for out in self.outputs for c in out.choices):
+                from .native_quant import Quantizer
+
+                quantizer = Quantizer(threads)
+            check_space([out.file for out in self.outputs])
+            with ExitStack() as stack:
+                for out in self.outputs:
+                    out.file.open()
+                    stack.callback(out.file.abort)  # no-op once finished
+                self._write_tensors(quantizer, progress)
+                done = [out.file.finish() for out in self.outputs]
+        finally:
+            self.ckpt.close()
+            if quantizer is not None:
+                quantizer.close()
+        seconds = time.monotonic() - start
+        return [Output(out.profile.name, p, p.stat().st_size, seconds) for out, p in zip(self.outputs, done)]
+
+    def _write_tensors(self, quantizer, progress) -> None:
+        total = sum(t.n_elements for t in self.tensors)
+        done = 0
+        try:
+            for i, t in enumerate(self.tensors):
+                types = [out.choices[i].type for out in self.outputs]
+                importance = None
+                if self.imatrix is not None and any(ty not in _FLOAT_TYPES for ty in types):
+                    importance = self.imatrix.get(t.name)
+                row = 0
+                for raw in read_chunks(self.ckpt, t):
+                    chunk = Chunk(raw, t, row)
+                    for out, ggml_type in zip(self.outputs, types):
+                        out.file.write(chunk.encode(ggml_type, quantizer, importance))
+                    row += len(raw)
+                    done += raw.size
+                    if progress:
+                        progress(done, total, t.name)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ConvertError(f"no space left on device while writing {self.outputs[0].path.parent}") from None
+            raise
+
+
+def convert(checkpoint_dir, qtypes=("bf16",), output=None, *, mtp=True, force=False, imatrix=None, threads=None,
+            progress=None) -> list[Output]:
+    """Convert a Qwen3.5 checkpoint directory to one GGUF per requested type or profile."""
+    return Conversion(checkpoint_dir, qtypes, output, mtp=mtp, force=force, imatrix=imatrix).run(threads, progress)
 
 
 def read_chunks(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[np.ndarray]:
@@ -131,7 +208,7 @@ def general_metadata(checkpoint_dir: Path, name: str, size: str) -> list[tuple[s
     return kv
 
 
-def output_paths(output, name: str, type_names: list[str], force: bool) -> list[Path]:
+def output_paths(output, name: str, type_names: list[str], force: bool, check_existing: bool = True) -> list[Path]:
     """`-o` is a file for one type and a directory for several; default names <model>-<TYPE>.gguf."""
     default = [f"{name}-{t.upper()}.gguf" for t in type_names]
     if output is None:
@@ -143,12 +220,13 @@ def output_paths(output, name: str, type_names: list[str], force: bool) -> list[
         else:
             if output.exists() and not output.is_dir():
                 raise ConvertError(f"{output} is a file; several types need -o to name a directory")
-            output.mkdir(parents=True, exist_ok=True)
+            if check_existing:  # a dry run creates nothing
+                output.mkdir(parents=True, exist_ok=True)
             paths = [output / n for n in default]
     for p in paths:
-        if not p.parent.is_dir():
+        if check_existing and not p.parent.is_dir():
             raise ConvertError(f"output directory {p.parent} does not exist")
-        if p.exists() and not force:
+        if check_existing and p.exists() and not force:
             raise ConvertError(f"{p} already exists (use --force to overwrite)")
     return paths
 

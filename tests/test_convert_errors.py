@@ -12,7 +12,7 @@ from qwen35.cli import main
 from qwen35.convert import gguf_file
 from qwen35.convert.synthetic import write_checkpoint
 
-from .tiny import byte_level_tokenizer, tiny_config
+from tests.tiny import byte_level_tokenizer, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qwen35.convert import transforms as tf
-from qwen35.convert.dtypes import bf16_bits
+from qwen35.convert.encode import bf16_bits
 
 
 def test_neg_exp_turns_a_log_into_the_decay_rate_in_float32():
