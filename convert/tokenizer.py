@@ -102,6 +102,7 @@ def tokenizer_metadata(checkpoint_dir: Path, n_vocab: int) -> list[tuple[str, st
         if value is not None:
             kv.append((f"tokenizer.ggml.{key}_token_id", "u32", value))
     kv.append(("tokenizer.ggml.add_bos_token", "bool", bool(config.get("add_bos_token", False))))
+    kv.append(("tokenizer.ggml.add_eos_token", "bool", bool(config.get("add_eos_token", False))))
 
     template = chat_template(checkpoint_dir, config)
     if template:
