@@ -7,10 +7,11 @@ import sys
 import click
 
 from .convert import ConvertError
+from .runtime.errors import ChatError
 
 
 class _Group(click.Group):
-    """Turns a user mistake (ConvertError) into one line on stderr and exit status 1."""
+    """Turns a user mistake (ConvertError, ChatError) into one line on stderr and a non-zero exit status."""
 
     def invoke(self, ctx):
         try:
@@ -18,6 +19,9 @@ class _Group(click.Group):
         except ConvertError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except ChatError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -88,6 +92,52 @@ def demo(workdir):
     for out in outputs:
         click.echo(f"wrote {out.path} ({out.type_name}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s\n")
         click.echo(describe(out.path))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-p", "--prompt", help="Answer this prompt and exit (text piped on stdin works too).")
+@click.option("--json", "as_json", is_flag=True, help="One-shot answer as JSON: reasoning, content, tool_calls, stats.")
+@click.option("--think/--no-think", default=None, help="Reason before answering. Default: the model template's.")
+@click.option("--hide-thinking", is_flag=True, help="Do not show the reasoning.")
+@click.option("--system", help="System prompt.")
+@click.option("--temp", type=float, help="Sampling temperature (0: greedy). Default: the GGUF's recommendation.")
+@click.option("--top-k", type=int, help="Top-k sampling. Default: the GGUF's recommendation.")
+@click.option("--top-p", type=float, help="Top-p sampling. Default: the GGUF's recommendation.")
+@click.option("--min-p", type=float, help="Min-p sampling. Default: the GGUF's recommendation.")
+@click.option("--repeat-penalty", type=float, help="Repetition penalty (1: off).")
+@click.option("--presence-penalty", type=float, help="Presence penalty (0: off).")
+@click.option("--seed", type=int, help="Sampling seed. Default: random.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Longest reply, reasoning included. Default: no limit.")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=4096, show_default=True, help="Context tokens.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
+def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
+        presence_penalty, seed, max_tokens, ctx_size, threads, force, verbose):
+    """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
+    from .runtime.run import run as run_chat
+
+    options = dict(n_ctx=ctx_size, threads=threads, think=think, seed=seed, system=system, force=force,
+                   verbose=verbose, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                   presence_penalty=presence_penalty, max_tokens=max_tokens)
+    sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-p", "--n-prompt", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt tokens (pp).")
+@click.option("-n", "--n-gen", type=click.IntRange(min=2), default=128, show_default=True, help="Generated tokens (tg).")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a markdown table.")
+@click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
+def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force):
+    """Prompt-processing and generation speed of the chat runtime on MODEL, and its peak memory."""
+    from .runtime.bench import bench as run_bench, format_json, format_markdown
+
+    result = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads, force=force)
+    click.echo(format_json(result) if as_json else format_markdown(result))
 
 
 if __name__ == "__main__":

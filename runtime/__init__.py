@@ -4,16 +4,28 @@
     with ChatSession("model.gguf") as chat:
         reply = chat.send("Hello!")
         print(reply.reasoning, reply.content, chat.stats)
+
+The engine (and llama.cpp's shared library) loads on first use, so `qwen35 convert` does not pay for it.
 """
 
 from .errors import ChatError, ContextFull
-from .reasoning import Piece
-from .session import ChatSession, Reply
+
+_LAZY = {"ChatSession": "session", "Reply": "session", "Piece": "reasoning"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def one_shot(model_path, prompt: str, *, max_tokens: int | None = 256, **options) -> str:
     """The answer to one prompt (reasoning left out), e.g. for a demo. A random-weight model
     answers with random tokens: this shows the pipeline works, not that the model knows anything."""
+    from .session import ChatSession
+
     with ChatSession(model_path, **options) as chat:
         return chat.send(prompt, max_tokens=max_tokens).content
 

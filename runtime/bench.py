@@ -1,0 +1,68 @@
+"""`qwen35 bench`: prompt-processing and generation speed of the chat runtime, and its peak memory.
+
+Measured the way llama-bench measures (random prompt tokens in 512-token batches for pp; one token
+per step for tg, after a warm-up), but through the runtime's own code path: pp through the session's
+prompt evaluation, tg through a real chat reply (native sampler chain, detokenizing, reasoning split).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+
+from .session import ChatSession
+from .system import peak_rss
+
+
+def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3, threads: int | None = None,
+          n_ctx: int = 4096, force: bool = False) -> dict:
+    with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads, seed=1, force=force) as s:
+        rng = random.Random(0)
+        # Ordinary tokens only (the special tokens sit at the end of the vocabulary).
+        tokens = [rng.randrange(0, min(s._model.n_vocab, 240000)) for _ in range(n_prompt)]
+        s._evaluate(tokens[:16], logits=True)  # warm-up: first-touch of the weights, thread pool
+        pp = []
+        for _ in range(repetitions):
+            s.reset()
+            pp.append(_timed_tps(s, tokens))
+        tg, gen_tokens = [], []
+        s.send("Hi", max_tokens=8)  # warm-up
+        for _ in range(repetitions):
+            s.reset()
+            reply = s.send("Write a long story about a lighthouse keeper.", max_tokens=n_gen)
+            if reply.stats["gen_tps"]:
+                tg.append(reply.stats["gen_tps"])
+                gen_tokens.append(reply.stats["gen_tokens"])
+        return {
+            "model": str(s.model_file.path), "threads": s.threads, "n_ctx": s.n_ctx,
+            "pp": {"n": n_prompt, "tps": statistics.mean(pp), "stdev": _stdev(pp)},
+            "tg": {"n": min(gen_tokens, default=0), "tps": statistics.mean(tg) if tg else None, "stdev": _stdev(tg)},
+            "peak_rss_bytes": peak_rss(),
+        }
+
+
+def _timed_tps(s: ChatSession, tokens: list[int]) -> float:
+    start = time.perf_counter()
+    s._evaluate(tokens, logits=True)
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def _stdev(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def format_markdown(result: dict) -> str:
+    rows = [("pp", result["pp"]), ("tg", result["tg"])]
+    lines = ["| model | threads | test | tokens/s |", "| --- | ---: | --- | ---: |"]
+    for name, r in rows:
+        tps = f"{r['tps']:.2f} ± {r['stdev']:.2f}" if r["tps"] else "-"
+        lines.append(f"| {result['model']} | {result['threads']} | {name}{r['n']} | {tps} |")
+    lines.append("")
+    lines.append(f"peak memory: {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    return "\n".join(lines)
+
+
+def format_json(result: dict) -> str:
+    return json.dumps(result, indent=2)

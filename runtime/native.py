@@ -1,0 +1,256 @@
+"""llama.cpp through llama-cpp-python's low-level bindings: only what a chat needs.
+
+The high-level `llama_cpp.Llama` is not used: it copies the logits of every step into numpy and
+samples in Python over the whole 248k-token vocabulary, and it cannot snapshot the recurrent state
+of one sequence. Here every step is one `llama_decode` and one `llama_sampler_sample` (llama.cpp's
+native sampler chain), and the sequence state is read and written with `llama_state_seq_*_ext`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections import deque
+from dataclasses import dataclass
+
+import llama_cpp as L
+
+from .errors import ChatError, ContextFull
+
+SEQ = 0  # one conversation, one sequence
+
+# llama.h: work only with the part of the memory that cannot be rolled back (the recurrent state),
+# leaving the attention KV cache, which can be trimmed, alone.
+PARTIAL_ONLY = 1
+FULL = 0
+
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+class _Log:
+    """Collects llama.cpp's log (quiet by default) so a failure can quote its reason."""
+
+    def __init__(self) -> None:
+        self.lines: deque[str] = deque(maxlen=64)
+        self.verbose = False
+        self._partial = ""
+        self._callback = L.llama_log_callback(self._on_log)  # kept alive: llama.cpp holds the pointer
+
+    def _on_log(self, level: int, text: bytes, _user_data) -> None:
+        message = self._partial + text.decode("utf-8", "replace")
+        lines = message.split("\n")
+        self._partial = lines.pop()  # llama.cpp sends some lines in pieces
+        self.lines.extend(line for line in lines if line.strip())
+        if self.verbose:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    def install(self, verbose: bool) -> None:
+        self.verbose = verbose
+        L.llama_log_set(self._callback, None)
+
+    def clear(self) -> None:
+        self.lines.clear()
+
+    def find(self, *needles: str) -> str | None:
+        for line in self.lines:
+            if any(n in line for n in needles):
+                return line.strip()
+        return None
+
+
+log = _Log()
+_initialized = False
+
+
+def init(verbose: bool = False) -> None:
+    global _initialized
+    log.install(verbose)
+    if not _initialized:
+        L.llama_backend_init()
+        _initialized = True
+
+
+class Model:
+    """Weights and vocabulary of one GGUF file."""
+
+    def __init__(self, path: str, *, vocab_only: bool = False) -> None:
+        init(log.verbose)
+        params = L.llama_model_default_params()
+        params.vocab_only = vocab_only
+        log.clear()
+        self._model = L.llama_model_load_from_file(path.encode(), params)
+        if not self._model:
+            reason = log.find("unknown model architecture", "error loading model", "failed to") or "llama.cpp gave no reason"
+            raise ChatError(f"llama.cpp could not load {path}: {reason}")
+        self.vocab = L.llama_model_get_vocab(self._model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def ptr(self):
+        return self._model
+
+    def size_bytes(self) -> int:
+        return L.llama_model_size(self._model)
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text`, with special-token text (`<|im_start|>`…) read as those tokens, as the
+        Hugging Face tokenizer does for a rendered chat template. Never adds BOS: Qwen3.5 has none."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buf = (L.llama_token * capacity)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, capacity, False, True)
+        if n < 0:  # cannot happen for byte-level BPE (≤ 1 token per byte), but be exact
+            capacity = -n
+            buf = (L.llama_token * capacity)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, capacity, False, True)
+        return buf[:n]
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for; empty for control tokens (`<|im_end|>`…)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            n = L.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+            piece = self._piece_buf.raw[:n] if n > 0 else b""
+            self._pieces[token] = piece
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        return L.llama_vocab_is_eog(self.vocab, token)
+
+    def single_token(self, text: str) -> int | None:
+        """The id of a token written as `text` (e.g. "</think>"), or None if it is not one token."""
+        tokens = self.tokenize(text)
+        return tokens[0] if len(tokens) == 1 else None
+
+    def close(self) -> None:
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """llama.cpp's sampler chain settings; `temp` ≤ 0 means greedy."""
+
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+
+
+class Sampler:
+    """A native sampler chain in llama.cpp's default order (penalties → top-k → top-p → min-p →
+    temperature → draw). Stages that would do nothing are left out: each one walks the candidates."""
+
+    def __init__(self, s: Sampling, n_vocab: int) -> None:
+        self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        add = lambda smpl: L.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
+        if s.repeat_penalty != 1.0 or s.presence_penalty != 0.0:
+            add(L.llama_sampler_init_penalties(n_vocab, 64, s.repeat_penalty, 0.0, s.presence_penalty))
+        if s.temp <= 0:
+            add(L.llama_sampler_init_greedy())
+            return
+        if s.top_k > 0:
+            add(L.llama_sampler_init_top_k(s.top_k))
+        if 0 < s.top_p < 1:
+            add(L.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            add(L.llama_sampler_init_min_p(s.min_p, 1))
+        add(L.llama_sampler_init_temp(s.temp))
+        add(L.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: "Context") -> int:
+        """Sample (and accept) a token from the logits of the last decoded token."""
+        return L.llama_sampler_sample(self._chain, ctx.ptr, -1)
+
+    def close(self) -> None:
+        if self._chain:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class Context:
+    """A llama.cpp context holding one sequence: decode tokens, trim, and snapshot its state."""
+
+    def __init__(self, model: Model, n_ctx: int, threads: int, n_batch: int = 512) -> None:
+        params = L.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads = params.n_threads_batch = threads
+        params.n_outputs_max = 1
+        log.clear()
+        self._ctx = L.llama_init_from_model(model.ptr, params)
+        if not self._ctx:
+            reason = log.find("failed", "error") or "llama.cpp gave no reason"
+            raise ChatError(f"llama.cpp could not create a {n_ctx}-token context: {reason}")
+        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._mem = L.llama_get_memory(self._ctx)
+        self._batch = L.llama_batch_init(n_batch, 0, 1)
+
+    @property
+    def ptr(self):
+        return self._ctx
+
+    def decode(self, tokens: list[int], pos: int, *, logits_last: bool = True) -> None:
+        """Evaluate `tokens` at positions pos, pos+1, …; only the last one gets logits (if asked).
+        Callers feed at most n_batch tokens at a time, so they can stop between batches."""
+        n = len(tokens)
+        assert 0 < n <= self.n_batch
+        if pos + n > self.n_ctx:
+            raise ContextFull(f"context full ({self.n_ctx} tokens)")
+        b = self._batch
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = 0
+        b.logits[n - 1] = 1 if logits_last else 0
+        rc = L.llama_decode(self._ctx, b)
+        if rc == 1:
+            raise ContextFull(f"context full ({self.n_ctx} tokens)")
+        if rc != 0:
+            raise ChatError(f"llama_decode failed (code {rc}): {log.find('error', 'failed') or 'no reason given'}")
+
+    def trim(self, n_tokens: int) -> None:
+        """Drop every position ≥ n_tokens. For the recurrent layers this only succeeds when the
+        state is already at n_tokens (restored from a checkpoint): they cannot be rolled back."""
+        if not L.llama_memory_seq_rm(self._mem, SEQ, n_tokens, -1):
+            raise ChatError(f"llama.cpp cannot roll the model state back to {n_tokens} tokens")
+
+    def clear(self) -> None:
+        L.llama_memory_clear(self._mem, True)
+
+    def n_past(self) -> int:
+        return L.llama_memory_seq_pos_max(self._mem, SEQ) + 1
+
+    def get_state(self, flags: int) -> bytes:
+        size = L.llama_state_seq_get_size_ext(self._ctx, SEQ, flags)
+        buf = (ctypes.c_uint8 * size)()
+        written = L.llama_state_seq_get_data_ext(self._ctx, buf, size, SEQ, flags)
+        if written != size:
+            raise ChatError(f"llama.cpp wrote {written} bytes of a {size}-byte sequence state")
+        return bytes(buf)
+
+    def set_state(self, data: bytes, flags: int) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if L.llama_state_seq_set_data_ext(self._ctx, buf, len(data), SEQ, flags) != len(data):
+            raise ChatError("llama.cpp could not restore the saved model state (different model or context size?)")
+
+    def close(self) -> None:
+        if self._ctx:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            self._ctx = None

@@ -1,0 +1,67 @@
+"""`qwen35 run`: an interactive chat on a terminal, or one answer for a prompt (`-p`, or stdin)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .errors import ChatError, ContextFull
+from .repl import DIM, RESET, Repl
+from .session import ChatSession
+
+
+def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, session_options: dict) -> int:
+    """Returns the exit status: 0, or ContextFull.exit_code when a one-shot reply ran out of context."""
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise ChatError("no prompt: stdin was empty (give one with -p PROMPT)")
+    if prompt is None and as_json:
+        raise ChatError("--json answers one prompt: give it with -p PROMPT or on stdin")
+
+    interactive = prompt is None
+    if interactive:
+        print(f"{DIM}loading {model}…{RESET}", file=sys.stderr, flush=True)
+    with ChatSession(model, **session_options) as session:
+        for warning in session.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if interactive:
+            Repl(session, hide_thinking=hide_thinking).run()
+            return 0
+        if as_json:
+            return _answer_json(session, prompt)
+        return _answer(session, prompt, hide_thinking)
+
+
+def _answer(session: ChatSession, prompt: str, hide_thinking: bool) -> int:
+    """The answer on stdout as it is generated; reasoning (dimmed on a terminal) and notices on
+    stderr, so `qwen35 run -p … > answer.txt` holds only the answer."""
+    dim, reset = (DIM, RESET) if sys.stderr.isatty() else ("", "")
+    reasoning_shown = False
+    for piece in session.stream(prompt):
+        if piece.kind == "content":
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        elif piece.kind == "reasoning" and not hide_thinking:
+            sys.stderr.write(f"{dim}{piece.text}{reset}")
+            sys.stderr.flush()
+            reasoning_shown = True
+        elif piece.kind == "notice":
+            sys.stderr.write(f"\n[{piece.text}]\n")
+    if reasoning_shown:
+        sys.stderr.write("\n")
+    sys.stdout.write("\n")
+    return ContextFull.exit_code if session.stats["finish_reason"] == "context" else 0
+
+
+def _answer_json(session: ChatSession, prompt: str) -> int:
+    reply = session.send(prompt)
+    out = {"reasoning": reply.reasoning, "content": reply.content}
+    if reply.tool_calls:
+        out["tool_calls"] = reply.tool_calls
+    out["finish_reason"] = reply.finish_reason
+    if reply.notices:
+        out["notices"] = reply.notices
+    out["stats"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in reply.stats.items()}
+    print(json.dumps(out, ensure_ascii=False, indent=2))
+    return ContextFull.exit_code if reply.finish_reason == "context" else 0

@@ -1,0 +1,421 @@
+"""ChatSession: a multi-turn chat with a Qwen3.5 GGUF that never re-reads its history.
+
+Why this is not simply "keep the KV cache": Qwen3.5's chat template drops the reasoning of earlier
+turns, so the text the model generated (`<think>…</think>` + answer) is not the text the next turn's
+prompt contains; and three layers in four are Gated DeltaNet, whose recurrent state cannot be rolled
+back to an earlier token the way an attention KV cache can be trimmed. So at each turn we snapshot
+the recurrent state at the last point that every later rendering shares — the end of the user's
+message, before `<|im_start|>assistant` — and the next turn restores it, trims the attention cache to
+the same point, and evaluates only what follows: the answer as the template re-renders it, and the
+new message. The model's context is always exactly the template's rendering of the conversation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from . import native
+from .errors import ChatError, ContextFull
+from .memory import check_fits, estimate
+from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
+from .native import FULL, PARTIAL_ONLY, Sampling
+from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, split_tool_calls
+from .system import physical_cores
+from .template import ChatTemplate
+
+N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
+N_CHECKPOINTS = 1  # recurrent-state snapshots kept (the latest turn boundary is the one reused)
+
+# Used only when a (non-Qwen3.5) GGUF carries no template: plain ChatML, which Qwen models speak.
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_SESSION_MAGIC = b"QWEN35-CHAT\n"
+_SESSION_VERSION = 1
+
+
+@dataclass
+class Reply:
+    reasoning: str
+    content: str
+    tool_calls: list[dict]
+    finish_reason: str  # stop | length | context | loop | interrupted
+    stats: dict
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    tokens: tuple[int, ...]
+    state: bytes
+
+
+def nfc(text: str) -> str:
+    """Qwen3.5's tokenizer normalizes to NFC before splitting; llama.cpp does not, so we do it."""
+    return unicodedata.normalize("NFC", text)
+
+
+class ChatSession:
+    """A conversation with one GGUF model.
+
+    `send(text)` returns a Reply; `stream(text)` yields Pieces as they are generated (reasoning and
+    content kept apart); `stats` describes the last turn; `save(path)`/`load(path)` persist the
+    conversation with the model state; `reset()` starts over. Sampling keywords (temp, top_k, top_p,
+    min_p, repeat_penalty, presence_penalty, max_tokens) default to the GGUF's recommended values.
+    """
+
+    def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
+                 seed: int | None = None, *, system: str | None = None, force: bool = False,
+                 verbose: bool = False, **sampling) -> None:
+        native.init(verbose)
+        self.model_file = mf = read_model_file(model_path)
+        self.warnings: list[str] = []
+        if mf.architecture not in QWEN35_ARCHS:
+            self.warnings.append(f"{mf.path} is a '{mf.architecture or 'unnamed'}' model, not Qwen3.5: "
+                                 "running it as is, without Qwen3.5's reasoning and template guarantees")
+        self.template = ChatTemplate(mf.chat_template or _CHATML)
+        self.max_tokens = sampling.pop("max_tokens", None)
+        self._sampling = self._sampling_from(mf, seed, sampling)
+
+        self.memory = estimate(mf, n_ctx, n_batch=N_BATCH, n_checkpoints=N_CHECKPOINTS)
+        problem = check_fits(self.memory)
+        if problem and not force:
+            raise ChatError(problem)
+
+        try:
+            self._model = native.Model(str(mf.path))
+        except ChatError as e:
+            if "unknown model architecture" in str(e):
+                raise ChatError(f"{mf.path} is a '{mf.architecture}' model, an architecture the llama.cpp bundled "
+                                f"with llama-cpp-python 0.3.36 cannot run") from None
+            raise
+        self.threads = threads or physical_cores()
+        self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH)
+        self.n_ctx = self._ctx.n_ctx
+        self._think_open = self._model.single_token("<think>")
+        self._think_close = self._model.single_token("</think>")
+
+        self.think = think  # None: the template's default
+        self.system = nfc(system) if system else None
+        self.messages: list[dict] = []
+        self.stats: dict = {}
+        self._tokens: list[int] = []  # what the model state holds, in order
+        self._checkpoint: _Checkpoint | None = None
+        self._stop = threading.Event()
+        self._turn = 0
+
+    # --- public API -----------------------------------------------------------------------------
+
+    @property
+    def thinks(self) -> bool:
+        """Whether the next reply will start with reasoning."""
+        if self.think is not None:
+            return self.think
+        return self.template.thinks_by_default()
+
+    def send(self, text: str, **overrides) -> Reply:
+        pieces = self.stream(text, **overrides)
+        for _ in pieces:
+            pass
+        return self.last_reply
+
+    def stream(self, text: str, **overrides) -> Iterator[Piece]:
+        """Yield the reply as it is generated. Ends the turn cleanly if `interrupt()` is called (from
+        a signal handler, say) or if the caller stops iterating."""
+        think = overrides.pop("think", self.think)
+        max_tokens = overrides.pop("max_tokens", self.max_tokens)
+        sampling = self._with_overrides(overrides)
+        self._stop.clear()
+        return self._turn_generator(nfc(text), think, max_tokens, sampling)
+
+    def interrupt(self) -> None:
+        """Stop the reply being generated (safe to call from a signal handler or another thread)."""
+        self._stop.set()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and settings stay)."""
+        self.messages = []
+        self._ctx.clear()
+        self._tokens = []
+        self._checkpoint = None
+        self.stats = {}
+
+    def set_system(self, text: str | None) -> None:
+        """A new system prompt changes the start of the prompt: the conversation starts over."""
+        self.system = nfc(text) if text else None
+        self.reset()
+
+    def context_tokens(self) -> list[int]:
+        """The tokens the model state holds (for tests: it must equal the template's rendering)."""
+        return list(self._tokens)
+
+    def render(self, *, add_generation_prompt: bool = True, think: bool | None = None) -> str:
+        """The template's rendering of the conversation so far (+ the generation prompt)."""
+        return self.template.render(self._conversation(), add_generation_prompt=add_generation_prompt,
+                                    think=self.think if think is None else think)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(nfc(text))
+
+    def save(self, path) -> None:
+        """Write the conversation and the model state, so `load` resumes without re-reading it."""
+        self._rewind_to_checkpoint()
+        header = {
+            "version": _SESSION_VERSION,
+            "model": _fingerprint(self.model_file),
+            "system": self.system, "think": self.think, "messages": self.messages,
+            "tokens": self._tokens,
+        }
+        state = self._ctx.get_state(FULL) if self._tokens else b""
+        header["state_bytes"] = len(state)
+        data = json.dumps(header, ensure_ascii=False).encode()
+        path = Path(path)
+        tmp = path.with_name(path.name + ".part")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_SESSION_MAGIC + len(data).to_bytes(8, "little") + data + state)
+            tmp.replace(path)
+        except OSError as e:
+            raise ChatError(f"cannot save the conversation to {path}: {e.strerror}") from None
+
+    def load(self, path) -> None:
+        """Resume a conversation written by `save` (with the same model file)."""
+        header, state = _read_session(Path(path))
+        if header["model"] != _fingerprint(self.model_file):
+            raise ChatError(f"{path} was saved with a different model ({header['model'].get('name')}); "
+                            f"load it with that model")
+        tokens = header["tokens"]
+        if len(tokens) >= self.n_ctx:
+            raise ChatError(f"{path} holds {len(tokens)} tokens, more than this context ({self.n_ctx}): "
+                            f"raise --ctx-size")
+        self.reset()
+        if state:
+            self._ctx.set_state(state, FULL)
+        self._tokens = list(tokens)
+        self._checkpoint = _Checkpoint(tuple(tokens), self._ctx.get_state(PARTIAL_ONLY)) if tokens else None
+        self.system, self.think, self.messages = header["system"], header["think"], header["messages"]
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._ctx.close()
+            self._ctx = None
+        if getattr(self, "_model", None):
+            self._model.close()
+            self._model = None
+
+    def __enter__(self) -> "ChatSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- one turn -------------------------------------------------------------------------------
+
+    def _turn_generator(self, text: str, think: bool | None, max_tokens: int | None,
+                        sampling: Sampling) -> Iterator[Piece]:
+        start = time.perf_counter()
+        conversation = self._conversation() + [{"role": "user", "content": text}]
+        prompt_text = self.template.render(conversation, add_generation_prompt=True, think=think)
+        prompt = self._model.tokenize(prompt_text)
+        boundary = self._stable_boundary(conversation, prompt)
+        if len(prompt) >= self.n_ctx:
+            raise ContextFull(f"the conversation ({len(prompt)} tokens) no longer fits the {self.n_ctx}-token "
+                              f"context: /reset to start over, or raise --ctx-size")
+
+        reused = self._reuse(prompt)
+        self.messages.append({"role": "user", "content": text})
+        stats = {"prompt_tokens": 0, "cached_tokens": reused, "ttft_s": None, "gen_tokens": 0, "gen_tps": None}
+        splitter = ReplySplitter(_opens_reasoning(prompt_text), self._think_open, self._think_close)
+        notices: list[str] = []
+        finish = "interrupted"
+        try:
+            if boundary is not None and boundary > reused:
+                if not self._evaluate(prompt[reused:boundary], logits=False):
+                    return
+                self._checkpoint = _Checkpoint(tuple(self._tokens), self._ctx.get_state(PARTIAL_ONLY))
+            if not self._evaluate(prompt[len(self._tokens):], logits=True):
+                return
+            stats["prompt_tokens"] = len(prompt) - reused
+            stats["prompt_s"] = time.perf_counter() - start
+            stats["prompt_tps"] = stats["prompt_tokens"] / stats["prompt_s"]
+            finish = yield from self._generate(sampling, max_tokens, splitter, stats, notices, start)
+        finally:
+            if stats["ttft_s"] is None:
+                self.messages.pop()  # no reply was started: the turn did not happen
+            reasoning, content = splitter.result()
+            content, tool_calls = split_tool_calls(content)
+            if stats["ttft_s"] is not None:
+                message = {"role": "assistant", "content": content}
+                if tool_calls:
+                    message["tool_calls"] = [{"function": c} for c in tool_calls]
+                self.messages.append(message)
+            self._turn += 1
+            stats.update(finish_reason=finish, context_tokens=len(self._tokens), total_s=time.perf_counter() - start)
+            self.stats = stats
+            self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices)
+
+    def _generate(self, sampling: Sampling, max_tokens: int | None, splitter: ReplySplitter,
+                  stats: dict, notices: list[str], start: float):
+        sampler = native.Sampler(sampling, self._model.n_vocab)
+        guard = RepetitionGuard()
+        try:
+            token = sampler.sample(self._ctx)
+            first = time.perf_counter()
+            stats["ttft_s"] = first - start
+            n = 0
+            while True:
+                if self._model.is_eog(token):
+                    return "stop"
+                n += 1
+                stats["gen_tokens"] = n
+                piece = splitter.feed(token, self._model.piece(token))
+                if piece:
+                    yield piece
+                pending = [token]
+                if guard.looping(token):
+                    if splitter.kind != REASONING:
+                        notices.append("the reply kept repeating itself: stopped it")
+                        yield Piece("notice", notices[-1])
+                        return "loop"
+                    # Close the reasoning as the model would have, and let it answer.
+                    notices.append("the reasoning kept repeating itself: closed it to answer")
+                    yield Piece("notice", notices[-1])
+                    splitter.close_reasoning()
+                    guard.reset()
+                    pending += self._model.tokenize("\n</think>\n\n")
+                if self._stop.is_set():
+                    return "interrupted"
+                if max_tokens is not None and n >= max_tokens:
+                    return "length"
+                if len(self._tokens) + len(pending) >= self.n_ctx:
+                    notices.append(f"context full ({self.n_ctx} tokens): /reset to start over, or raise --ctx-size")
+                    yield Piece("notice", notices[-1])
+                    return "context"
+                self._evaluate(pending, logits=True)
+                token = sampler.sample(self._ctx)
+                elapsed = time.perf_counter() - first
+                stats["gen_tps"] = n / elapsed if elapsed > 0 else None
+        finally:
+            sampler.close()
+
+    # --- the model state ------------------------------------------------------------------------
+
+    def _conversation(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def _stable_boundary(self, conversation: list[dict], prompt: list[int]) -> int | None:
+        """Token count of the conversation rendered without the generation prompt — the point every
+        later rendering shares — if the prompt does start with it (true for Qwen3.5's template)."""
+        stable = self._model.tokenize(self.template.render(conversation, add_generation_prompt=False, think=None))
+        if len(stable) < len(prompt) and prompt[:len(stable)] == stable:
+            return len(stable)
+        return None
+
+    def _reuse(self, prompt: list[int]) -> int:
+        """Bring the model state to the longest prefix of `prompt` it can reach without evaluating
+        anything; returns that prefix's length. Always leaves at least one prompt token to evaluate
+        (its logits start the reply)."""
+        held = self._tokens
+        if len(held) < len(prompt) and prompt[:len(held)] == held:
+            return len(held)  # the state is already there: just continue
+        ck = self._checkpoint
+        if ck and len(ck.tokens) < len(prompt) and tuple(prompt[:len(ck.tokens)]) == ck.tokens \
+                and tuple(held[:len(ck.tokens)]) == ck.tokens:
+            # The attention cache still holds the checkpoint's tokens (they are a prefix of what it
+            # holds): restore only the recurrent state, then drop the attention entries past it.
+            self._ctx.set_state(ck.state, PARTIAL_ONLY)
+            self._ctx.trim(len(ck.tokens))
+            self._tokens = list(ck.tokens)
+            return len(ck.tokens)
+        self._ctx.clear()
+        self._tokens = []
+        self._checkpoint = None
+        return 0
+
+    def _rewind_to_checkpoint(self) -> None:
+        """Put the state back at the last turn boundary (what the next turn would do anyway)."""
+        ck = self._checkpoint
+        if ck and len(self._tokens) > len(ck.tokens):
+            self._ctx.set_state(ck.state, PARTIAL_ONLY)
+            self._ctx.trim(len(ck.tokens))
+            self._tokens = list(ck.tokens)
+
+    def _evaluate(self, tokens: list[int], *, logits: bool) -> bool:
+        """Feed tokens in batches. Returns False if interrupted between batches; the state stays
+        consistent either way (`_tokens` lists exactly what has been evaluated)."""
+        for i in range(0, len(tokens), N_BATCH):
+            if i and self._stop.is_set():
+                return False
+            chunk = tokens[i:i + N_BATCH]
+            self._ctx.decode(chunk, len(self._tokens), logits_last=logits and i + N_BATCH >= len(tokens))
+            self._tokens.extend(chunk)
+        return True
+
+    # --- settings -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sampling_from(mf: ModelFile, seed: int | None, given: dict) -> Sampling:
+        unknown = set(given) - set(Sampling.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        values = {**mf.sampling_defaults(), **{k: v for k, v in given.items() if v is not None}}
+        if seed is not None:
+            values["seed"] = seed
+        return Sampling(**values)
+
+    def _with_overrides(self, overrides: dict) -> Sampling:
+        if not overrides:
+            return self._sampling
+        unknown = set(overrides) - set(Sampling.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return Sampling(**{**self._sampling.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _opens_reasoning(prompt_text: str) -> bool:
+    """Whether the generation prompt leaves a `<think>` block open (the reply starts reasoning)."""
+    return prompt_text.rfind("<think>") > prompt_text.rfind("</think>")
+
+
+def _fingerprint(mf: ModelFile) -> dict:
+    """Enough to tell model files apart without hashing gigabytes: name, size, and a hash of the
+    header and of the last MiB of tensor data."""
+    h = hashlib.sha256()
+    with open(mf.path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, mf.size - (1 << 20)))
+        h.update(f.read())
+    return {"name": mf.path.name, "size": mf.size, "sha256": h.hexdigest()}
+
+
+def _read_session(path: Path) -> tuple[dict, bytes]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ChatError(f"{path} does not exist") from None
+    except OSError as e:
+        raise ChatError(f"cannot read {path}: {e.strerror}") from None
+    if not data.startswith(_SESSION_MAGIC):
+        raise ChatError(f"{path} is not a conversation saved by qwen35 (/save FILE writes one)")
+    try:
+        start = len(_SESSION_MAGIC) + 8
+        n = int.from_bytes(data[len(_SESSION_MAGIC):start], "little")
+        header = json.loads(data[start:start + n])
+        state = data[start + n:]
+        if header.get("version") != _SESSION_VERSION or len(state) != header["state_bytes"]:
+            raise ValueError
+    except (ValueError, KeyError):
+        raise ChatError(f"{path} is damaged or was written by another version of qwen35") from None
+    return header, state
+
+
+__all__ = ["ChatSession", "Reply", "Piece", "nfc", "CONTENT", "REASONING"]
