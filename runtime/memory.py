@@ -7,7 +7,8 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
 - recurrent state: the Gated DeltaNet layers' fixed-size convolution and state matrices, which do
   not grow with the context;
 - saved checkpoints: copies of that recurrent state kept at turn boundaries;
-- compute and output buffers for a prompt batch;
+- compute and output buffers for a prompt batch, and the context's own bookkeeping (graph and
+  scheduler metadata, the thread pool and its malloc arenas: 13-30 MiB measured at 2 threads);
 - and what this process already holds (Python, the libraries).
 """
 
@@ -22,6 +23,9 @@ VOCAB_BYTES_PER_TOKEN = 430
 F16, F32 = 2, 4
 CTX_PAD = 256  # llama.cpp rounds the context up to a multiple of this
 GIB = 1024 ** 3
+MIB = 1024 ** 2
+CONTEXT_OVERHEAD = 12 * MIB
+THREAD_OVERHEAD = 4 * MIB
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ def recurrent_state_bytes(mf: ModelFile) -> int:
     return n_linear * (conv + d_state * d_inner * F32)
 
 
-def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int) -> MemoryEstimate:
+def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int) -> MemoryEstimate:
     n_layer = mf.arch_key("block_count", 0)
     n_mtp = mf.arch_key("nextn_predict_layers", 0)
     main_layers = n_layer - n_mtp
@@ -89,9 +93,10 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int) -> 
                mf.arch_key("expert_used_count", 0) * mf.arch_key("expert_feed_forward_length", 0))
     compute = n_batch * F32 * (int(2.5 * channels) + n_ff + 2 * n_embd) + n_ctx_cells * n_batch * F16
     output = mf.n_tokens * F32  # logits of the one token we sample from
+    overhead = CONTEXT_OVERHEAD + threads * THREAD_OVERHEAD
     return MemoryEstimate(
         weights=weights, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN, kv_cache=kv_cache, recurrent=recurrent,
-        checkpoints=n_checkpoints * recurrent, buffers=compute + output, process=current_rss(), n_ctx=n_ctx)
+        checkpoints=n_checkpoints * recurrent, buffers=compute + output + overhead, process=current_rss(), n_ctx=n_ctx)
 
 
 def check_fits(est: MemoryEstimate, available: int | None = None) -> str | None:

