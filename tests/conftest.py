@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import FIXTURES, cached_fixture
+
+
+def _fixture_cache_root() -> Path:
+    # Outside the repository; fixtures are keyed by a hash of their builder, so a stale cache is
+    # never reused. QWEN35_TEST_CACHE moves it (e.g. to a CI cache directory).
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / "test-fixtures"
+    return Path(os.environ.get("QWEN35_TEST_CACHE", default))
+
+
+@pytest.fixture(scope="session")
+def qwen35_fixture():
+    """qwen35_fixture(name) -> BuiltFixture: a tiny release-layout checkpoint with reference logits.
+
+    Building needs torch and transformers (tests using it skip without them); each fixture is
+    built at most once per cache key, and in a session only when a test asks for it.
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    root = _fixture_cache_root()
+    return lambda name: cached_fixture(FIXTURES[name], root)
