@@ -76,6 +76,7 @@ def describe(path) -> str:
         ("context", f"{meta.get(f'{arch}.context_length', 0):,}"),
         ("tokenizer", f"{meta.get('tokenizer.ggml.model', '?')} / {meta.get('tokenizer.ggml.pre', '?')}, {n_tokens:,} tokens"),
         ("chat template", "yes" if "tokenizer.chat_template" in meta else "no"),
+        ("profile", meta.get("general.quantization.profile", "unknown (not made by qwen35)")),
     ]
     for i, (name, (count, nbytes)) in enumerate(sorted(by_type.items())):
         rows.append(("tensor types" if i == 0 else "", f"{name:<6} {count:5d} tensors  {nbytes / 1e6:12,.1f} MB"))

@@ -29,15 +29,9 @@ def _ggml():
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_quantize_init.restype = None
     return lib
-
-
-def requires_imatrix(ggml_type: GGMLQuantizationType) -> bool:
-    return bool(_ggml().ggml_quantize_requires_imatrix(int(ggml_type)))
 
 
 def default_threads() -> int:

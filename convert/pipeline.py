@@ -7,6 +7,7 @@ read: memory does not grow with the model.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import sys
 import time
@@ -70,7 +71,7 @@ class Conversion:
             self.imatrix = Imatrix(imatrix) if imatrix else None
             block_count, _ = qwen35.blocks_written(self.tensors, h)
             facts = ModelFacts(block_count, h.layer_types, h.n_heads // h.n_kv_heads, h.n_experts, h.tied,
-                               imatrix=self.imatrix is not None)
+                               tuple(t.name for t in self.tensors), imatrix=self.imatrix is not None)
             name = model_name(self.checkpoint_dir, config)
             common = (
                 qwen35.metadata(h, self.tensors)
@@ -95,8 +96,6 @@ class Conversion:
             raise
 
     def _check_imatrix(self, profile: Profile, choices: list[Choice]) -> None:
-        from .native_quant import requires_imatrix
-
         quantized = [(t, c) for t, c in zip(self.tensors, choices) if c.type not in _FLOAT_TYPES]
         if self.imatrix is not None:
             ours = {t.name for t, _ in quantized}
@@ -105,7 +104,9 @@ class Conversion:
             for t, _ in quantized:
                 if t.name in self.imatrix.names():
                     self.imatrix.check(t.name, t.row_length, t.shape[0] if len(t.shape) == 3 else 1)
-        needing = [t.name for t, c in quantized if requires_imatrix(c.type)
+        if profile.imatrix_required and self.imatrix is None:
+            raise ConvertError(f"{profile.name} needs an importance matrix: pass --imatrix FILE (llama.cpp's imatrix GGUF)")
+        needing = [t.name for t, c in quantized if c.type in profiles.IMATRIX_TYPES
                    and (self.imatrix is None or t.name not in self.imatrix.names())]
         if needing:
             if self.imatrix is None:
@@ -214,8 +215,9 @@ def output_paths(output, name: str, type_names: list[str], force: bool, check_ex
     if output is None:
         paths = [Path(n) for n in default]
     else:
+        names_a_directory = str(output).endswith(("/", os.sep)) or Path(output).is_dir()
         output = Path(output)
-        if len(type_names) == 1 and not output.is_dir():
+        if len(type_names) == 1 and not names_a_directory:
             paths = [output]
         else:
             if output.exists() and not output.is_dir():

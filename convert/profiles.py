@@ -44,8 +44,10 @@ FALLBACK = {
 }
 LAYER_KINDS = ("linear-attention", "full-attention", "mtp")
 _CONDITIONS = {"min_gqa", "max_gqa", "experts", "min_experts", "tied", "imatrix"}
-_RULE_KEYS = {"tensors", "type", "reason", "layers", "kind"} | _CONDITIONS
-_PROFILE_KEYS = {"description", "base", "file_type", "extends", "rule", "matches_llama_quantize"}
+_RULE_KEYS = {"tensors", "type", "reason", "layers", "count", "kind"} | _CONDITIONS
+_PROFILE_KEYS = {"description", "base", "file_type", "extends", "rule", "matches_llama_quantize", "imatrix_required"}
+# Types llama-quantize will not make without an importance matrix (llama-quant.cpp, tensor_requires_imatrix).
+IMATRIX_TYPES = {T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S}
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -91,7 +93,14 @@ class ModelFacts:
     gqa: int
     n_experts: int
     tied: bool
+    tensor_names: tuple[str, ...] = ()
     imatrix: bool = False
+
+    def ordinal(self, name: str, substring: str) -> int:
+        """Position of `name` among the tensors whose names contain `substring`, in llama-quantize's
+        order (by block, then by name: llama-model-loader.h, weight_name_comparer)."""
+        counted = sorted((n for n in self.tensor_names if substring in n), key=_llama_order)
+        return counted.index(name)
 
     def kind_of(self, block: int) -> str:
         if block >= len(self.layer_types):
@@ -105,6 +114,7 @@ class Rule:
     type: GGMLQuantizationType
     reason: str
     layers: Optional[str] = None
+    count: Optional[str] = None  # `layers` counts tensors containing this, not blocks
     kind: tuple[str, ...] = ()
     conditions: dict = field(default_factory=dict)
 
@@ -132,7 +142,10 @@ class Rule:
         block = int(m.group(1))
         if self.kind and facts.kind_of(block) not in self.kind:
             return False
-        return self.layers is None or _layer_predicate(self.layers)(block, facts.n_blocks)
+        if self.layers is None:
+            return True
+        position = facts.ordinal(name, self.count) if self.count else block
+        return _layer_predicate(self.layers)(position, facts.n_blocks)
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,7 @@ class Profile:
     file_type: int
     rules: tuple[Rule, ...]
     source: str  # where it was read from, for messages
+    imatrix_required: bool = False
 
     def choose(self, t: PlannedTensor, facts: ModelFacts) -> Choice:
         if len(t.shape) == 1 or t.name.endswith(KEEP_F32):
@@ -247,10 +261,17 @@ def _load_file(path: Path, seen: tuple[str, ...]) -> Profile:
         if any(k not in LAYER_KINDS for k in kind):
             fail(f"{anchor}: kind must be among {', '.join(LAYER_KINDS)}", "kind")
         conditions = {k: raw[k] for k in _CONDITIONS if k in raw}
-        rules.append(Rule(pattern, rule_type, str(raw["reason"]), raw.get("layers"), kind, conditions))
+        rules.append(Rule(pattern, rule_type, str(raw["reason"]), raw.get("layers"), raw.get("count"), kind, conditions))
     if parent:
         rules += parent.rules  # the child's rules come first: they refine the parent's
-    return Profile(path.stem, str(data.get("description", "")), base, file_type, tuple(rules), str(path))
+    imatrix_required = bool(data.get("imatrix_required", parent.imatrix_required if parent else False))
+    return Profile(path.stem, str(data.get("description", "")), base, file_type, tuple(rules), str(path),
+                   imatrix_required)
+
+
+def _llama_order(name: str) -> tuple[int, str]:
+    m = _BLOCK.match(name)
+    return (int(m.group(1)) if m else -1, name)
 
 
 def _file_type_of(base: GGMLQuantizationType) -> int:
