@@ -23,7 +23,9 @@ ARCHITECTURES = {
     "Qwen3_5MoeForCausalLM": "qwen35moe",
 }
 
-TEXT = "model.language_model."
+# The vision-language release nests the text model under model.language_model; a text-only
+# *ForCausalLM checkpoint (transformers' Qwen3_5ForCausalLM) puts it directly under model.
+TEXT_PREFIXES = ("model.language_model.", "model.")
 MTP = "mtp."
 # Left out on purpose: the text GGUF has no place for them (the vision tower goes in an mmproj file).
 LEFT_OUT_PREFIXES = ("model.visual.",)
@@ -89,8 +91,8 @@ MTP_RULES = {
     "norm.weight": Rule("nextn.shared_head_norm.weight", tf.plus_one),
 }
 GLOBAL_RULES = {
-    TEXT + "embed_tokens.weight": Rule("token_embd.weight"),
-    TEXT + "norm.weight": Rule("output_norm.weight", tf.plus_one),
+    "embed_tokens.weight": Rule("token_embd.weight"),  # under the text prefix
+    "norm.weight": Rule("output_norm.weight", tf.plus_one),  # under the text prefix
     "lm_head.weight": Rule("output.weight"),
 }
 EXPERT_PARTS = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight", "down_proj": "ffn_down_exps.weight"}
@@ -352,6 +354,13 @@ class _Planner:
             self.add_rules(prefix, DENSE_FFN_RULES, block)
 
 
+def text_prefix(ckpt: Checkpoint) -> str:
+    for prefix in TEXT_PREFIXES:
+        if prefix + "embed_tokens.weight" in ckpt:
+            return prefix
+    raise ConvertError("checkpoint has no token embedding (model.language_model.embed_tokens.weight or model.embed_tokens.weight)")
+
+
 def mtp_present(ckpt: Checkpoint, h: Hparams) -> bool:
     return h.mtp_layers > 0 and any(name.startswith(MTP) for name in ckpt.tensors)
 
@@ -360,15 +369,16 @@ def plan_tensors(ckpt: Checkpoint, h: Hparams, *, mtp: bool) -> tuple[list[Plann
     """The GGUF tensors in file order, and the checkpoint tensors left out (vision, MTP when dropped)."""
     p = _Planner(ckpt, h)
     H, V = h.hidden, h.vocab_size
-    p.add(TEXT + "embed_tokens.weight", GLOBAL_RULES[TEXT + "embed_tokens.weight"], "token_embd.weight", expected=(V, H))
+    text = text_prefix(ckpt)
+    p.add(text + "embed_tokens.weight", GLOBAL_RULES["embed_tokens.weight"], "token_embd.weight", expected=(V, H))
     if not h.tied:
         if "lm_head.weight" not in ckpt:
             raise ConvertError("config.json says tie_word_embeddings is false, but the checkpoint has no lm_head.weight")
         p.add("lm_head.weight", GLOBAL_RULES["lm_head.weight"], "output.weight", expected=(V, H))
-    p.add(TEXT + "norm.weight", GLOBAL_RULES[TEXT + "norm.weight"], "output_norm.weight", expected=(H,))
+    p.add(text + "norm.weight", GLOBAL_RULES["norm.weight"], "output_norm.weight", expected=(H,))
 
     for i, kind in enumerate(h.layer_types):
-        prefix = f"{TEXT}layers.{i}."
+        prefix = f"{text}layers.{i}."
         p.add_rules(prefix, BLOCK_RULES, i)
         p.add_rules(prefix, FULL_ATTENTION_RULES if kind == "full_attention" else LINEAR_ATTENTION_RULES, i)
         p.add_ffn(prefix, i)
@@ -385,7 +395,8 @@ def plan_tensors(ckpt: Checkpoint, h: Hparams, *, mtp: bool) -> tuple[list[Plann
     left_out = [name for name in ckpt.tensors if name not in p.used]
     if h.tied:
         left_out = [n for n in left_out if n != "lm_head.weight"]  # a tied checkpoint may still carry a copy
-    unexpected = [n for n in left_out if n.startswith(TEXT) or (write_mtp and n.startswith(MTP))]
+    unexpected = [n for n in left_out if (n.startswith(text) and not n.startswith(LEFT_OUT_PREFIXES))
+                  or (write_mtp and n.startswith(MTP))]
     if unexpected:
         raise ConvertError(f"checkpoint tensor {unexpected[0]} has no place in a {h.arch} GGUF ({len(unexpected)} such tensors)")
     return p.tensors, left_out

@@ -77,3 +77,47 @@ def byte_level_tokenizer(checkpoint_dir: Path) -> None:
     (checkpoint_dir / "chat_template.jinja").write_text(
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def rewrite_checkpoint(src: Path, dst: Path, transform) -> Path:
+    """Copy a checkpoint, passing every tensor through transform(name, raw array) → [(name, array)].
+
+    Raw arrays are as Checkpoint reads them (BF16 as uint16 bits), so values survive exactly.
+    """
+    import shutil
+    import struct
+
+    import numpy as np
+
+    from qwen35.convert.checkpoint import Checkpoint
+
+    dtypes = {np.dtype("<u2"): "BF16", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors*"))
+    out = []
+    with Checkpoint(src) as ckpt:
+        for name, info in ckpt.tensors.items():
+            raw = ckpt.read_rows(name, 0, info.rows).reshape(info.shape)
+            out += transform(name, raw)
+    header, offset = {}, 0
+    for name, array in out:
+        header[name] = {"dtype": dtypes[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw_header = json.dumps(header).encode()
+    raw_header += b" " * (-len(raw_header) % 8)
+    with open(dst / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw_header)) + raw_header)
+        for _, array in out:
+            f.write(np.ascontiguousarray(array).tobytes())
+    return dst
+
+
+def split_fused_experts(name, raw):
+    """Fused `mlp.experts.gate_up_proj` / `down_proj` → per-expert `mlp.experts.{j}.*_proj.weight`."""
+    if name.endswith("mlp.experts.gate_up_proj"):
+        prefix, half = name[: -len("gate_up_proj")], raw.shape[1] // 2
+        return [(f"{prefix}{j}.{part}_proj.weight", raw[j, s]) for j in range(raw.shape[0])
+                for part, s in (("gate", slice(0, half)), ("up", slice(half, None)))]
+    if name.endswith("mlp.experts.down_proj"):
+        prefix = name[: -len("down_proj")]
+        return [(f"{prefix}{j}.down_proj.weight", raw[j]) for j in range(raw.shape[0])]
+    return [(name, raw)]
