@@ -137,12 +137,13 @@ class Model:
 
 @dataclass(frozen=True)
 class Sampling:
-    """llama.cpp's sampler chain settings; `temp` ≤ 0 means greedy."""
+    """llama.cpp's sampler chain settings; `temp` ≤ 0 means greedy. The defaults are llama.cpp's,
+    except min-p, which Qwen's recommended settings (and Hugging Face's defaults) leave off."""
 
     temp: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
-    min_p: float = 0.05
+    min_p: float = 0.0
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random

@@ -72,35 +72,38 @@ class Repl:
     # --- a reply --------------------------------------------------------------------------------
 
     def _reply(self, text: str) -> None:
-        kind = None
+        kind = None  # what the last piece shown was
         try:
             with self._ctrl_c_stops_reply():
                 for piece in self.session.stream(text):
-                    if piece.kind == "notice":
-                        self._write(f"\n{DIM}[{piece.text}]{RESET}\n")
-                        continue
-                    if piece.kind == "reasoning":
-                        if self.hide_thinking:
-                            if kind is None:
-                                self._write(f"{DIM}thinking…{RESET}")
-                        else:
-                            self._write(f"{DIM}{piece.text}{RESET}")
-                    else:
-                        if kind == "reasoning":
-                            self._write(CLEAR_LINE if self.hide_thinking else "\n\n")
-                        self._write(piece.text)
+                    self._show(piece, kind)
                     kind = piece.kind
         except ChatError as e:
-            self._print(f"error: {e}")
+            self._print(f"{RESET}error: {e}")
             return
-        if kind == "reasoning" and self.hide_thinking:
-            self._write(CLEAR_LINE)
+        if kind == "reasoning":
+            self._write(RESET + (CLEAR_LINE if self.hide_thinking else ""))
         reason = self.session.stats.get("finish_reason")
         if reason == "interrupted":
             self._write(f"\n{DIM}[stopped]{RESET}")
         elif reason == "length":
             self._write(f"\n{DIM}[reached --max-tokens]{RESET}")
         self._print("")
+
+    def _show(self, piece, previous: str | None) -> None:
+        """Reasoning dimmed (or a "thinking…" placeholder), the answer plain, notices bracketed."""
+        if piece.kind == "reasoning":
+            if previous != "reasoning":
+                self._write(f"{DIM}thinking…" if self.hide_thinking else DIM)
+            if not self.hide_thinking:
+                self._write(piece.text)
+            return
+        if previous == "reasoning":
+            self._write(f"{RESET}{CLEAR_LINE}" if self.hide_thinking else f"{RESET}\n\n")
+        if piece.kind == "notice":
+            self._write(f"\n{DIM}[{piece.text}]{RESET}\n")
+        else:
+            self._write(piece.text)
 
     @contextmanager
     def _ctrl_c_stops_reply(self):

@@ -98,7 +98,11 @@ class ChatSession:
                 raise ChatError(f"{mf.path} is a '{mf.architecture}' model, an architecture the llama.cpp bundled "
                                 f"with llama-cpp-python 0.3.36 cannot run") from None
             raise
-        self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH)
+        try:
+            self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH)
+        except ChatError:
+            self._model.close()
+            raise
         self.n_ctx = self._ctx.n_ctx
         self._think_open = self._model.single_token("<think>")
         self._think_close = self._model.single_token("</think>")

@@ -1,0 +1,146 @@
+"""Chat runtime benchmarks: multi-turn prompt cost, and speed against native llama-bench.
+
+1. A 6-turn chat (≈200-token messages, 40-token answers, so ≈240 new tokens a turn) through
+   ChatSession: tokens evaluated and time to first token per turn, next to what a runtime that
+   re-processes the conversation would evaluate (the whole template rendering).
+2. `qwen35 bench MODEL --json` against llama-bench built from the same llama-cpp-python 0.3.36 sdist
+   (same GGUF, same threads, pp512 / tg128): prints the ratios (targets: tg ≥ 0.95, pp ≥ 0.97).
+
+The model is a random-weight checkpoint with Qwen3.5-0.8B's real dimensions, converted to Q8_0 once
+and cached in the work directory; llama-bench is built there too if absent (several minutes).
+
+    python bench/bench_runtime.py [--model M.gguf] [--threads N] [--workdir /tmp/qwen35-bench/runtime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+SDIST_LLAMA_CPP = Path("/tmp/dev/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
+CHECKPOINT_0_8B = Path("/tmp/qwen35-bench/ckpt-qwen3.5-0.8b")  # shared with bench_convert.py: reused, never deleted
+
+TOPICS = ["lighthouses", "tide pools", "sourdough bread", "the printing press", "glaciers", "beekeeping"]
+
+
+def model_0_8b(workdir: Path) -> Path:
+    gguf = workdir / "qwen35-0.8b-Q8_0.gguf"
+    if gguf.is_file():
+        return gguf
+    from qwen35.convert import convert
+
+    ckpt = CHECKPOINT_0_8B
+    if not (ckpt / "tokenizer.json").is_file():
+        from qwen35.convert.real_vocab import write_chat_template, write_tokenizer_files
+        from qwen35.convert.synthetic import write_checkpoint
+
+        ckpt = workdir / "ckpt-qwen3.5-0.8b"
+        config = json.loads((REFERENCE / "qwen3.5-0.8b.config.RECONSTRUCTED.json").read_text())
+        print(f"writing a random-weight 0.8B checkpoint to {ckpt} …", flush=True)
+        write_checkpoint(ckpt, config)
+        write_tokenizer_files(ckpt)
+        write_chat_template(ckpt)
+    print(f"converting {ckpt} to {gguf} …", flush=True)
+    convert(ckpt, ["q8_0"], gguf, force=True)
+    return gguf
+
+
+def llama_bench_binary(workdir: Path) -> Path:
+    """llama-bench from the sdist that llama-cpp-python was built from: CPU, Release, native flags
+    (the Python package's build is native too: its system info lists this CPU's AVX-512)."""
+    build = workdir / "llama-bench-build"
+    binary = build / "bin" / "llama-bench"
+    if binary.is_file():
+        return binary
+    print(f"building llama-bench in {build} (several minutes) …", flush=True)
+    subprocess.run(["cmake", "-S", str(SDIST_LLAMA_CPP), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
+                    "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", "2"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return binary
+
+
+def multi_turn(model: Path, threads: int, turns: int) -> list[dict]:
+    from qwen35.runtime import ChatSession
+
+    rows = []
+    with ChatSession(model, n_ctx=8192, threads=threads, think=False, seed=1, max_tokens=40) as chat:
+        chat.send("warm-up", max_tokens=2)
+        chat.reset()
+        for turn in range(turns):
+            topic = TOPICS[turn % len(TOPICS)]
+            message = (f"Question {turn + 1}. I am writing notes about {topic}. " +
+                       f"Explain how {topic} work, what their history is, and why people care about them. " * 7)
+            reply = chat.send(message)
+            full = len(chat.tokenize(chat.template.render(
+                chat._conversation()[:-1], add_generation_prompt=True, think=False)))
+            rows.append({"turn": turn + 1, "prompt_tokens": reply.stats["prompt_tokens"],
+                         "cached_tokens": reply.stats["cached_tokens"], "full_prompt_tokens": full,
+                         "ttft_s": reply.stats["ttft_s"], "gen_tokens": reply.stats["gen_tokens"]})
+    return rows
+
+
+def ours(model: Path, threads: int, reps: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "qwen35.cli", "bench", str(model), "-t", str(threads),
+                          "-p", "512", "-n", "128", "-r", str(reps), "--json"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def native(binary: Path, model: Path, threads: int, reps: int) -> dict:
+    out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "512", "-n", "128",
+                          "-r", str(reps), "-o", "json"], check=True, capture_output=True, text=True)
+    results = {}
+    for test in json.loads(out.stdout):
+        name = "pp" if test["n_prompt"] and not test["n_gen"] else "tg"
+        results[name] = {"tps": test["avg_ts"], "stdev": test["stddev_ts"]}
+    return results
+
+
+def main() -> None:
+    from qwen35.runtime.system import physical_cores
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="GGUF to use (default: a cached random 0.8B Q8_0)")
+    ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/runtime"))
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--skip-native", action="store_true", help="only the multi-turn part")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model = args.model or model_0_8b(args.workdir)
+    print(f"model {model}, {args.threads} threads, llama-cpp-python {llama_cpp.__version__}\n")
+
+    rows = multi_turn(model, args.threads, args.turns)
+    print("| turn | evaluated | reused | a re-processing runtime would evaluate | time to first token |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['full_prompt_tokens']} | {r['ttft_s']:.3f} s |")
+    first, last = rows[0], rows[-1]
+    print(f"\nturn {last['turn']} / turn 1: prompt tokens {last['prompt_tokens'] / first['prompt_tokens']:.2f}x, "
+          f"time to first token {last['ttft_s'] / first['ttft_s']:.2f}x (target ≤ 1.3x both)\n")
+    if args.skip_native:
+        return
+
+    binary = llama_bench_binary(args.workdir)
+    mine = ours(model, args.threads, args.reps)
+    theirs = native(binary, model, args.threads, args.reps)
+    print("| test | qwen35 bench (tokens/s) | llama-bench (tokens/s) | ratio | target |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, target in (("pp", 0.97), ("tg", 0.95)):
+        a, b = mine[name], theirs[name]
+        print(f"| {name}{512 if name == 'pp' else 128} | {a['tps']:.2f} ± {a['stdev']:.2f} | {b['tps']:.2f} ± {b['stdev']:.2f} "
+              f"| {a['tps'] / b['tps']:.3f} | ≥ {target} |")
+    print(f"\nqwen35 bench peak memory: {mine['peak_rss_bytes'] / 2**20:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
