@@ -281,6 +281,55 @@ def test_architecture_llama_cpp_does_not_know(tmp_path):
         ChatSession(tmp_path / "other.gguf", n_ctx=256)
 
 
+def _write_tiny_llama(path: Path) -> None:
+    """A one-layer 'llama' GGUF with a byte-level vocabulary and a ChatML template."""
+    gguf = pytest.importorskip("gguf")
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    chars = {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
+    tokens = [chars[b] for b in range(256)] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    n_vocab, n_embd, n_ff, n_head = len(tokens), 32, 64, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(1)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3, 3, 3])
+    w.add_token_merges([f"{chars[ord('h')]} {chars[ord('i')]}"])
+    w.add_eos_token_id(257)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (n_vocab, n_embd), "output.weight": (n_vocab, n_embd),
+              "blk.0.attn_q.weight": (n_embd, n_embd), "blk.0.attn_k.weight": (n_embd, n_embd),
+              "blk.0.attn_v.weight": (n_embd, n_embd), "blk.0.attn_output.weight": (n_embd, n_embd),
+              "blk.0.ffn_gate.weight": (n_ff, n_embd), "blk.0.ffn_up.weight": (n_ff, n_embd),
+              "blk.0.ffn_down.weight": (n_embd, n_ff)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+    for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
+        w.add_tensor(name, np.ones(n_embd, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_other_architecture_llama_cpp_can_run_is_allowed_with_a_warning(tmp_path):
+    _write_tiny_llama(tmp_path / "llama.gguf")
+    with ChatSession(tmp_path / "llama.gguf", n_ctx=256, seed=1) as other:
+        assert any("'llama' model, not Qwen3.5" in w for w in other.warnings)
+        other.send("hi", max_tokens=4)
+        other.send("again", max_tokens=4)
+        assert other.stats["cached_tokens"] > 0  # turn reuse works for a plain transformer too
+
+
 # --- pieces ---------------------------------------------------------------------------------------
 
 
