@@ -76,9 +76,9 @@ class GGUFFile:
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.partial")
         self.tensors = tensors
-        self._header = self._encode_header(metadata)
+        self.header = self._encode_header(metadata)  # public: a test writes headers of sparse files
         self._data_sizes = [t.nbytes for t in tensors]
-        self.size = len(self._header) + sum(n + _pad(n) for n in self._data_sizes)
+        self.size = len(self.header) + sum(n + _pad(n) for n in self._data_sizes)
         self._file = None
         self._index = 0  # tensor being written
         self._written = 0  # its bytes so far
@@ -99,7 +99,7 @@ class GGUFFile:
         assert self.state == "NEW", self.state
         self._file = open(self.tmp_path, "wb")
         self.state = "OPEN"
-        self._file.write(self._header)
+        self._file.write(self.header)
         self._skip_finished()
         return self
 

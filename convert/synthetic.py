@@ -269,6 +269,14 @@ def _checkpoint_tensors(config: dict, experts: str, mtp_experts: str, mtp: bool,
     return tensors
 
 
+def checkpoint_layout(config: dict, *, experts: str = "fused", mtp_experts: str | None = None, mtp: bool = True,
+                      vision: bool = True) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every tensor write_checkpoint would write, without data:
+    what a release's headers hold, from its config alone."""
+    tensors = _checkpoint_tensors(config, experts, mtp_experts or experts, mtp, vision)
+    return [(t.name, t.dtype, t.shape) for t in tensors]
+
+
 # --- the streaming safetensors writer -----------------------------------------------------------
 
 

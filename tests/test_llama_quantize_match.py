@@ -6,17 +6,21 @@ Both runs get the same importance matrix, so the imatrix-only types (IQ1/IQ2/IQ3
 """
 
 import ctypes
+import json
 import re
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from qwen35.convert import ConvertError, profiles
+from qwen35.convert import ConvertError, profiles, qwen35
 from qwen35.convert.gguf_file import GGUFFile, TensorSpec, read_header
 from qwen35.convert.pipeline import Conversion
+from qwen35.convert.profiles import ModelFacts
 from qwen35.convert.synthetic import write_checkpoint
-from tests.tiny import byte_level_tokenizer, tiny_config
+from tests.test_plan_snapshots import RELEASES, HeaderOnlyCheckpoint
+from tests.tiny import REFERENCE, byte_level_tokenizer, tiny_config
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from llama_cpp import _logger as llama_logger  # noqa: E402  (to restore its log callback)
@@ -156,3 +160,32 @@ def test_quantized_bytes_equal_llama_quantize(model, profile_name, tmp_path, req
     assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in theirs.items()}
     differing = [n for n in ours if ours[n][1] != theirs[n][1]]
     assert not differing, f"{len(differing)} tensors differ in bytes, e.g. {differing[:3]}"
+
+
+@pytest.fixture(scope="module", params=RELEASES)
+def release(request, tmp_path_factory):
+    """A sparse BF16 GGUF of a real release (header, then a hole the size of the data): llama.cpp's dry
+    run reads names, shapes and hyper-parameters only. Also our plan for it, from the config alone."""
+    config = json.loads((REFERENCE / f"{request.param}.json").read_text())
+    h = qwen35.read_hparams({**config, **config.get("text_config", {})})
+    tensors, _ = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
+    blocks, _ = qwen35.blocks_written(tensors, h)
+    facts = ModelFacts(blocks, h.layer_types, h.n_heads // h.n_kv_heads, h.n_experts, h.tied, tuple(t.name for t in tensors))
+    bf16 = profiles.load("bf16")
+    specs = [TensorSpec(t.name, t.shape, bf16.choose(t, facts).type) for t in tensors]
+    header = GGUFFile(Path("unused"), qwen35.metadata(h, tensors), specs)
+    path = tmp_path_factory.mktemp("sparse") / f"{request.param}.gguf"
+    with open(path, "wb") as f:
+        f.write(header.header)
+        f.truncate(header.size)
+    return path, tensors, facts
+
+
+@pytest.mark.parametrize("profile_name", LLAMA_PROFILES)
+def test_release_plan_matches_llama_quantize(release, profile_name, tmp_path):
+    path, tensors, facts = release
+    _, log = llama_quantize(path, tmp_path / "unused.gguf", profile_name, None, dry_run=True)
+    theirs = llama_types(log)
+    assert len(theirs) == len(tensors), log[-500:]
+    profile = profiles.load(profile_name)
+    assert {t.name: profile.choose(t, facts).type.name for t in tensors} == theirs
