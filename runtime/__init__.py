@@ -21,12 +21,13 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def one_shot(model_path, prompt: str, *, max_tokens: int | None = 256, **options) -> str:
-    """The answer to one prompt (reasoning left out), e.g. for a demo. A random-weight model
-    answers with random tokens: this shows the pipeline works, not that the model knows anything."""
+def one_shot(model_path, prompt: str, *, max_tokens: int | None = 64, think: bool = False, **options) -> str:
+    """The answer to one prompt, e.g. for a demo; reasoning is off unless `think=True` (a short
+    budget would otherwise go to reasoning). A random-weight model answers with random tokens:
+    that shows the pipeline works, not that the model knows anything."""
     from .session import ChatSession
 
-    with ChatSession(model_path, **options) as chat:
+    with ChatSession(model_path, think=think, **options) as chat:
         return chat.send(prompt, max_tokens=max_tokens).content
 
 

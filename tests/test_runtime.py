@@ -200,6 +200,20 @@ def test_interrupt_stops_the_reply_and_keeps_the_turn(fresh):
     assert fresh.context_tokens()[:len(expected)] == expected
 
 
+def test_reasoning_that_goes_in_circles_is_closed_and_said_so(fresh):
+    # Greedy decoding makes the random model repeat itself at once.
+    reply = fresh.send("hello", temp=0, think=True, max_tokens=300)
+    assert reply.notices[0] == "the reasoning kept repeating itself: closed it to answer"
+    closing = fresh.tokenize("\n</think>\n\n")
+    held = fresh.context_tokens()
+    assert any(held[i:i + len(closing)] == closing for i in range(len(held)))
+    if reply.finish_reason == "loop":
+        assert reply.notices[-1] == "the reply kept repeating itself: stopped it"
+    fresh.send("next")  # the conversation goes on from the template's rendering
+    expected = _prompt_tokens(fresh, fresh.messages[:3])
+    assert fresh.context_tokens()[:len(expected)] == expected
+
+
 # --- context limits -------------------------------------------------------------------------------
 
 
