@@ -24,8 +24,6 @@ SEQ = 0  # one conversation, one sequence
 PARTIAL_ONLY = 1
 FULL = 0
 
-_GGML_LOG_LEVEL_ERROR = 4
-
 
 class _Log:
     """Collects llama.cpp's log (quiet by default) so a failure can quote its reason."""

@@ -17,7 +17,6 @@ import json
 import threading
 import time
 import unicodedata
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +26,7 @@ from .errors import ChatError, ContextFull
 from .memory import check_fits, estimate
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .native import FULL, PARTIAL_ONLY, Sampling
-from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, split_tool_calls
+from .reasoning import REASONING, Piece, RepetitionGuard, ReplySplitter, split_tool_calls
 from .system import physical_cores
 from .template import ChatTemplate
 
@@ -114,7 +113,6 @@ class ChatSession:
         self._tokens: list[int] = []  # what the model state holds, in order
         self._checkpoint: _Checkpoint | None = None
         self._stop = threading.Event()
-        self._turn = 0
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -261,7 +259,6 @@ class ChatSession:
                 if tool_calls:
                     message["tool_calls"] = [{"function": c} for c in tool_calls]
                 self.messages.append(message)
-            self._turn += 1
             stats.update(finish_reason=finish, context_tokens=len(self._tokens), total_s=time.perf_counter() - start)
             self.stats = stats
             self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices)
@@ -423,4 +420,4 @@ def _read_session(path: Path) -> tuple[dict, bytes]:
     return header, state
 
 
-__all__ = ["ChatSession", "Reply", "Piece", "nfc", "CONTENT", "REASONING"]
+__all__ = ["ChatSession", "Reply", "nfc"]
