@@ -87,11 +87,17 @@ def demo(workdir):
     from .convert.info import describe
     from .convert.pipeline import terminal_progress
 
+    from .runtime import one_shot
+
     ckpt, outputs = run_demo(Path(workdir), progress=terminal_progress())
     click.echo(f"demo checkpoint: {ckpt} (random weights, real Qwen3.5 structure and vocabulary)")
     for out in outputs:
         click.echo(f"wrote {out.path} ({out.type_name}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s\n")
         click.echo(describe(out.path))
+    prompt = "Hello! What can you do?"
+    reply = one_shot(outputs[0].path, prompt, max_tokens=24, seed=0)
+    click.echo(f"\n$ qwen35 run {outputs[0].path} -p {prompt!r}\n{reply}")
+    click.echo("(the weights are random, so the reply is noise: the demo shows the pipeline, not a model)")
 
 
 @main.command()
