@@ -250,12 +250,14 @@ class ChatSession:
             stats["prompt_tps"] = stats["prompt_tokens"] / stats["prompt_s"]
             finish = yield from self._generate(sampling, max_tokens, splitter, stats, notices, start)
         finally:
-            if stats["ttft_s"] is None:
-                self.messages.pop()  # no reply was started: the turn did not happen
             reasoning, content = splitter.result()
             content, tool_calls = split_tool_calls(content)
-            if stats["ttft_s"] is not None:
+            if stats["ttft_s"] is None:
+                self.messages.pop()  # interrupted before the reply started: the turn did not happen
+            else:
                 message = {"role": "assistant", "content": content}
+                if reasoning:  # kept for the record; the template leaves it out of past turns
+                    message["reasoning_content"] = reasoning
                 if tool_calls:
                     message["tool_calls"] = [{"function": c} for c in tool_calls]
                 self.messages.append(message)
