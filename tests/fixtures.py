@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen35.convert import real_vocab
+
 __all__ = ["FIXTURES", "BuiltFixture", "FixtureSpec", "build_fixture", "cached_fixture"]
 
 HIDDEN = 64
@@ -54,11 +56,8 @@ _WORDS = [
     "Ġhello", "Ġworld", "ĠQwen", "Ġmodel", "Ġtoken", "Ġassistant", "Ġuser", "ĊĊ", "ĠĠ", "ĠĠĠĠ",
 ]
 # ChatML specials plus the plain added tokens the chat template emits, after the BPE tokens.
-_ADDED_TOKENS = [
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<tool_call>", False), ("</tool_call>", False), ("<tool_response>", False),
-    ("</tool_response>", False), ("<think>", False), ("</think>", False),
-]
+_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
+                 "</tool_response>", "<think>", "</think>"]
 
 
 @dataclass(frozen=True)
@@ -316,7 +315,7 @@ def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[list[str]]]:
 
 def _token_id(content: str) -> int:
     n_bpe = len(_bpe_vocab_and_merges()[0])
-    return n_bpe + [c for c, _ in _ADDED_TOKENS].index(content)
+    return n_bpe + _ADDED_TOKENS.index(content)
 
 
 def _write_tiny_tokenizer(checkpoint: Path) -> int:
@@ -324,48 +323,9 @@ def _write_tiny_tokenizer(checkpoint: Path) -> int:
     from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
 
     vocab, merges = _bpe_vocab_and_merges()
-    added = [
-        {"id": _token_id(content), "content": content, "single_word": False, "lstrip": False,
-         "rstrip": False, "normalized": False, "special": special}
-        for content, special in _ADDED_TOKENS
-    ]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    tokenizer = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False},
-                byte_level,
-            ],
-        },
-        "post_processor": byte_level,
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-            "vocab": vocab, "merges": merges,
-        },
-    }
-    _write_json(checkpoint / "tokenizer.json", tokenizer)
-    _write_json(checkpoint / "tokenizer_config.json", {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 262144,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    })
+    added = [real_vocab.added_token(_token_id(content), content) for content in _ADDED_TOKENS]
+    _write_json(checkpoint / "tokenizer.json", real_vocab.tokenizer_json(vocab, merges, added, PRETOKENIZE_REGEX))
+    _write_json(checkpoint / "tokenizer_config.json", real_vocab.tokenizer_config(added))
     return len(vocab) + len(added)
 
 

@@ -4,6 +4,8 @@ import copy
 import json
 from pathlib import Path
 
+from qwen35.convert import real_vocab
+
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
 
@@ -38,42 +40,20 @@ def tiny_config(moe: bool = False, **text_overrides) -> dict:
     return copy.deepcopy(base)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte → printable character table, which byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+QWEN35_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def byte_level_tokenizer(checkpoint_dir: Path) -> None:
     """A 256-byte BPE vocabulary + a couple of merges + ChatML tokens, in the release's file layout."""
-    chars = _bytes_to_unicode()
+    chars = real_vocab.byte_level_table()
     vocab = {chars[b]: b for b in range(256)}
-    merges = [(chars[ord("h")], chars[ord("i")]), (chars[ord(" ")], chars[ord("t")])]
+    merges = [[chars[ord("h")], chars[ord("i")]], [chars[ord(" ")], chars[ord("t")]]]
     for i, (a, b) in enumerate(merges):
         vocab[a + b] = 256 + i
-    added = [{"id": 280 + i, "content": t, "special": t.startswith("<|"), "normalized": False}
-             for i, t in enumerate(ADDED_TOKENS)]
-    tokenizer = {
-        "version": "1.0",
-        "added_tokens": added,
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "behavior": "Isolated", "invert": False, "pattern": {
-                "Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"}},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "vocab": vocab, "merges": [list(m) for m in merges]},
-    }
+    added = [real_vocab.added_token(280 + i, t) for i, t in enumerate(ADDED_TOKENS)]
+    tokenizer = real_vocab.tokenizer_json(vocab, merges, added, QWEN35_PATTERN)
     (checkpoint_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    (checkpoint_dir / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "add_bos_token": False}))
+    (checkpoint_dir / "tokenizer_config.json").write_text(json.dumps(real_vocab.tokenizer_config(added)))
     (checkpoint_dir / "chat_template.jinja").write_text(
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
