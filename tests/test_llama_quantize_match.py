@@ -20,7 +20,7 @@ from qwen35.convert.pipeline import Conversion
 from qwen35.convert.profiles import ModelFacts
 from qwen35.convert.synthetic import write_checkpoint
 from tests.test_plan_snapshots import RELEASES, HeaderOnlyCheckpoint
-from tests.tiny import REFERENCE, byte_level_tokenizer, tiny_config
+from tests.tiny import REFERENCE, byte_level_tokenizer, gguf_contents, tiny_config
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from llama_cpp import _logger as llama_logger  # noqa: E402  (to restore its log callback)
@@ -110,16 +110,6 @@ def llama_types(log: str) -> dict[str, str]:
     return {m.group(1): (m.group(3) or m.group(2)).upper() for m in _DRY_RUN_LINE.finditer(log)}
 
 
-def tensors_of(path):
-    header = read_header(path)
-    with open(path, "rb") as f:
-        out = {}
-        for t in header.tensors:
-            f.seek(t.offset)
-            out[t.name] = (t.ggml_type.name, f.read(t.nbytes))
-    return header.metadata, out
-
-
 @pytest.mark.parametrize("with_imatrix", [True, False], ids=["imatrix", "no-imatrix"])
 @pytest.mark.parametrize("profile_name", LLAMA_PROFILES)
 def test_profile_picks_the_types_llama_quantize_picks(model, profile_name, with_imatrix, tmp_path):
@@ -154,11 +144,11 @@ def test_quantized_bytes_equal_llama_quantize(model, profile_name, tmp_path, req
     ok, log = llama_quantize(f32, theirs_path, profile_name, importance)
     assert ok, log[-500:]
     Conversion(ckpt, [profile_name], ours_path, imatrix=imatrix_path).run(threads=2)
-    their_meta, theirs = tensors_of(theirs_path)
-    our_meta, ours = tensors_of(ours_path)
+    their_meta, theirs = gguf_contents(theirs_path)
+    our_meta, ours = gguf_contents(ours_path)
     assert our_meta["general.file_type"] == their_meta["general.file_type"]
-    assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in theirs.items()}
-    differing = [n for n in ours if ours[n][1] != theirs[n][1]]
+    assert {n: t.name for n, (_, t, _) in ours.items()} == {n: t.name for n, (_, t, _) in theirs.items()}
+    differing = [n for n in ours if ours[n][2] != theirs[n][2]]
     assert not differing, f"{len(differing)} tensors differ in bytes, e.g. {differing[:3]}"
 
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from gguf import quants
 
-from qwen35.convert.gguf_file import read_header
 from qwen35.convert.pipeline import Conversion
 from qwen35.convert.synthetic import write_checkpoint
-from tests.tiny import byte_level_tokenizer, tiny_config
+from tests.tiny import byte_level_tokenizer, gguf_contents, tiny_config
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -58,26 +57,19 @@ def test_kl_against_f32_grows_as_bits_shrink(converted):
     assert kl["q8_0"] < 1e-4 and kl["q2_k"] < 0.1, kl
 
 
-def tensors(path):
-    header = read_header(path)
-    with open(path, "rb") as f:
-        for t in header.tensors:
-            f.seek(t.offset)
-            yield t, f.read(t.nbytes)
-
-
 def test_every_quantized_tensor_keeps_the_error_its_type_promises(converted):
-    reference = {t.name: np.frombuffer(raw, np.float32).reshape(-1, t.shape[-1]) for t, raw in tensors(converted["f32"])}
+    _, f32 = gguf_contents(converted["f32"])
+    reference = {name: np.frombuffer(raw, np.float32).reshape(-1, shape[-1]) for name, (shape, _, raw) in f32.items()}
     checked = set()
     for name, path in converted.items():
-        for t, raw in tensors(path):
-            if t.ggml_type.name in ("F32", "F16", "BF16"):
+        for tensor, (_, ggml_type, raw) in gguf_contents(path)[1].items():
+            if ggml_type.name in ("F32", "F16", "BF16"):
                 continue
-            x = reference[t.name]
-            y = quants.dequantize(np.frombuffer(raw, np.uint8).reshape(x.shape[0], -1), t.ggml_type).reshape(x.shape)
+            x = reference[tensor]
+            y = quants.dequantize(np.frombuffer(raw, np.uint8).reshape(x.shape[0], -1), ggml_type).reshape(x.shape)
             error = np.sqrt(((y - x) ** 2).mean() / (x ** 2).mean())
-            assert error < PROMISED_ERROR[t.ggml_type.name], (name, t.name, t.ggml_type.name, error)
-            checked.add(t.ggml_type.name)
+            assert error < PROMISED_ERROR[ggml_type.name], (name, tensor, ggml_type.name, error)
+            checked.add(ggml_type.name)
     assert checked == set(PROMISED_ERROR)
 
 

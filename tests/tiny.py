@@ -101,3 +101,16 @@ def split_fused_experts(name, raw):
         prefix = name[: -len("down_proj")]
         return [(f"{prefix}{j}.down_proj.weight", raw[j]) for j in range(raw.shape[0])]
     return [(name, raw)]
+
+
+def gguf_contents(path):
+    """(metadata, {tensor name: (shape, ggml type, raw bytes)}) of a GGUF file."""
+    from qwen35.convert.gguf_file import read_header
+
+    header = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for t in header.tensors:
+            f.seek(t.offset)
+            out[t.name] = (t.shape, t.ggml_type, f.read(t.nbytes))
+    return header.metadata, out
