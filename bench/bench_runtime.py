@@ -20,6 +20,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -70,6 +71,12 @@ def llama_bench_binary(workdir: Path) -> Path:
     return binary
 
 
+def _message(turn: int) -> str:
+    topic = TOPICS[turn % len(TOPICS)]
+    return (f"Question {turn + 1}. I am writing notes about {topic}. " +
+            f"Explain how {topic} work, what their history is, and why people care about them. " * 9)
+
+
 def multi_turn(model: Path, threads: int, turns: int, chats: int) -> list[dict]:
     from qwen35.runtime import ChatSession
 
@@ -79,10 +86,7 @@ def multi_turn(model: Path, threads: int, turns: int, chats: int) -> list[dict]:
         for _ in range(chats):
             chat.reset()
             for turn, row in enumerate(rows):
-                topic = TOPICS[turn % len(TOPICS)]
-                message = (f"Question {turn + 1}. I am writing notes about {topic}. " +
-                           f"Explain how {topic} work, what their history is, and why people care about them. " * 9)
-                reply = chat.send(message)
+                reply = chat.send(_message(turn))
                 full = len(chat.tokenize(chat.template.render(
                     chat._conversation()[:-1], add_generation_prompt=True, think=False)))
                 row.update(prompt_tokens=reply.stats["prompt_tokens"], cached_tokens=reply.stats["cached_tokens"],
@@ -91,6 +95,34 @@ def multi_turn(model: Path, threads: int, turns: int, chats: int) -> list[dict]:
     for row in rows:
         row["ttft_s"] = statistics.median(row["ttft_s"])
     return rows
+
+
+def llama_cpp_python_chat(model: Path, threads: int, turns: int) -> list[float]:
+    """Time to first token per turn of the same chat through llama-cpp-python's own
+    create_chat_completion (the GGUF's template; it re-evaluates what it cannot reuse)."""
+    from llama_cpp import llama_chat_format
+
+    from qwen35.runtime.modelfile import read_model_file
+
+    # Its chat completion cannot pass enable_thinking to the template: wrap the formatter to do so.
+    formatter = llama_chat_format.Jinja2ChatFormatter(read_model_file(model).chat_template, eos_token="<|im_end|>",
+                                                      bos_token="")
+    handler = llama_chat_format.chat_formatter_to_chat_completion_handler(
+        lambda **kw: formatter(**kw, enable_thinking=False))
+    llm = llama_cpp.Llama(str(model), n_ctx=8192, n_threads=threads, n_threads_batch=threads, seed=1,
+                          chat_handler=handler, verbose=False)
+    messages, ttfts = [], []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": _message(turn)})
+        start, first, answer = time.perf_counter(), None, []
+        for chunk in llm.create_chat_completion(messages, max_tokens=40, stream=True):
+            delta = chunk["choices"][0]["delta"].get("content")
+            if delta and first is None:
+                first = time.perf_counter() - start
+            answer.append(delta or "")
+        ttfts.append(first if first is not None else time.perf_counter() - start)
+        messages.append({"role": "assistant", "content": "".join(answer)})
+    return ttfts
 
 
 def ours(model: Path, threads: int, reps: int) -> dict:
@@ -120,6 +152,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-native", action="store_true", help="only the multi-turn part")
+    ap.add_argument("--llama-cpp-python", action="store_true",
+                    help="also time the same chat through llama-cpp-python's create_chat_completion")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.model or model_0_8b(args.workdir)
@@ -133,6 +167,10 @@ def main() -> None:
     first, last = rows[0], rows[-1]
     print(f"\nturn {last['turn']} / turn 1: prompt tokens {last['prompt_tokens'] / first['prompt_tokens']:.2f}x, "
           f"time to first token {last['ttft_s'] / first['ttft_s']:.2f}x (target ≤ 1.3x both)\n")
+    if args.llama_cpp_python:
+        ttfts = llama_cpp_python_chat(model, args.threads, args.turns)
+        print("llama-cpp-python create_chat_completion, time to first token per turn: "
+              + ", ".join(f"{t:.2f} s" for t in ttfts) + f" (turn {len(ttfts)} / turn 1: {ttfts[-1] / ttfts[0]:.2f}x)\n")
     if args.skip_native:
         return
 

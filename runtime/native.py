@@ -235,16 +235,17 @@ class Context:
     def n_past(self) -> int:
         return L.llama_memory_seq_pos_max(self._mem, SEQ) + 1
 
-    def get_state(self, flags: int) -> bytes:
+    def get_state(self, flags: int) -> bytearray:
         size = L.llama_state_seq_get_size_ext(self._ctx, SEQ, flags)
-        buf = (ctypes.c_uint8 * size)()
-        written = L.llama_state_seq_get_data_ext(self._ctx, buf, size, SEQ, flags)
+        data = bytearray(size)  # written in place: no second copy of a state that can be large
+        written = L.llama_state_seq_get_data_ext(self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, SEQ, flags)
         if written != size:
             raise ChatError(f"llama.cpp wrote {written} bytes of a {size}-byte sequence state")
-        return bytes(buf)
+        return data
 
-    def set_state(self, data: bytes, flags: int) -> None:
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    def set_state(self, data: bytes | bytearray, flags: int) -> None:
+        array_type = ctypes.c_uint8 * len(data)
+        buf = array_type.from_buffer(data) if isinstance(data, bytearray) else array_type.from_buffer_copy(data)
         if L.llama_state_seq_set_data_ext(self._ctx, buf, len(data), SEQ, flags) != len(data):
             raise ChatError("llama.cpp could not restore the saved model state (different model or context size?)")
 

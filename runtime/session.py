@@ -54,7 +54,7 @@ class Reply:
 @dataclass(frozen=True)
 class _Checkpoint:
     tokens: tuple[int, ...]
-    state: bytes
+    state: bytearray
 
 
 def nfc(text: str) -> str:
@@ -183,7 +183,8 @@ class ChatSession:
         tmp = path.with_name(path.name + ".part")
         try:
             with open(tmp, "wb") as f:
-                f.write(_SESSION_MAGIC + len(data).to_bytes(8, "little") + data + state)
+                for part in (_SESSION_MAGIC, len(data).to_bytes(8, "little"), data, state):
+                    f.write(part)
             tmp.replace(path)
         except OSError as e:
             raise ChatError(f"cannot save the conversation to {path}: {e.strerror}") from None
