@@ -107,11 +107,12 @@ def demo(workdir):
 @click.option("--think/--no-think", default=None, help="Reason before answering. Default: the model template's.")
 @click.option("--hide-thinking", is_flag=True, help="Do not show the reasoning.")
 @click.option("--system", help="System prompt.")
-@click.option("--temp", type=float, help="Sampling temperature (0: greedy). Default: the GGUF's recommendation.")
-@click.option("--top-k", type=int, help="Top-k sampling. Default: the GGUF's recommendation.")
-@click.option("--top-p", type=float, help="Top-p sampling. Default: the GGUF's recommendation.")
-@click.option("--min-p", type=float, help="Min-p sampling. Default: the GGUF's recommendation.")
-@click.option("--repeat-penalty", type=float, help="Repetition penalty (1: off).")
+@click.option("--temp", type=click.FloatRange(min=0),
+              help="Sampling temperature (0: greedy). Default: the GGUF's recommendation.")
+@click.option("--top-k", type=click.IntRange(min=0), help="Top-k sampling. Default: the GGUF's recommendation.")
+@click.option("--top-p", type=click.FloatRange(0, 1), help="Top-p sampling. Default: the GGUF's recommendation.")
+@click.option("--min-p", type=click.FloatRange(0, 1), help="Min-p sampling. Default: the GGUF's recommendation.")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), help="Repetition penalty (1: off).")
 @click.option("--presence-penalty", type=float, help="Presence penalty (0: off).")
 @click.option("--seed", type=int, help="Sampling seed. Default: random.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Longest reply, reasoning included. Default: no limit.")
@@ -132,8 +133,10 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("-p", "--n-prompt", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt tokens (pp).")
-@click.option("-n", "--n-gen", type=click.IntRange(min=2), default=128, show_default=True, help="Generated tokens (tg).")
+@click.option("-p", "--n-prompt", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Prompt tokens (pp).")
+@click.option("-n", "--n-gen", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Generated tokens (tg).")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a markdown table.")

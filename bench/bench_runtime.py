@@ -127,7 +127,8 @@ def llama_cpp_python_chat(model: Path, threads: int, turns: int) -> list[float]:
 
 def ours(model: Path, threads: int, reps: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "qwen35.cli", "bench", str(model), "-t", str(threads),
-                          "-p", "512", "-n", "128", "-r", str(reps), "--json"], check=True, capture_output=True, text=True)
+                          "-p", "512", "-n", "128", "-r", str(reps), "--json"],
+                         check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
 
@@ -163,14 +164,16 @@ def main() -> None:
     print("| turn | evaluated | reused | a re-processing runtime would evaluate | time to first token (median) |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['full_prompt_tokens']} | {r['ttft_s']:.3f} s |")
+        print(f"| {r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['full_prompt_tokens']} "
+              f"| {r['ttft_s']:.3f} s |")
     first, last = rows[0], rows[-1]
     print(f"\nturn {last['turn']} / turn 1: prompt tokens {last['prompt_tokens'] / first['prompt_tokens']:.2f}x, "
           f"time to first token {last['ttft_s'] / first['ttft_s']:.2f}x (target ≤ 1.3x both)\n")
     if args.llama_cpp_python:
         ttfts = llama_cpp_python_chat(model, args.threads, args.turns)
         print("llama-cpp-python create_chat_completion, time to first token per turn: "
-              + ", ".join(f"{t:.2f} s" for t in ttfts) + f" (turn {len(ttfts)} / turn 1: {ttfts[-1] / ttfts[0]:.2f}x)\n")
+              + ", ".join(f"{t:.2f} s" for t in ttfts)
+              + f" (turn {len(ttfts)} / turn 1: {ttfts[-1] / ttfts[0]:.2f}x)\n")
     if args.skip_native:
         return
 
@@ -190,7 +193,8 @@ def main() -> None:
     for name in ("pp", "tg"):
         print(f"  {name} qwen35 {[round(x, 2) for x in mine[name]]}  llama-bench {[round(x, 2) for x in theirs[name]]}")
     print()
-    print("| test | qwen35 (median / best) | llama-bench (median / best) | ratio of medians | ratio of bests | target |")
+    print("| test | qwen35 (median / best) | llama-bench (median / best) | ratio of medians | ratio of bests "
+          "| target |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, target in (("pp", 0.97), ("tg", 0.95)):
         a, b = mine[name], theirs[name]

@@ -41,14 +41,16 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.vocab + self.kv_cache + self.recurrent + self.checkpoints + self.buffers + self.process
+        return (self.weights + self.vocab + self.kv_cache + self.recurrent + self.checkpoints + self.buffers
+                + self.process)
 
     @property
     def to_load(self) -> int:
         return self.total - self.process
 
     def describe(self) -> str:
-        parts = [("weights", self.weights), ("vocabulary", self.vocab), (f"KV cache for {self.n_ctx} tokens", self.kv_cache),
+        parts = [("weights", self.weights), ("vocabulary", self.vocab),
+                 (f"KV cache for {self.n_ctx} tokens", self.kv_cache),
                  ("recurrent state + checkpoints", self.recurrent + self.checkpoints), ("buffers", self.buffers)]
         return ", ".join(f"{name} {_gib(size)}" for name, size in parts)
 
@@ -88,7 +90,8 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     # Peak activations of a prompt batch: the widest per-token tensors of a layer (the q/k/v conv
     # channels, the FFN) plus the f16 attention mask; fitted to llama.cpp's reported compute buffer.
     n_embd = mf.arch_key("embedding_length", 0)
-    channels = 2 * mf.arch_key("ssm.group_count", 0) * mf.arch_key("ssm.state_size", 0) + mf.arch_key("ssm.inner_size", 0)
+    channels = (2 * mf.arch_key("ssm.group_count", 0) * mf.arch_key("ssm.state_size", 0)
+                + mf.arch_key("ssm.inner_size", 0))
     n_ff = max(mf.arch_key("feed_forward_length", 0),
                mf.arch_key("expert_used_count", 0) * mf.arch_key("expert_feed_forward_length", 0))
     compute = n_batch * F32 * (int(2.5 * channels) + n_ff + 2 * n_embd) + n_ctx_cells * n_batch * F16

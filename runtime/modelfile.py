@@ -169,7 +169,8 @@ def _tensor_bytes(dims: list[int], ggml_type: int, path: Path) -> int:
     try:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
-        raise ChatError(f"{path} has a tensor of unknown type {ggml_type} (a newer GGUF than llama.cpp 0.3.36 knows?)") from None
+        raise ChatError(f"{path} has a tensor of unknown type {ggml_type} "
+                        f"(a GGUF newer than llama-cpp-python 0.3.36's llama.cpp?)") from None
     n = 1
     for d in dims:
         n *= d

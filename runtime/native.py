@@ -78,7 +78,8 @@ class Model:
         log.clear()
         self._model = L.llama_model_load_from_file(path.encode(), params)
         if not self._model:
-            reason = log.find("unknown model architecture", "error loading model", "failed to") or "llama.cpp gave no reason"
+            reason = (log.find("unknown model architecture", "error loading model", "failed to")
+                      or "llama.cpp gave no reason")
             raise ChatError(f"llama.cpp could not load {path}: {reason}")
         self.vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)

@@ -84,7 +84,8 @@ def _prompt_tokens(session: ChatSession, messages: list[dict], think=None) -> li
 
 def _last_logits(session: ChatSession) -> np.ndarray:
     ptr = llama_cpp.llama_get_logits_ith(session._ctx.ptr, -1)
-    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(session._model.n_vocab,)).copy()
+    floats = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(floats, shape=(session._model.n_vocab,)).copy()
 
 
 # --- the core: multi-turn without re-processing -------------------------------------------------
