@@ -27,7 +27,7 @@ def one_shot(model_path, prompt: str, *, max_tokens: int | None = 64, think: boo
     that shows the pipeline works, not that the model knows anything."""
     from .session import ChatSession
 
-    with ChatSession(model_path, think=think, **options) as chat:
+    with ChatSession(model_path, think=think, prefill=False, **options) as chat:
         return chat.send(prompt, max_tokens=max_tokens).content
 
 

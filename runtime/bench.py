@@ -18,7 +18,8 @@ from .system import peak_rss
 
 def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3, threads: int | None = None,
           n_ctx: int = 4096, force: bool = False) -> dict:
-    with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads, seed=1, force=force) as s:
+    with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads, seed=1, force=force,
+                     prefill=False) as s:
         rng = random.Random(0)
         # Ordinary tokens only (the special tokens sit at the end of the vocabulary).
         tokens = [rng.randrange(0, min(s._model.n_vocab, 240000)) for _ in range(n_prompt)]

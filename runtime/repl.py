@@ -171,7 +171,7 @@ def format_stats(stats: dict) -> str:
         value = stats.get(key)
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
-    return (f"prompt: {num('prompt_tokens', 'd')} tokens evaluated ({num('cached_tokens', 'd')} reused) "
-            f"at {num('prompt_tps', '.1f')} tokens/s; first token after {num('ttft_s', '.3f')} s\n"
+    return (f"prompt: {num('prompt_tokens', 'd')} tokens evaluated ({num('prefilled_tokens', 'd')} of them while "
+            f"you typed), {num('cached_tokens', 'd')} reused; first token after {num('ttft_s', '.3f')} s\n"
             f"reply: {num('gen_tokens', 'd')} tokens at {num('gen_tps', '.1f')} tokens/s "
             f"({stats.get('finish_reason', '-')}); context: {num('context_tokens', 'd')} tokens")

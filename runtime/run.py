@@ -22,7 +22,8 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
     interactive = prompt is None
     if interactive:
         print(f"{DIM}loading {model}…{RESET}", file=sys.stderr, flush=True)
-    with ChatSession(model, **session_options) as session:
+    # Prefilling the next prompt only pays when there is a next turn.
+    with ChatSession(model, prefill=interactive, **session_options) as session:
         for warning in session.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         if interactive:

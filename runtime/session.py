@@ -4,8 +4,8 @@ Why this is not simply "keep the KV cache": Qwen3.5's chat template drops the re
 turns, so the text the model generated (`<think>…</think>` + answer) is not the text the next turn's
 prompt contains; and three layers in four are Gated DeltaNet, whose recurrent state cannot be rolled
 back to an earlier token the way an attention KV cache can be trimmed. So at each turn we snapshot
-the recurrent state at the last point that every later rendering shares — the end of the user's
-message, before `<|im_start|>assistant` — and the next turn restores it, trims the attention cache to
+the recurrent state at the last point that every later rendering shares — the assistant header after
+the user's message, before `<think>` — and the next turn restores it, trims the attention cache to
 the same point, and evaluates only what follows: the answer as the template re-renders it, and the
 new message. The model's context is always exactly the template's rendering of the conversation.
 """
@@ -69,11 +69,16 @@ class ChatSession:
     content kept apart); `stats` describes the last turn; `save(path)`/`load(path)` persist the
     conversation with the model state; `reset()` starts over. Sampling keywords (temp, top_k, top_p,
     min_p, repeat_penalty, presence_penalty, max_tokens) default to the GGUF's recommended values.
+
+    With `prefill` (the default), after each reply the part of the next prompt that is already known
+    (the answer as the template re-renders it, up to the next user message) is evaluated in a
+    background thread while the user reads and types; it is counted in the next turn's
+    prompt_tokens. Turn it off for one-shot use, where there is no next turn.
     """
 
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
                  seed: int | None = None, *, system: str | None = None, force: bool = False,
-                 verbose: bool = False, **sampling) -> None:
+                 prefill: bool = True, verbose: bool = False, **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -113,6 +118,9 @@ class ChatSession:
         self._tokens: list[int] = []  # what the model state holds, in order
         self._checkpoint: _Checkpoint | None = None
         self._stop = threading.Event()
+        self._prefill_enabled = prefill
+        self._prefill: threading.Thread | None = None
+        self._prefilled = (0, 0)  # positions of the tokens the last prefill evaluated
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -144,10 +152,12 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and settings stay)."""
+        self._settle()
         self.messages = []
         self._ctx.clear()
         self._tokens = []
         self._checkpoint = None
+        self._prefilled = (0, 0)
         self.stats = {}
 
     def set_system(self, text: str | None) -> None:
@@ -157,6 +167,7 @@ class ChatSession:
 
     def context_tokens(self) -> list[int]:
         """The tokens the model state holds (for tests: it must equal the template's rendering)."""
+        self._settle()
         return list(self._tokens)
 
     def render(self, *, add_generation_prompt: bool = True, think: bool | None = None) -> str:
@@ -169,29 +180,32 @@ class ChatSession:
 
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
-        self._rewind_to_checkpoint()
+        self._settle()
+        ck = self._checkpoint
+        state = self._ctx.get_state(FULL) if self._tokens else b""
+        checkpoint = ck.state if ck else b""
         header = {
             "version": _SESSION_VERSION,
             "model": _fingerprint(self.model_file),
             "system": self.system, "think": self.think, "messages": self.messages,
-            "tokens": self._tokens,
+            "tokens": self._tokens, "prefilled": list(self._prefilled),
+            "checkpoint_tokens": len(ck.tokens) if ck else 0,
+            "state_bytes": len(state), "checkpoint_bytes": len(checkpoint),
         }
-        state = self._ctx.get_state(FULL) if self._tokens else b""
-        header["state_bytes"] = len(state)
         data = json.dumps(header, ensure_ascii=False).encode()
         path = Path(path)
         tmp = path.with_name(path.name + ".part")
         try:
             with open(tmp, "wb") as f:
-                for part in (_SESSION_MAGIC, len(data).to_bytes(8, "little"), data, state):
+                for part in (_SESSION_MAGIC, len(data).to_bytes(8, "little"), data, state, checkpoint):
                     f.write(part)
             tmp.replace(path)
         except OSError as e:
             raise ChatError(f"cannot save the conversation to {path}: {e.strerror}") from None
 
     def load(self, path) -> None:
-        """Resume a conversation written by `save` (with the same model file)."""
-        header, state = _read_session(Path(path))
+        """Resume a conversation written by `save` (with the same model file), model state included."""
+        header, state, checkpoint = _read_session(Path(path))
         if header["model"] != _fingerprint(self.model_file):
             raise ChatError(f"{path} was saved with a different model ({header['model'].get('name')}); "
                             f"load it with that model")
@@ -203,10 +217,14 @@ class ChatSession:
         if state:
             self._ctx.set_state(state, FULL)
         self._tokens = list(tokens)
-        self._checkpoint = _Checkpoint(tuple(tokens), self._ctx.get_state(PARTIAL_ONLY)) if tokens else None
+        n = header["checkpoint_tokens"]
+        self._checkpoint = _Checkpoint(tuple(tokens[:n]), bytearray(checkpoint)) if checkpoint else None
+        self._prefilled = tuple(header["prefilled"])
         self.system, self.think, self.messages = header["system"], header["think"], header["messages"]
 
     def close(self) -> None:
+        if getattr(self, "_prefill", None):
+            self._settle()
         if getattr(self, "_ctx", None):
             self._ctx.close()
             self._ctx = None
@@ -225,6 +243,7 @@ class ChatSession:
     def _turn_generator(self, text: str, think: bool | None, max_tokens: int | None,
                         sampling: Sampling) -> Iterator[Piece]:
         start = time.perf_counter()
+        self._settle()  # waiting for the prefill counts in the time to first token
         conversation = self._conversation() + [{"role": "user", "content": text}]
         prompt_text = self.template.render(conversation, add_generation_prompt=True, think=think)
         prompt = self._model.tokenize(prompt_text)
@@ -234,8 +253,13 @@ class ChatSession:
                               f"context: /reset to start over, or raise --ctx-size")
 
         reused = self._reuse(prompt)
+        # Tokens the prefill evaluated for this prompt are work for it, not reuse.
+        first, end = self._prefilled
+        ahead = end - first if reused >= end > first else 0
+        self._prefilled = (0, 0)
         self.messages.append({"role": "user", "content": text})
-        stats = {"prompt_tokens": 0, "cached_tokens": reused, "ttft_s": None, "gen_tokens": 0, "gen_tps": None}
+        stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
+                 "gen_tokens": 0, "gen_tps": None}
         splitter = ReplySplitter(_opens_reasoning(prompt_text), self._think_open, self._think_close)
         notices: list[str] = []
         finish = "interrupted"
@@ -246,9 +270,9 @@ class ChatSession:
                 self._checkpoint = _Checkpoint(tuple(self._tokens), self._ctx.get_state(PARTIAL_ONLY))
             if not self._evaluate(prompt[len(self._tokens):], logits=True):
                 return
-            stats["prompt_tokens"] = len(prompt) - reused
+            stats["prompt_tokens"] = len(prompt) - reused + ahead
             stats["prompt_s"] = time.perf_counter() - start
-            stats["prompt_tps"] = stats["prompt_tokens"] / stats["prompt_s"]
+            stats["prompt_tps"] = (len(prompt) - reused) / stats["prompt_s"]
             finish = yield from self._generate(sampling, max_tokens, splitter, stats, notices, start)
         finally:
             reasoning, content = splitter.result()
@@ -265,6 +289,8 @@ class ChatSession:
             stats.update(finish_reason=finish, context_tokens=len(self._tokens), total_s=time.perf_counter() - start)
             self.stats = stats
             self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices)
+            if self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
+                self._start_prefill()
 
     def _generate(self, sampling: Sampling, max_tokens: int | None, splitter: ReplySplitter,
                   stats: dict, notices: list[str], start: float):
@@ -312,27 +338,61 @@ class ChatSession:
 
     # --- the model state ------------------------------------------------------------------------
 
+    def _start_prefill(self) -> None:
+        """Evaluate, in the background, the start of the next prompt that is already known: the
+        tokens every next message's rendering shares (found by rendering two different ones)."""
+        conversation = self._conversation()
+        a, b = (self._model.tokenize(self.template.render(conversation + [{"role": "user", "content": text}],
+                                                          add_generation_prompt=False, think=None))
+                for text in ("A.", "B?"))
+        known = a[:_common_prefix(a, b)]
+        if not known or len(known) >= self.n_ctx - 1:
+            return
+        self._stop.clear()
+
+        def work() -> None:
+            try:
+                start = self._reuse(known, need_logits=False)
+                self._evaluate(known[start:], logits=False)  # stops early if interrupted
+                self._prefilled = (start, len(self._tokens))
+            except ChatError:
+                pass  # the state stays consistent; the next turn evaluates what is missing
+
+        self._prefill = threading.Thread(target=work, name="qwen35-prefill")
+        self._prefill.start()
+
+    def _settle(self) -> None:
+        """Wait for the prefill: the llama.cpp context is used by one thread at a time."""
+        if self._prefill is not None:
+            self._prefill.join()
+            self._prefill = None
+
     def _conversation(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.messages
 
     def _stable_boundary(self, conversation: list[dict], prompt: list[int]) -> int | None:
-        """Token count of the conversation rendered without the generation prompt — the point every
-        later rendering shares — if the prompt does start with it (true for Qwen3.5's template)."""
-        stable = self._model.tokenize(self.template.render(conversation, add_generation_prompt=False, think=None))
-        if len(stable) < len(prompt) and prompt[:len(stable)] == stable:
-            return len(stable)
-        return None
+        """How many of this prompt's tokens the next turn's prompt will start with: render the next
+        turn with a stand-in answer and message, and compare. For Qwen3.5 they agree up to
+        `<|im_start|>assistant\n` and part after it (the next rendering drops the `<think>` block).
+        A guess only: if the real answer renders differently, the next turn notices (the
+        checkpoint is not a prefix of its prompt) and evaluates more, never something wrong."""
+        next_turn = conversation + [{"role": "assistant", "content": "Answer."}, {"role": "user", "content": "Next."}]
+        upcoming = self._model.tokenize(self.template.render(next_turn, add_generation_prompt=False, think=None))
+        n = _common_prefix(prompt, upcoming)
+        # At least the last prompt token is left to evaluate after the snapshot: its logits start the reply.
+        return min(n, len(prompt) - 1) or None
 
-    def _reuse(self, prompt: list[int]) -> int:
+    def _reuse(self, prompt: list[int], *, need_logits: bool = True) -> int:
         """Bring the model state to the longest prefix of `prompt` it can reach without evaluating
-        anything; returns that prefix's length. Always leaves at least one prompt token to evaluate
-        (its logits start the reply)."""
+        anything; returns that prefix's length. With `need_logits`, at least one prompt token is
+        left to evaluate (its logits start the reply)."""
+        limit = len(prompt) - 1 if need_logits else len(prompt)
         held = self._tokens
-        if len(held) < len(prompt) and prompt[:len(held)] == held:
+        if len(held) <= limit and prompt[:len(held)] == held:
             return len(held)  # the state is already there: just continue
         ck = self._checkpoint
-        if ck and len(ck.tokens) < len(prompt) and tuple(prompt[:len(ck.tokens)]) == ck.tokens \
+        if ck and len(ck.tokens) <= limit and tuple(prompt[:len(ck.tokens)]) == ck.tokens \
                 and tuple(held[:len(ck.tokens)]) == ck.tokens:
             # The attention cache still holds the checkpoint's tokens (they are a prefix of what it
             # holds): restore only the recurrent state, then drop the attention entries past it.
@@ -344,14 +404,6 @@ class ChatSession:
         self._tokens = []
         self._checkpoint = None
         return 0
-
-    def _rewind_to_checkpoint(self) -> None:
-        """Put the state back at the last turn boundary (what the next turn would do anyway)."""
-        ck = self._checkpoint
-        if ck and len(self._tokens) > len(ck.tokens):
-            self._ctx.set_state(ck.state, PARTIAL_ONLY)
-            self._ctx.trim(len(ck.tokens))
-            self._tokens = list(ck.tokens)
 
     def _evaluate(self, tokens: list[int], *, logits: bool) -> bool:
         """Feed tokens in batches. Returns False if interrupted between batches; the state stays
@@ -386,6 +438,15 @@ class ChatSession:
         return Sampling(**{**self._sampling.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _opens_reasoning(prompt_text: str) -> bool:
     """Whether the generation prompt leaves a `<think>` block open (the reply starts reasoning)."""
     return prompt_text.rfind("<think>") > prompt_text.rfind("</think>")
@@ -402,7 +463,7 @@ def _fingerprint(mf: ModelFile) -> dict:
     return {"name": mf.path.name, "size": mf.size, "sha256": h.hexdigest()}
 
 
-def _read_session(path: Path) -> tuple[dict, bytes]:
+def _read_session(path: Path) -> tuple[dict, bytes, bytes]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -415,12 +476,15 @@ def _read_session(path: Path) -> tuple[dict, bytes]:
         start = len(_SESSION_MAGIC) + 8
         n = int.from_bytes(data[len(_SESSION_MAGIC):start], "little")
         header = json.loads(data[start:start + n])
-        state = data[start + n:]
-        if header.get("version") != _SESSION_VERSION or len(state) != header["state_bytes"]:
+        start += n
+        state = data[start:start + header["state_bytes"]]
+        checkpoint = data[start + header["state_bytes"]:]
+        if header.get("version") != _SESSION_VERSION or len(state) != header["state_bytes"] \
+                or len(checkpoint) != header["checkpoint_bytes"]:
             raise ValueError
     except (ValueError, KeyError):
         raise ChatError(f"{path} is damaged or was written by another version of qwen35") from None
-    return header, state
+    return header, state, checkpoint
 
 
 __all__ = ["ChatSession", "Reply", "nfc"]

@@ -82,6 +82,17 @@ def _prompt_tokens(session: ChatSession, messages: list[dict], think=None) -> li
     return session.tokenize(session.template.render(conversation, add_generation_prompt=True, think=think))
 
 
+def _context_while_replying(session: ChatSession, text: str, **overrides) -> list[int]:
+    """The tokens in the model state when the reply's first piece arrives: the prompt, exactly (the
+    first token is sampled, not yet evaluated). After the reply the state moves on (prefill)."""
+    seen = None
+    for _ in session.stream(text, **overrides):
+        if seen is None:
+            seen = session.context_tokens()
+    assert seen is not None, "the reply produced no text"
+    return seen
+
+
 def _last_logits(session: ChatSession) -> np.ndarray:
     ptr = llama_cpp.llama_get_logits_ith(session._ctx.ptr, -1)
     floats = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
@@ -96,28 +107,34 @@ def test_context_is_the_template_rendering_at_every_turn(fresh):
     prompt_tokens = []
     for turn in range(6):
         before = list(fresh.messages)
-        fresh.send(f"{turn}: {user}")
-        expected = _prompt_tokens(fresh, before + [fresh.messages[-2]])
-        assert fresh.context_tokens()[:len(expected)] == expected
+        held = _context_while_replying(fresh, f"{turn}: {user}")
+        assert held == _prompt_tokens(fresh, before + [fresh.messages[-2]])
         assert fresh.messages[-2]["content"].startswith(f"{turn}:")
         prompt_tokens.append(fresh.stats["prompt_tokens"])
+        # After the reply, the known start of the next prompt is evaluated ahead (and counted there).
+        ahead = fresh.context_tokens()
+        assert ahead == _prompt_tokens(fresh, fresh.messages + [{"role": "user", "content": "X"}])[:len(ahead)]
     # Only the re-rendered answer and the new message are evaluated: the cost per turn stays flat
     # while the conversation grows.
     assert fresh.stats["cached_tokens"] > 4 * prompt_tokens[0]
     assert prompt_tokens[5] <= 1.3 * prompt_tokens[0]
 
 
+def _logits_while_replying(session: ChatSession, text: str, **overrides):
+    for _ in session.stream(text, **overrides):
+        return _last_logits(session), session.context_tokens()
+
+
 def test_reused_state_gives_the_same_logits_as_evaluating_everything(fresh, tiny_gguf):
-    for text in ("first message", "second message", "third"):
-        fresh.send(text, temp=0, max_tokens=1)
-    assert fresh.stats["cached_tokens"] > 0
-    reused = _last_logits(fresh)
-    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, max_tokens=1) as other:
+    for text in ("first message", "second message"):
+        fresh.send(text, temp=0, max_tokens=3)
+    reused, reused_context = _logits_while_replying(fresh, "third", temp=0, max_tokens=3)
+    assert fresh.stats["cached_tokens"] + fresh.stats["prefilled_tokens"] > 0
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as other:
         other.messages = [dict(m) for m in fresh.messages[:-2]]
-        other.send("third", temp=0)
+        full, full_context = _logits_while_replying(other, "third", temp=0, max_tokens=3)
         assert other.stats["cached_tokens"] == 0
-        assert other.context_tokens() == fresh.context_tokens()
-        full = _last_logits(other)
+    assert reused_context == full_context
     np.testing.assert_allclose(reused, full, atol=1e-3 * np.abs(full).max())
     assert reused.argmax() == full.argmax()
 
@@ -127,18 +144,16 @@ def test_thinking_toggle_renders_the_templates_empty_think_block(fresh):
     closed = fresh.tokenize("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     opened = fresh.tokenize("<|im_start|>assistant\n<think>\n")
 
-    reply = fresh.send("hi", think=False)
-    prompt = _prompt_tokens(fresh, fresh.messages[:1], think=False)
-    assert prompt[-len(closed):] == closed
-    assert fresh.context_tokens()[:len(prompt)] == prompt
-    assert reply.reasoning == ""
+    held = _context_while_replying(fresh, "hi", think=False)
+    assert held[-len(closed):] == closed
+    assert held == _prompt_tokens(fresh, fresh.messages[:1], think=False)
+    assert fresh.last_reply.reasoning == ""
 
     fresh.reset()
     fresh.think = True
-    fresh.send("hi")
-    prompt = _prompt_tokens(fresh, fresh.messages[:1], think=True)
-    assert prompt[-len(opened):] == opened
-    assert fresh.context_tokens()[:len(prompt)] == prompt
+    held = _context_while_replying(fresh, "hi")
+    assert held[-len(opened):] == opened
+    assert held == _prompt_tokens(fresh, fresh.messages[:1], think=True)
 
 
 def test_save_and_load_resume_without_reprocessing(fresh, tiny_gguf, tmp_path):
@@ -196,23 +211,25 @@ def test_interrupt_stops_the_reply_and_keeps_the_turn(fresh):
     assert fresh.stats["finish_reason"] == "interrupted"
     assert fresh.stats["gen_tokens"] < 200
     assert [m["role"] for m in fresh.messages] == ["user", "assistant"]
-    fresh.send("again")  # the state is consistent afterwards
-    expected = _prompt_tokens(fresh, fresh.messages[:3])
-    assert fresh.context_tokens()[:len(expected)] == expected
+    held = _context_while_replying(fresh, "again")  # the state is consistent afterwards
+    assert held == _prompt_tokens(fresh, fresh.messages[:3])
 
 
 def test_reasoning_that_goes_in_circles_is_closed_and_said_so(fresh):
     # Greedy decoding makes the random model repeat itself at once.
-    reply = fresh.send("hello", temp=0, think=True, max_tokens=300)
+    held, notice_seen = None, False
+    for piece in fresh.stream("hello", temp=0, think=True, max_tokens=300):
+        if notice_seen and held is None:
+            held = fresh.context_tokens()  # the closing has been evaluated by the next piece
+        notice_seen = notice_seen or piece.kind == "notice"
+    reply = fresh.last_reply
     assert reply.notices[0] == "the reasoning kept repeating itself: closed it to answer"
     closing = fresh.tokenize("\n</think>\n\n")
-    held = fresh.context_tokens()
     assert any(held[i:i + len(closing)] == closing for i in range(len(held)))
     if reply.finish_reason == "loop":
         assert reply.notices[-1] == "the reply kept repeating itself: stopped it"
-    fresh.send("next")  # the conversation goes on from the template's rendering
-    expected = _prompt_tokens(fresh, fresh.messages[:3])
-    assert fresh.context_tokens()[:len(expected)] == expected
+    held = _context_while_replying(fresh, "next")  # the conversation goes on from the template's rendering
+    assert held == _prompt_tokens(fresh, fresh.messages[:3])
 
 
 # --- context limits -------------------------------------------------------------------------------
