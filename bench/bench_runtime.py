@@ -2,7 +2,9 @@
 
 1. A 6-turn chat (≈200-token messages, 40-token answers, so ≈240 new tokens a turn) through
    ChatSession, repeated: tokens evaluated and the median time to first token per turn, next to what
-   a runtime that re-processes the conversation would evaluate (the whole template rendering).
+   a runtime that re-processes the conversation would evaluate (the whole template rendering) —
+   once with each message sent as soon as the answer ends, once after a pause standing for the
+   user's reading and typing (the runtime prefills the next prompt meanwhile).
 2. `qwen35 bench MODEL --json` against llama-bench built from the same llama-cpp-python 0.3.36 sdist
    (same GGUF, same threads, pp512 / tg128), in interleaved rounds: prints the ratios (targets:
    tg ≥ 0.95, pp ≥ 0.97).
