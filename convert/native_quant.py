@@ -7,7 +7,6 @@ The same function llama-quantize calls, so the bytes are the ones llama-quantize
 from __future__ import annotations
 
 import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..runtime.system import physical_cores
 from .errors import ConvertError
 
 
@@ -34,24 +34,12 @@ def _ggml():
     return lib
 
 
-def default_threads() -> int:
-    """Physical cores: quantization kernels gain nothing from hyper-threads."""
-    try:
-        cores = set()
-        for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
-            cores.add(((cpu / "physical_package_id").read_text().strip(), (cpu / "core_id").read_text().strip()))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
 class Quantizer:
     """Quantizes float32 row blocks, splitting the rows across threads."""
 
     def __init__(self, threads: int | None = None):
-        self.threads = max(1, threads or default_threads())
+        # Physical cores: the kernels gain nothing from hyper-threads.
+        self.threads = max(1, threads or physical_cores())
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._lib = _ggml()
 
