@@ -54,6 +54,7 @@ class Conversion:
 
     def __init__(self, checkpoint_dir, qtypes=("bf16",), output=None, *, mtp=True, force=False, imatrix=None,
                  dry_run=False):
+        self.started = time.monotonic()  # the summary line counts planning (tokenizer parsing) too
         self.checkpoint_dir = Path(checkpoint_dir)
         if not self.checkpoint_dir.is_dir():
             raise ConvertError(f"checkpoint directory {self.checkpoint_dir} does not exist")
@@ -125,7 +126,6 @@ class Conversion:
         return "\n".join(lines)
 
     def run(self, threads: int | None = None, progress=None) -> list[Output]:
-        start = time.monotonic()
         quantizer = None
         try:
             if any(c.type not in _FLOAT_TYPES for out in self.outputs for c in out.choices):
@@ -143,7 +143,7 @@ class Conversion:
             self.ckpt.close()
             if quantizer is not None:
                 quantizer.close()
-        seconds = time.monotonic() - start
+        seconds = time.monotonic() - self.started
         return [Output(out.profile.name, p, p.stat().st_size, seconds) for out, p in zip(self.outputs, done)]
 
     def _write_tensors(self, quantizer, progress) -> None:
