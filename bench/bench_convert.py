@@ -31,8 +31,7 @@ from typing import Callable
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-# shared/ lies beside the repository (as in CI and the sessions).
-DEFAULT_CONFIG = REPO.parent / "shared" / "reference" / "qwen3.5-0.8b.config.RECONSTRUCTED.json"
+DEFAULT_CONFIG = REPO / "tests" / "release_configs" / "qwen3.5-0.8b.config.RECONSTRUCTED.json"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST_DIR_NAME = "llama_cpp_python-0.3.36"
 # vendor/llama.cpp/requirements/requirements-convert_hf_to_gguf.txt, except torch: it pins 2.11.0

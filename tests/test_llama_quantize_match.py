@@ -20,7 +20,7 @@ from qwen35.convert.pipeline import Conversion
 from qwen35.convert.profiles import ModelFacts
 from qwen35.convert.synthetic import write_checkpoint
 from tests.test_plan_snapshots import RELEASES, HeaderOnlyCheckpoint
-from tests.tiny import REFERENCE, byte_level_tokenizer, gguf_contents, tiny_config
+from tests.tiny import RELEASE_CONFIGS, byte_level_tokenizer, gguf_contents, tiny_config
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from llama_cpp import _logger as llama_logger  # noqa: E402  (to restore its log callback)
@@ -156,7 +156,7 @@ def test_quantized_bytes_equal_llama_quantize(model, profile_name, tmp_path, req
 def release(request, tmp_path_factory):
     """A sparse BF16 GGUF of a real release (header, then a hole the size of the data): llama.cpp's dry
     run reads names, shapes and hyper-parameters only. Also our plan for it, from the config alone."""
-    config = json.loads((REFERENCE / f"{request.param}.json").read_text())
+    config = json.loads((RELEASE_CONFIGS / f"{request.param}.json").read_text())
     h = qwen35.read_hparams({**config, **config.get("text_config", {})})
     tensors, _ = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
     blocks, _ = qwen35.blocks_written(tensors, h)

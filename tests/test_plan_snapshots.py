@@ -15,7 +15,7 @@ from qwen35.convert.checkpoint import TensorInfo
 from qwen35.convert.gguf_file import tensor_nbytes
 from qwen35.convert.profiles import ModelFacts
 from qwen35.convert.synthetic import checkpoint_layout
-from tests.tiny import REFERENCE
+from tests.tiny import RELEASE_CONFIGS
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 RELEASES = ["qwen3.5-0.8b.config.RECONSTRUCTED", "qwen3.5-2b.config.RECONSTRUCTED", "qwen3.5-4b.config.RECONSTRUCTED",
@@ -39,7 +39,7 @@ class HeaderOnlyCheckpoint:
 
 
 def plan_text(release: str, profile_name: str) -> str:
-    config = json.loads((REFERENCE / f"{release}.json").read_text())
+    config = json.loads((RELEASE_CONFIGS / f"{release}.json").read_text())
     h = qwen35.read_hparams({**config, **config.get("text_config", {})})
     tensors, _ = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
     blocks, _ = qwen35.blocks_written(tensors, h)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from qwen35.convert import real_vocab
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# config.json of the real releases (public copies; the small models' are reconstructed), kept in the
+# repository so the tests run on a machine that has nothing but this checkout.
+RELEASE_CONFIGS = Path(__file__).resolve().parent / "release_configs"
 ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
 
 
