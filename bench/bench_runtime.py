@@ -146,26 +146,7 @@ def native(binary: Path, model: Path, threads: int, reps: int) -> dict:
     return results
 
 
-def main() -> None:
-    from qwen35.runtime.system import physical_cores
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, help="GGUF to use (default: a cached random 0.8B Q8_0)")
-    ap.add_argument("--threads", type=int, default=physical_cores())
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/runtime"))
-    ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--chats", type=int, default=3, help="repetitions of the multi-turn chat")
-    ap.add_argument("--pause", type=float, default=2.0, help="seconds between a reply and the next message")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--skip-native", action="store_true", help="only the multi-turn part")
-    ap.add_argument("--llama-cpp-python", action="store_true",
-                    help="also time the same chat through llama-cpp-python's create_chat_completion")
-    args = ap.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    model = args.model or model_0_8b(args.workdir)
-    print(f"model {model}, {args.threads} threads, llama-cpp-python {llama_cpp.__version__}\n")
-
+def chat_tables(model: Path, args) -> None:
     rows = multi_turn(model, args.threads, args.turns, args.chats, pause=0)
     paused = multi_turn(model, args.threads, args.turns, args.chats, pause=args.pause)
     print(f"| turn | evaluated | of which prefilled | reused | a re-processing runtime would evaluate "
@@ -184,9 +165,9 @@ def main() -> None:
         print("llama-cpp-python create_chat_completion, time to first token per turn: "
               + ", ".join(f"{t:.2f} s" for t in ttfts)
               + f" (turn {len(ttfts)} / turn 1: {ttfts[-1] / ttfts[0]:.2f}x)\n")
-    if args.skip_native:
-        return
 
+
+def compare_with_llama_bench(model: Path, args) -> None:
     binary = llama_bench_binary(args.workdir)
     # Interleaved rounds, so that load from other processes hits both sides alike; the best round
     # is the least disturbed measurement of each.
@@ -212,6 +193,33 @@ def main() -> None:
               f"| {statistics.median(b):.2f} / {max(b):.2f} | {statistics.median(a) / statistics.median(b):.3f} "
               f"| {max(a) / max(b):.3f} | ≥ {target} |")
     print(f"\nqwen35 bench peak memory: {peak / 2**20:,.0f} MiB")
+
+
+def main() -> None:
+    from qwen35.runtime.system import physical_cores
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="GGUF to use (default: a cached random 0.8B Q8_0)")
+    ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/runtime"))
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--chats", type=int, default=3, help="repetitions of the multi-turn chat")
+    ap.add_argument("--pause", type=float, default=2.0, help="seconds between a reply and the next message")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-native", action="store_true", help="only the multi-turn part")
+    ap.add_argument("--skip-chat", action="store_true", help="only the comparison with llama-bench")
+    ap.add_argument("--llama-cpp-python", action="store_true",
+                    help="also time the same chat through llama-cpp-python's create_chat_completion")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model = args.model or model_0_8b(args.workdir)
+    print(f"model {model}, {args.threads} threads, llama-cpp-python {llama_cpp.__version__}\n")
+
+    if not args.skip_chat:
+        chat_tables(model, args)
+    if not args.skip_native:
+        compare_with_llama_bench(model, args)
 
 
 if __name__ == "__main__":

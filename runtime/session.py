@@ -115,6 +115,7 @@ class ChatSession:
         self.system = nfc(system) if system else None
         self.messages: list[dict] = []
         self.stats: dict = {}
+        self.last_reply: Reply | None = None
         self._tokens: list[int] = []  # what the model state holds, in order
         self._checkpoint: _Checkpoint | None = None
         self._stop = threading.Event()
