@@ -27,7 +27,7 @@ from pathlib import Path
 
 import llama_cpp
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+RELEASE_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "release_configs"
 SDIST_LLAMA_CPP = Path("/tmp/dev/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
 CHECKPOINT_0_8B = Path("/tmp/qwen35-bench/ckpt-qwen3.5-0.8b")  # shared with bench_convert.py: reused, never deleted
 
@@ -46,7 +46,7 @@ def model_0_8b(workdir: Path) -> Path:
         from qwen35.convert.synthetic import write_checkpoint
 
         ckpt = workdir / "ckpt-qwen3.5-0.8b"
-        config = json.loads((REFERENCE / "qwen3.5-0.8b.config.RECONSTRUCTED.json").read_text())
+        config = json.loads((RELEASE_CONFIGS / "qwen3.5-0.8b.config.RECONSTRUCTED.json").read_text())
         print(f"writing a random-weight 0.8B checkpoint to {ckpt} …", flush=True)
         write_checkpoint(ckpt, config)
         write_tokenizer_files(ckpt)
