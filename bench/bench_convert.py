@@ -165,18 +165,25 @@ class Tool:
 
     def convert(self, ckpt: Path, out_type: str, out: Path, log_dir: Path) -> Measurement:
         out.unlink(missing_ok=True)
-        time_report = log_dir / f"{self.name}-{out_type}.time"
-        output_log = log_dir / f"{self.name}-{out_type}.log"
-        argv = ["/usr/bin/time", "-v", "-o", time_report, *self.command(ckpt, out_type, out)]
-        log("$ " + " ".join(str(a) for a in argv))
-        with open(output_log, "w") as output:
-            result = subprocess.run([str(a) for a in argv], stdout=output, stderr=subprocess.STDOUT)
-        if result.returncode != 0 or not out.is_file():
-            tail = output_log.read_text(errors="replace").splitlines()[-30:]
-            raise SystemExit(f"{self.name} failed to convert to {out_type} (exit {result.returncode}):\n" + "\n".join(tail))
-        measurement = parse_time_v(time_report.read_text())
-        log(f"  {self.name} {out_type}: {measurement.wall_s:.1f} s, {measurement.peak_rss_mb:.0f} MB")
+        measurement = timed(self.command(ckpt, out_type, out), f"{self.name}-{out_type}", log_dir)
+        if not out.is_file():
+            raise SystemExit(f"{self.name} wrote no {out}")
         return measurement
+
+
+def timed(argv: list, name: str, log_dir: Path) -> Measurement:
+    """Runs argv under `/usr/bin/time -v` (output in log_dir/name.log); exits on failure."""
+    time_report, output_log = log_dir / f"{name}.time", log_dir / f"{name}.log"
+    log("$ " + " ".join(str(a) for a in argv))
+    with open(output_log, "w") as output:
+        result = subprocess.run(["/usr/bin/time", "-v", "-o", str(time_report), *map(str, argv)],
+                                stdout=output, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = output_log.read_text(errors="replace").splitlines()[-30:]
+        raise SystemExit(f"{name} failed (exit {result.returncode}):\n" + "\n".join(tail))
+    measurement = parse_time_v(time_report.read_text())
+    log(f"  {name}: {measurement.wall_s:.1f} s, {measurement.peak_rss_mb:.0f} MB")
+    return measurement
 
 
 def qwen35_tool() -> Tool:

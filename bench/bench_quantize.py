@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from bench_convert import (DEFAULT_CONFIG, Measurement, bench_config, ensure_checkpoint, ensure_reference, log,
-                           parse_time_v, qwen35_tool, source_version)
+from bench_convert import (DEFAULT_CONFIG, Measurement, bench_config, ensure_checkpoint, ensure_reference,
+                           qwen35_tool, source_version, timed)
 
 QUANTIZE = """
 import ctypes, sys
@@ -34,20 +33,6 @@ params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
 """
-
-
-def timed(argv: list, name: str, log_dir: Path) -> Measurement:
-    report = log_dir / f"{name}.time"
-    output = log_dir / f"{name}.log"
-    log("$ " + " ".join(str(a) for a in argv))
-    with open(output, "w") as out:
-        result = subprocess.run(["/usr/bin/time", "-v", "-o", str(report), *map(str, argv)], stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        tail = output.read_text(errors="replace").splitlines()[-20:]
-        raise SystemExit(f"{name} failed (exit {result.returncode}):\n" + "\n".join(tail))
-    m = parse_time_v(report.read_text())
-    log(f"  {name}: {m.wall_s:.1f} s, {m.peak_rss_mb:.0f} MB")
-    return m
 
 
 def main() -> int:

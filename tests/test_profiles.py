@@ -1,6 +1,5 @@
 """Quantization profiles: selectors on hand-made numbers, the shipped profiles, and bad profile files."""
 
-import shutil
 
 import numpy as np
 import pytest
