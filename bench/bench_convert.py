@@ -109,8 +109,8 @@ def ensure_checkpoint(workdir: Path, config: dict, name: str) -> Path:
     return ckpt
 
 
-def ensure_reference(workdir: Path) -> tuple[Path, Path]:
-    """(python of the reference venv, llama.cpp source dir), downloading and building once."""
+def ensure_sdist(workdir: Path) -> Path:
+    """The llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist, downloaded once."""
     llama_cpp = workdir / SDIST_DIR_NAME / "vendor" / "llama.cpp"
     if not (llama_cpp / "convert_hf_to_gguf.py").is_file():
         download = workdir / "download"
@@ -119,7 +119,12 @@ def ensure_reference(workdir: Path) -> tuple[Path, Path]:
         (sdist,) = download.glob(f"{SDIST_DIR_NAME}.tar.gz")
         with tarfile.open(sdist) as tar:
             tar.extractall(workdir, filter="data")
+    return llama_cpp
 
+
+def ensure_reference(workdir: Path) -> tuple[Path, Path]:
+    """(python of the reference venv, llama.cpp source dir), downloading and building once."""
+    llama_cpp = ensure_sdist(workdir)
     venv = workdir / "reference-venv"
     python = venv / "bin" / "python"
     ready = venv / ".bench-ready"

