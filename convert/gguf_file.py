@@ -154,15 +154,10 @@ class ArrayInfo:
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # numpy order
-    ggml_type: GGMLQuantizationType
-    offset: int  # absolute
+class TensorInfo(TensorSpec):
+    """A tensor as a file lists it: its spec and where its data starts."""
 
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.shape, self.ggml_type)
+    offset: int  # absolute
 
 
 @dataclass(frozen=True)
