@@ -37,10 +37,8 @@ class Imatrix:
                 self._counts[t.name[: -len(".counts")]] = t
         if not self._sums:
             raise ConvertError(f"{self.path} holds no imatrix entries (*.in_sum2 tensors)")
+        self.names = frozenset(self._sums)  # the weights it has importance for
         self.datasets = header.metadata.get("imatrix.datasets", [])
-
-    def names(self) -> set[str]:
-        return set(self._sums)
 
     def check(self, name: str, row_length: int, n_matrices: int) -> None:
         """A clear error when the entry for `name` cannot belong to a tensor of this shape."""

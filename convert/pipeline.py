@@ -26,7 +26,7 @@ from .errors import ConvertError
 from .gguf_file import GGUFFile, TensorSpec
 from .imatrix import Imatrix
 from .plan import PlannedTensor
-from .profiles import Choice, ModelFacts, Profile
+from .profiles import Choice, Profile
 from .tokenizer import license_of, sampling_metadata, tokenizer_metadata
 
 CHUNK_BYTES = 16 * 1024 * 1024  # raw checkpoint bytes per read
@@ -44,9 +44,8 @@ class Output:
 @dataclass
 class OutputPlan:
     profile: Profile
-    path: Path
     choices: list[Choice]
-    file: GGUFFile
+    file: GGUFFile  # holds the output path
 
 
 class Conversion:
@@ -65,14 +64,12 @@ class Conversion:
             profile = profiles.load(q)
             chosen.setdefault(profile.name, profile)
         config = load_config(self.checkpoint_dir)
-        self.hparams = h = qwen35.read_hparams(config)
+        h = qwen35.read_hparams(config)
         self.ckpt = Checkpoint(self.checkpoint_dir)
         try:
-            self.tensors, _left_out = qwen35.plan_tensors(self.ckpt, h, mtp=mtp)
+            self.tensors = qwen35.plan_tensors(self.ckpt, h, mtp=mtp)
             self.imatrix = Imatrix(imatrix) if imatrix else None
-            block_count, _ = qwen35.blocks_written(self.tensors, h)
-            facts = ModelFacts(block_count, h.layer_types, h.n_heads // h.n_kv_heads, h.n_experts, h.tied,
-                               tuple(t.name for t in self.tensors), imatrix=self.imatrix is not None)
+            facts = qwen35.model_facts(h, self.tensors, imatrix=self.imatrix is not None)
             name = model_name(self.checkpoint_dir, config)
             common = (
                 qwen35.metadata(h, self.tensors)
@@ -91,7 +88,7 @@ class Conversion:
                     ("general.quantization.profile", "string", profile.name),
                 ]
                 specs = [TensorSpec(t.name, t.shape, c.type) for t, c in zip(self.tensors, choices)]
-                self.outputs.append(OutputPlan(profile, path, choices, GGUFFile(path, meta, specs)))
+                self.outputs.append(OutputPlan(profile, choices, GGUFFile(path, meta, specs)))
         except BaseException:
             self.ckpt.close()
             raise
@@ -100,15 +97,15 @@ class Conversion:
         quantized = [(t, c) for t, c in zip(self.tensors, choices) if c.type not in _FLOAT_TYPES]
         if self.imatrix is not None:
             ours = {t.name for t, _ in quantized}
-            if not ours & self.imatrix.names():
+            if not ours & self.imatrix.names:
                 raise ConvertError(f"imatrix {self.imatrix.path.name} does not match the model: none of its entries names a tensor of this model")
             for t, _ in quantized:
-                if t.name in self.imatrix.names():
+                if t.name in self.imatrix.names:
                     self.imatrix.check(t.name, t.row_length, t.shape[0] if len(t.shape) == 3 else 1)
         if profile.imatrix_required and self.imatrix is None:
             raise ConvertError(f"{profile.name} needs an importance matrix: pass --imatrix FILE (llama.cpp's imatrix GGUF)")
         needing = [t.name for t, c in quantized if c.type in profiles.IMATRIX_TYPES
-                   and (self.imatrix is None or t.name not in self.imatrix.names())]
+                   and (self.imatrix is None or t.name not in self.imatrix.names)]
         if needing:
             if self.imatrix is None:
                 raise ConvertError(f"{profile.name} needs an importance matrix ({len(needing)} tensors use types that "
@@ -118,7 +115,7 @@ class Conversion:
     def describe_plan(self) -> str:
         lines = []
         for out in self.outputs:
-            lines.append(f"{out.path}  ({out.profile.name}: {out.profile.description})")
+            lines.append(f"{out.file.path}  ({out.profile.name}: {out.profile.description})")
             for t, c, spec in zip(self.tensors, out.choices, out.file.tensors):
                 shape = "×".join(str(d) for d in t.shape)
                 lines.append(f"  {t.name:<40} {shape:>18}  {c.type.name:<7} {spec.nbytes:>14,}  {c.reason}")
@@ -166,7 +163,7 @@ class Conversion:
                         progress(done, total, t.name)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise ConvertError(f"no space left on device while writing {self.outputs[0].path.parent}") from None
+                raise ConvertError(f"no space left on device while writing {self.outputs[0].file.path.parent}") from None
             raise
 
 

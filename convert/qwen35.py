@@ -15,6 +15,7 @@ from . import transforms as tf
 from .checkpoint import Checkpoint
 from .errors import ConvertError
 from .plan import PlannedTensor, Source
+from .profiles import ModelFacts
 
 ARCHITECTURES = {
     "Qwen3_5ForConditionalGeneration": "qwen35",
@@ -365,8 +366,9 @@ def mtp_present(ckpt: Checkpoint, h: Hparams) -> bool:
     return h.mtp_layers > 0 and any(name.startswith(MTP) for name in ckpt.tensors)
 
 
-def plan_tensors(ckpt: Checkpoint, h: Hparams, *, mtp: bool) -> tuple[list[PlannedTensor], list[str]]:
-    """The GGUF tensors in file order, and the checkpoint tensors left out (vision, MTP when dropped)."""
+def plan_tensors(ckpt: Checkpoint, h: Hparams, *, mtp: bool) -> list[PlannedTensor]:
+    """The GGUF tensors in file order. Left out: the vision tower, MTP when dropped, and a tied
+    checkpoint's copy of lm_head; any other tensor without a place is an error."""
     p = _Planner(ckpt, h)
     H, V = h.hidden, h.vocab_size
     text = text_prefix(ckpt)
@@ -393,19 +395,24 @@ def plan_tensors(ckpt: Checkpoint, h: Hparams, *, mtp: bool) -> tuple[list[Plann
         p.add_rules(MTP, MTP_RULES, block, shape_prefix=MTP)
 
     left_out = [name for name in ckpt.tensors if name not in p.used]
-    if h.tied:
-        left_out = [n for n in left_out if n != "lm_head.weight"]  # a tied checkpoint may still carry a copy
     unexpected = [n for n in left_out if (n.startswith(text) and not n.startswith(LEFT_OUT_PREFIXES))
                   or (write_mtp and n.startswith(MTP))]
     if unexpected:
         raise ConvertError(f"checkpoint tensor {unexpected[0]} has no place in a {h.arch} GGUF ({len(unexpected)} such tensors)")
-    return p.tensors, left_out
+    return p.tensors
 
 
 def blocks_written(tensors: list[PlannedTensor], h: Hparams) -> tuple[int, int]:
     """(block_count, nextn_predict_layers) as the written tensors have them."""
     mtp = any(t.name.startswith(f"blk.{h.n_layers}.") for t in tensors)
     return h.n_layers + int(mtp), int(mtp)
+
+
+def model_facts(h: Hparams, tensors: list[PlannedTensor], *, imatrix: bool = False) -> ModelFacts:
+    """What quantization profiles may condition on, for these planned tensors."""
+    block_count, _ = blocks_written(tensors, h)
+    return ModelFacts(block_count, h.layer_types, h.n_heads // h.n_kv_heads, h.n_experts, h.tied,
+                      tuple(t.name for t in tensors), imatrix=imatrix)
 
 
 def metadata(h: Hparams, tensors: list[PlannedTensor]) -> list[tuple[str, str, object]]:

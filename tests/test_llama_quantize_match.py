@@ -17,7 +17,6 @@ import pytest
 from qwen35.convert import ConvertError, profiles, qwen35
 from qwen35.convert.gguf_file import GGUFFile, TensorSpec, read_header
 from qwen35.convert.pipeline import Conversion
-from qwen35.convert.profiles import ModelFacts
 from qwen35.convert.synthetic import write_checkpoint
 from tests.test_plan_snapshots import RELEASES, HeaderOnlyCheckpoint
 from tests.tiny import RELEASE_CONFIGS, byte_level_tokenizer, gguf_contents, tiny_config
@@ -158,9 +157,8 @@ def release(request, tmp_path_factory):
     run reads names, shapes and hyper-parameters only. Also our plan for it, from the config alone."""
     config = json.loads((RELEASE_CONFIGS / f"{request.param}.json").read_text())
     h = qwen35.read_hparams({**config, **config.get("text_config", {})})
-    tensors, _ = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
-    blocks, _ = qwen35.blocks_written(tensors, h)
-    facts = ModelFacts(blocks, h.layer_types, h.n_heads // h.n_kv_heads, h.n_experts, h.tied, tuple(t.name for t in tensors))
+    tensors = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
+    facts = qwen35.model_facts(h, tensors)
     bf16 = profiles.load("bf16")
     specs = [TensorSpec(t.name, t.shape, bf16.choose(t, facts).type) for t in tensors]
     header = GGUFFile(Path("unused"), qwen35.metadata(h, tensors), specs)

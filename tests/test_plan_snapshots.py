@@ -13,7 +13,6 @@ import pytest
 from qwen35.convert import profiles, qwen35
 from qwen35.convert.checkpoint import TensorInfo
 from qwen35.convert.gguf_file import tensor_nbytes
-from qwen35.convert.profiles import ModelFacts
 from qwen35.convert.synthetic import checkpoint_layout
 from tests.tiny import RELEASE_CONFIGS
 
@@ -41,9 +40,8 @@ class HeaderOnlyCheckpoint:
 def plan_text(release: str, profile_name: str) -> str:
     config = json.loads((RELEASE_CONFIGS / f"{release}.json").read_text())
     h = qwen35.read_hparams({**config, **config.get("text_config", {})})
-    tensors, _ = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
-    blocks, _ = qwen35.blocks_written(tensors, h)
-    facts = ModelFacts(blocks, h.layer_types, h.n_heads // h.n_kv_heads, h.n_experts, h.tied, tuple(t.name for t in tensors))
+    tensors = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
+    facts = qwen35.model_facts(h, tensors)
     profile = profiles.load(profile_name)
     lines, total = [], 0
     for t in tensors:
