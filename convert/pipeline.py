@@ -56,7 +56,8 @@ class Conversion:
         self.started = time.monotonic()  # the summary line counts planning (tokenizer parsing) too
         self.checkpoint_dir = Path(checkpoint_dir)
         if not self.checkpoint_dir.is_dir():
-            raise ConvertError(f"checkpoint directory {self.checkpoint_dir} does not exist")
+            problem = "is not a directory" if self.checkpoint_dir.exists() else "does not exist"
+            raise ConvertError(f"checkpoint directory {self.checkpoint_dir} {problem}")
         if not qtypes:
             raise ConvertError("no output type given")
         chosen = {}

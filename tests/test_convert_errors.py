@@ -56,6 +56,11 @@ def test_missing_directory(tmp_path):
     assert_one_line_error(run("convert", tmp_path / "nope"), "does not exist")
 
 
+def test_a_file_given_as_the_checkpoint(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert_one_line_error(run("convert", tmp_path / "model.safetensors"), "is not a directory")
+
+
 def test_missing_config(ckpt, tmp_path):
     (ckpt / "config.json").unlink()
     assert_one_line_error(run("convert", ckpt, "-o", tmp_path / "o.gguf"), "config.json not found")
