@@ -150,11 +150,14 @@ class Sampling:
 
 class Sampler:
     """A native sampler chain in llama.cpp's default order (penalties → top-k → top-p → min-p →
-    temperature → draw). Stages that would do nothing are left out: each one walks the candidates."""
+    temperature → draw). Stages that would do nothing are left out: each one walks the candidates.
+    `constraints` (samplers such as a grammar, see constraints.py) go first; the chain owns them."""
 
-    def __init__(self, s: Sampling, n_vocab: int) -> None:
+    def __init__(self, s: Sampling, n_vocab: int, constraints=()) -> None:
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         add = lambda smpl: L.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
+        for constraint in constraints:
+            add(constraint)
         if s.repeat_penalty != 1.0 or s.presence_penalty != 0.0:
             add(L.llama_sampler_init_penalties(n_vocab, 64, s.repeat_penalty, 0.0, s.presence_penalty))
         if s.temp <= 0:
