@@ -26,6 +26,8 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
     with ChatSession(model, prefill=interactive, **session_options) as session:
         for warning in session.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        if session_options.get("verbose"):
+            print(session.describe_placement(), file=sys.stderr)
         if interactive:
             Repl(session, hide_thinking=hide_thinking).run()
             return 0

@@ -166,6 +166,10 @@ class ChatSession:
         self.system = nfc(text) if text else None
         self.reset()
 
+    def describe_placement(self) -> str:
+        """The CPU features llama.cpp uses, where the weights landed (AMX / CPU_REPACK / CPU), and why."""
+        return self._model.describe_placement()
+
     def context_tokens(self) -> list[int]:
         """The tokens the model state holds (for tests: it must equal the template's rendering)."""
         self._settle()
