@@ -43,6 +43,7 @@ def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "tg": {"n": min(gen_tokens, default=0), "tps": statistics.mean(tg) if tg else None, "stdev": _stdev(tg)},
             "peak_rss_bytes": peak_rss(),
             "cpu_features": cpu.features(),
+            "extra_buffer_types": [name for name, _ in cpu.extra_buffers().original],
             "weights": s._model.placement,
             "amx": {"on": s._model.amx.use_amx, "reason": s._model.amx.reason},
         }

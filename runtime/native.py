@@ -225,16 +225,18 @@ class Context:
     """A llama.cpp context holding one sequence: decode tokens, trim, and snapshot its state."""
 
     def __init__(self, model: Model, n_ctx: int, threads: int, n_batch: int = 512, *,
-                 all_logits: bool = False, f32_cache: bool = False) -> None:
+                 all_logits: bool = False, exact: bool = False) -> None:
         """`all_logits` gives every decoded token logits (for tests that compare whole prompts);
-        `f32_cache` keeps keys and values in f32 (the default f16 cache rounds them)."""
+        `exact` keeps keys and values in f32 and attention off flash attention, which both round
+        through f16 — for comparisons against a float32 reference."""
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = threads
         params.n_outputs_max = n_batch if all_logits else 1
-        if f32_cache:
+        if exact:
             params.type_k = params.type_v = L.GGML_TYPE_F32
+            params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._all_logits = all_logits
         self._n_vocab = model.n_vocab
         log.clear()
