@@ -234,7 +234,8 @@ def place_weights(model_path) -> Decision:
 
 PROBE_TOKENS = 8
 # Same weights, same activations: the two paths differ only in kernels and accumulation order.
-# Broken kernels give garbage (cosine near 0) or NaN, not 0.999.
+# Broken kernels give garbage (cosine near 0) or NaN, not 0.999. The argmax is not compared: a
+# random-weight model (the demo's) has near-ties that a last-bit difference flips.
 MIN_COSINE = 0.995
 
 
@@ -285,7 +286,7 @@ def _probe(model_path: str, buffer_type: str) -> dict:
     if not np.isfinite(b).all():
         return {"verdict": "broken", "detail": f"{buffer_type} gave non-finite logits"}
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
-    if cosine < MIN_COSINE or a.argmax() != b.argmax():
+    if cosine < MIN_COSINE:
         return {"verdict": "broken", "detail": f"{buffer_type} changed the logits (cosine {cosine:.4f})"}
     return {"verdict": "ok", "detail": f"logits agree (cosine {cosine:.6f})"}
 
