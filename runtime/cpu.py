@@ -277,7 +277,7 @@ def _probe(model_path: str, buffer_type: str) -> dict:
         try:
             tokens = [(7 + 13 * i) % model.n_vocab for i in range(PROBE_TOKENS)]
             ctx.decode(tokens, 0)
-            logits[label] = ctx.logits_last().astype(np.float64)
+            logits[label] = ctx.logits(-1).astype(np.float64)
             print(json.dumps({"step": label, "placement": model.placement}), flush=True)
         finally:
             ctx.close()
