@@ -34,6 +34,7 @@ class ModelFile:
     metadata: dict = field(repr=False)
     tensors: dict[str, tuple[int, int]] = field(repr=False)  # name -> (offset in file, bytes)
     array_lengths: dict[str, int] = field(repr=False)
+    tensor_types: dict[str, int] = field(repr=False, default_factory=dict)  # name -> ggml type
 
     @property
     def architecture(self) -> str:
@@ -154,15 +155,16 @@ def _parse(buf, path: Path, size: int) -> ModelFile:
     alignment = int(metadata.get("general.alignment", 32))
     data_start = -(-r.pos // alignment) * alignment
 
-    tensors, data_end = {}, data_start
+    tensors, types, data_end = {}, {}, data_start
     for name, dims, ggml_type, offset in infos:
         nbytes = _tensor_bytes(dims, ggml_type, path)
         tensors[name] = (data_start + offset, nbytes)
+        types[name] = ggml_type
         data_end = max(data_end, data_start + offset + nbytes)
     if data_end > size:
         raise ChatError(f"{path} is truncated: {size:,} bytes, but its tensors need {data_end:,} "
                         f"(incomplete download or copy?)")
-    return ModelFile(path, size, metadata, tensors, array_lengths)
+    return ModelFile(path, size, metadata, tensors, array_lengths, types)
 
 
 def _tensor_bytes(dims: list[int], ggml_type: int, path: Path) -> int:
