@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from qwen35.cli import main
 from qwen35.convert import ConvertError, profiles
-from qwen35.convert.gguf_file import GGUFFile, TensorSpec, read_header
+from qwen35.convert.gguf_file import GGUFFile, TensorSpec
+from qwen35.gguf_header import read_header
 from qwen35.convert.pipeline import Conversion
 from qwen35.convert.plan import PlannedTensor
 from qwen35.convert.synthetic import write_checkpoint

@@ -107,7 +107,7 @@ def split_fused_experts(name, raw):
 
 def gguf_contents(path):
     """(metadata, {tensor name: (shape, ggml type, raw bytes)}) of a GGUF file."""
-    from qwen35.convert.gguf_file import read_header
+    from qwen35.gguf_header import read_header
 
     header = read_header(path)
     out = {}
