@@ -39,6 +39,7 @@ def tiny_config(moe: bool = False, **text_overrides) -> dict:
     else:
         text["intermediate_size"] = 128
     text.update(text_overrides)
+    base["vision_config"]["out_hidden_size"] = text["hidden_size"]  # the merger projects into the text width
     return copy.deepcopy(base)
 
 
