@@ -12,6 +12,7 @@ import random
 import statistics
 import time
 
+from . import cpu
 from .session import ChatSession
 from .system import peak_rss
 
@@ -41,6 +42,10 @@ def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "pp": {"n": n_prompt, "tps": statistics.mean(pp), "stdev": _stdev(pp)},
             "tg": {"n": min(gen_tokens, default=0), "tps": statistics.mean(tg) if tg else None, "stdev": _stdev(tg)},
             "peak_rss_bytes": peak_rss(),
+            "cpu_features": cpu.features(),
+            "extra_buffer_types": [name for name, _ in cpu.extra_buffers().original],
+            "weights": s._model.placement,
+            "amx": {"on": s._model.amx.use_amx, "reason": s._model.amx.reason},
         }
 
 
@@ -62,6 +67,9 @@ def format_markdown(result: dict) -> str:
         lines.append(f"| {result['model']} | {result['threads']} | {name}{r['n']} | {tps} |")
     lines.append("")
     lines.append(f"peak memory: {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    lines.append(f"llama.cpp CPU features: {' '.join(result['cpu_features'])}")
+    weights = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in result["weights"].items())
+    lines.append(f"weights: {weights}; AMX {'on' if result['amx']['on'] else 'off'}: {result['amx']['reason']}")
     return "\n".join(lines)
 
 

@@ -36,23 +36,23 @@ def _cache_root() -> Path:
     return Path(os.environ.get("QWEN35_TEST_CACHE", default))
 
 
-def build_tiny_gguf() -> Path:
+def build_tiny_gguf(qtype: str = "q8_0") -> Path:
     """The `qwen35 demo` model (0.8B's structure shrunk to hidden 128, 8 layers; the real 248k
-    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as Q8_0, cached by a
-    hash of the converter's sources so a converter change rebuilds it."""
+    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as Q8_0 (or `qtype`),
+    cached by a hash of the converter's sources so a converter change rebuilds it."""
     from qwen35.convert import convert
     from qwen35.convert.demo import build_demo_checkpoint, demo_config
 
     h = hashlib.sha256(json.dumps(demo_config(), sort_keys=True).encode())
     for source in sorted((REPO / "convert").glob("*.py")) + sorted((REPO / "convert").glob("*.jinja")):
         h.update(source.read_bytes())
-    target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / "tiny-Q8_0.gguf"
+    target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / f"tiny-{qtype.upper()}.gguf"
     if target.is_file():
         return target
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
         ckpt = build_demo_checkpoint(Path(tmp) / "checkpoint")
-        convert(ckpt, ["q8_0"], Path(tmp) / target.name, force=True)
+        convert(ckpt, [qtype], Path(tmp) / target.name, force=True)
         target.parent.mkdir(exist_ok=True)
         os.replace(Path(tmp) / target.name, target)  # atomic: parallel runs never see half a file
     return target
