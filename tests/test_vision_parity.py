@@ -7,8 +7,6 @@ converter's mmproj of the same checkpoint (llama.cpp's merger GELU is tanh where
 erf, and its CPU GELU reads an fp16 table, so neither file reaches the text model's 1e-12).
 """
 
-import ctypes
-
 import numpy as np
 import pytest
 
@@ -50,11 +48,10 @@ class Run:
         self.model = native.Model(str(model_path))
         self.n_embd = native.L.llama_model_n_embd(self.model.ptr)
         self.projector = Projector(mmproj_path, self.model, self.n_embd, threads=2)
-        self.ctx = native.Context(self.model, 256, 2, n_batch=64)
+        self.ctx = native.Context(self.model, 256, 2, n_batch=64, exact=True)
 
     def logits(self) -> np.ndarray:
-        n_vocab = self.model.n_vocab
-        return np.ctypeslib.as_array(native.L.llama_get_logits_ith(self.ctx.ptr, -1), shape=(n_vocab,)).copy()
+        return self.ctx.logits(-1)
 
     def close(self):
         self.ctx.close()
