@@ -224,6 +224,10 @@ class Context:
         if rc != 0:
             raise ChatError(f"llama_decode failed (code {rc}): {log.find('error', 'failed') or 'no reason given'}")
 
+    def set_threads(self, threads: int) -> None:
+        """Threads of the next decodes (generation and prompt batches alike); takes effect at once."""
+        L.llama_set_n_threads(self._ctx, threads, threads)
+
     def trim(self, n_tokens: int) -> None:
         """Drop every position ≥ n_tokens. For the recurrent layers this only succeeds when the
         state is already at n_tokens (restored from a checkpoint): they cannot be rolled back."""

@@ -27,7 +27,7 @@ from .memory import check_fits, estimate
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .native import FULL, PARTIAL_ONLY, Sampling
 from .reasoning import REASONING, Piece, RepetitionGuard, ReplySplitter, split_tool_calls
-from .system import physical_cores
+from .system import performance_cores
 from .template import ChatTemplate
 
 N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
@@ -89,7 +89,7 @@ class ChatSession:
         self.max_tokens = sampling.pop("max_tokens", None)
         self._sampling = self._sampling_from(mf, seed, sampling)
 
-        self.threads = threads or physical_cores()
+        self.threads = threads or performance_cores()
         self.memory = estimate(mf, n_ctx, n_batch=N_BATCH, n_checkpoints=N_CHECKPOINTS, threads=self.threads)
         problem = check_fits(self.memory)
         if problem and not force:
@@ -178,6 +178,12 @@ class ChatSession:
 
     def tokenize(self, text: str) -> list[int]:
         return self._model.tokenize(nfc(text))
+
+    def set_threads(self, threads: int) -> None:
+        """Run the next decodes on `threads` CPU threads (the model and its state stay loaded)."""
+        self._settle()
+        self._ctx.set_threads(threads)
+        self.threads = threads
 
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
