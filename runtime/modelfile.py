@@ -27,12 +27,20 @@ _STRING, _ARRAY = 8, 9
 _MAX_ARRAY_READ = 4096
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    offset: int  # in the file
+    nbytes: int
+    type_name: str  # GGML type: Q4_0, Q8_0, F32, …
+    dims: tuple[int, ...]  # ggml order: row length first, then rows (then experts)
+
+
 @dataclass
 class ModelFile:
     path: Path
     size: int
     metadata: dict = field(repr=False)
-    tensors: dict[str, tuple[int, int]] = field(repr=False)  # name -> (offset in file, bytes)
+    tensors: dict[str, TensorEntry] = field(repr=False)
     array_lengths: dict[str, int] = field(repr=False)
 
     @property
@@ -157,7 +165,7 @@ def _parse(buf, path: Path, size: int) -> ModelFile:
     tensors, data_end = {}, data_start
     for name, dims, ggml_type, offset in infos:
         nbytes = _tensor_bytes(dims, ggml_type, path)
-        tensors[name] = (data_start + offset, nbytes)
+        tensors[name] = TensorEntry(data_start + offset, nbytes, GGMLQuantizationType(ggml_type).name, tuple(dims))
         data_end = max(data_end, data_start + offset + nbytes)
     if data_end > size:
         raise ChatError(f"{path} is truncated: {size:,} bytes, but its tensors need {data_end:,} "

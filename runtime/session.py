@@ -26,6 +26,7 @@ from .errors import ChatError, ContextFull
 from .memory import check_fits, estimate
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .native import FULL, PARTIAL_ONLY, Sampling
+from .repack import cpu_features
 from .reasoning import REASONING, Piece, RepetitionGuard, ReplySplitter, split_tool_calls
 from .system import performance_cores
 from .template import ChatTemplate
@@ -90,8 +91,9 @@ class ChatSession:
         self._sampling = self._sampling_from(mf, seed, sampling)
 
         self.threads = threads or performance_cores()
-        self.memory = estimate(mf, n_ctx, n_batch=N_BATCH, n_checkpoints=N_CHECKPOINTS, threads=self.threads)
-        problem = check_fits(self.memory)
+        sizes = dict(n_batch=N_BATCH, n_checkpoints=N_CHECKPOINTS, threads=self.threads, features=cpu_features())
+        self.memory = estimate(mf, n_ctx, **sizes)
+        problem = check_fits(mf, self.memory, **sizes)
         if problem and not force:
             raise ChatError(problem)
 

@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,23 +37,24 @@ def _cache_root() -> Path:
     return Path(os.environ.get("QWEN35_TEST_CACHE", default))
 
 
-def build_tiny_gguf() -> Path:
+def build_tiny_gguf(qtype: str = "q8_0") -> Path:
     """The `qwen35 demo` model (0.8B's structure shrunk to hidden 128, 8 layers; the real 248k
-    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as Q8_0, cached by a
-    hash of the converter's sources so a converter change rebuilds it."""
+    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as `qtype` (Q8_0 by
+    default), cached by a hash of the converter's sources so a converter change rebuilds it."""
     from qwen35.convert import convert
     from qwen35.convert.demo import build_demo_checkpoint, demo_config
 
     h = hashlib.sha256(json.dumps(demo_config(), sort_keys=True).encode())
     for source in sorted((REPO / "convert").glob("*.py")) + sorted((REPO / "convert").glob("*.jinja")):
         h.update(source.read_bytes())
-    target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / "tiny-Q8_0.gguf"
+    h.update((REPO / "quant_profiles" / f"{qtype}.toml").read_bytes())
+    target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / f"tiny-{qtype.upper()}.gguf"
     if target.is_file():
         return target
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
         ckpt = build_demo_checkpoint(Path(tmp) / "checkpoint")
-        convert(ckpt, ["q8_0"], Path(tmp) / target.name, force=True)
+        convert(ckpt, [qtype], Path(tmp) / target.name, force=True)
         target.parent.mkdir(exist_ok=True)
         os.replace(Path(tmp) / target.name, target)  # atomic: parallel runs never see half a file
     return target
@@ -248,10 +250,11 @@ def test_context_full(tiny_gguf):
 # --- memory ---------------------------------------------------------------------------------------
 
 
-def test_memory_estimate_is_within_10_percent_of_measured_rss(tiny_gguf):
+@pytest.mark.parametrize("qtype", ["q8_0", "edge-arm"])  # edge-arm: its Q4_0 weights repack here (AVX2)
+def test_memory_estimate_is_within_10_percent_of_measured_rss(qtype):
     script = (
         "import sys; from qwen35.runtime import ChatSession; from qwen35.runtime.system import current_rss\n"
-        f"s = ChatSession({str(tiny_gguf)!r}, n_ctx=4096, threads=2, seed=1)\n"
+        f"s = ChatSession({str(build_tiny_gguf(qtype))!r}, n_ctx=4096, threads=2, seed=1)\n"
         "s.send('hello there ' * 200, max_tokens=16)\n"
         "print(s.memory.total, current_rss())\n"
     )
@@ -260,11 +263,45 @@ def test_memory_estimate_is_within_10_percent_of_measured_rss(tiny_gguf):
     assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
 
 
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "edge-arm"])
+def test_repack_predicate_matches_what_llama_cpp_repacks_here(qtype):
+    """Every loaded weight: the layout our predicate gives it is the one llama.cpp's load log names."""
+    from qwen35.runtime.memory import loaded_tensors
+    from qwen35.runtime.repack import cpu_features, repacked
+
+    gguf = build_tiny_gguf(qtype)
+    result = subprocess.run([sys.executable, "-m", "qwen35.cli", "run", str(gguf), "-p", "hi", "--max-tokens", "1",
+                             "--verbose"], capture_output=True, text=True, check=True, cwd=REPO.parent)
+    logged = dict(re.findall(r"repack: repack tensor (\S+) with (\S+)", result.stderr))
+    features = cpu_features()
+    predicted = {}
+    for name, t in loaded_tensors(read_model_file(gguf)).items():
+        layout = repacked(features, name, t.type_name, t.dims)
+        if layout:
+            predicted[name] = layout
+    if "output.weight" not in read_model_file(gguf).tensors:  # tied: logged under the embedding's name
+        embd = read_model_file(gguf).tensors["token_embd.weight"]
+        layout = repacked(features, "output.weight", embd.type_name, embd.dims)
+        if layout:
+            predicted["token_embd.weight"] = layout
+    assert predicted == logged
+
+
 def test_refuses_a_model_that_does_not_fit(tiny_gguf, monkeypatch):
-    est = memory.estimate(read_model_file(tiny_gguf), 4096, n_batch=512, n_checkpoints=1, threads=2)
-    assert memory.check_fits(est, available=est.to_load + 1) is None
-    message = memory.check_fits(est, available=est.to_load // 2)
-    assert "smaller quantization" in message and "--force" in message
+    mf = read_model_file(tiny_gguf)
+    sizes = dict(n_batch=512, n_checkpoints=1, threads=2)
+    est = memory.estimate(mf, 4096, **sizes)
+    assert memory.check_fits(mf, est, available=est.needed + 1, **sizes) is None
+    # Room for the Q4_K_M version of this model (its weights are smaller than Q8_0's), not this one.
+    q4 = memory.estimate(memory.as_profile(mf, "q4_k_m"), 4096, **sizes, process=est.process)
+    assert q4.weights < est.weights
+    message = memory.check_fits(mf, est, available=q4.needed + 1, **sizes)
+    assert "as Q4_K_M would need about" in message and "qwen35 convert CHECKPOINT -q q4_k_m" in message
+    assert "--force" in message
+    # A long context that does not fit: a shorter one is named.
+    long = memory.estimate(mf, 65536, **sizes, process=est.process)
+    message = memory.check_fits(mf, long, available=est.needed + 1, **sizes)
+    assert "--ctx-size 4096 would fit" in message
 
     monkeypatch.setattr(memory, "available_ram", lambda: 1024 ** 2)
     with pytest.raises(ChatError, match="only 0.00 GiB of RAM is available"):
