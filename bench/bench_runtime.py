@@ -6,8 +6,8 @@
    once with each message sent as soon as the answer ends, once after a pause standing for the
    user's reading and typing (the runtime prefills the next prompt meanwhile).
 2. `qwen35 bench MODEL --json` against llama-bench built from the same llama-cpp-python 0.3.36 sdist
-   (same GGUF, same threads, pp512 / tg128), in interleaved rounds: prints the ratios (targets:
-   tg ≥ 0.95, pp ≥ 0.97).
+   (same GGUF, same threads, pp512 / tg128, the same buffer types for the weights), in interleaved
+   rounds: prints the ratios (targets: tg ≥ 0.95, pp ≥ 0.97) and where each side's weights landed.
 
 The model is a random-weight checkpoint with Qwen3.5-0.8B's real dimensions, converted to Q8_0 once
 and cached in the work directory; llama-bench is built there too if absent (several minutes).
@@ -103,6 +103,10 @@ def llama_cpp_python_chat(model: Path, threads: int, turns: int) -> list[float]:
                                                       bos_token="")
     handler = llama_chat_format.chat_formatter_to_chat_completion_handler(
         lambda **kw: formatter(**kw, enable_thinking=False))
+    # The same placement of the weights as qwen35's (AMX only where it works) before the peer loads.
+    from qwen35.runtime import cpu
+
+    cpu.place_weights(model)
     llm = llama_cpp.Llama(str(model), n_ctx=8192, n_threads=threads, n_threads_batch=threads, seed=1,
                           chat_handler=handler, verbose=False)
     messages, ttfts = [], []
@@ -126,10 +130,14 @@ def ours(model: Path, threads: int, reps: int) -> dict:
     return json.loads(out.stdout)
 
 
-def native(binary: Path, model: Path, threads: int, reps: int) -> dict:
+def native(binary: Path, model: Path, threads: int, reps: int, repack: bool) -> dict:
+    """llama-bench's pp/tg, and where its weights landed (from its verbose load log)."""
+    from qwen35.runtime.native import _placement
+
     out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "512", "-n", "128",
-                          "-r", str(reps), "-o", "json"], check=True, capture_output=True, text=True)
-    results = {}
+                          "-r", str(reps), "--repack", "1" if repack else "0", "-o", "json", "-v"],
+                         check=True, capture_output=True, text=True)
+    results = {"weights": _placement([line for line in out.stderr.splitlines() if "model buffer size" in line])}
     for test in json.loads(out.stdout):
         results["pp" if test["n_prompt"] and not test["n_gen"] else "tg"] = {"tps": test["avg_ts"]}
     return results
@@ -162,10 +170,15 @@ def compare_with_llama_bench(model: Path, args) -> None:
     # is the least disturbed measurement of each.
     mine, theirs = {"pp": [], "tg": []}, {"pp": [], "tg": []}
     peak = 0
+    placements = None
     for _ in range(args.rounds):
         ours_round = ours(model, args.threads, args.reps)
         peak = max(peak, ours_round["peak_rss_bytes"])
-        native_round = native(binary, model, args.threads, args.reps)
+        # llama-bench can offer all of the extra buffer types or none: all, unless qwen35 held AMX
+        # back here (then none, which matches whenever CPU_REPACK takes nothing of this file).
+        repack = ours_round["amx"]["on"] or "AMX" not in ours_round["extra_buffer_types"]
+        native_round = native(binary, model, args.threads, args.reps, repack)
+        placements = (ours_round["weights"], native_round["weights"])
         for name in ("pp", "tg"):
             mine[name].append(ours_round["runs"][0][name]["tps"])
             theirs[name].append(native_round[name]["tps"])
@@ -182,6 +195,10 @@ def compare_with_llama_bench(model: Path, args) -> None:
               f"| {statistics.median(b):.2f} / {max(b):.2f} | {statistics.median(a) / statistics.median(b):.3f} "
               f"| {max(a) / max(b):.3f} | ≥ {target} |")
     print(f"\nqwen35 bench peak memory: {peak / 2**20:,.0f} MiB")
+    mine_where, theirs_where = (", ".join(f"{k} {v:,.1f} MiB" for k, v in p.items()) for p in placements)
+    same = set(placements[0]) == set(placements[1])
+    print(f"weights: qwen35 {mine_where}; llama-bench {theirs_where} "
+          f"({'the same buffer types' if same else 'DIFFERENT buffer types: the ratios compare different kernels'})")
 
 
 def main() -> None:

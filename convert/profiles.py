@@ -9,7 +9,10 @@ embeddings, imatrix given). Schema: quant_profiles/README.md.
 from __future__ import annotations
 
 import re
-import tomllib
+try:
+    import tomllib  # novermin  (guarded: tests/test_python_versions.py checks the rest needs only 3.10)
+except ModuleNotFoundError:  # Python 3.10 (Ubuntu 22.04, Jetson boards): the same parser, as a package
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional

@@ -14,6 +14,7 @@ import random
 import statistics
 import time
 
+from . import cpu
 from .session import ChatSession
 from .system import peak_rss
 
@@ -31,7 +32,13 @@ def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int
         for n in threads or [s.threads]:
             s.set_threads(n)
             runs.append(_measure(s, tokens, n_gen, repetitions))
-        result = {"model": str(s.model_file.path), "n_ctx": s.n_ctx, "runs": runs, "peak_rss_bytes": peak_rss()}
+        result = {
+            "model": str(s.model_file.path), "n_ctx": s.n_ctx, "runs": runs, "peak_rss_bytes": peak_rss(),
+            "cpu_features": cpu.features(),
+            "extra_buffer_types": [name for name, _ in cpu.extra_buffers().original],
+            "weights": s._model.placement,
+            "amx": {"on": s._model.amx.use_amx, "reason": s._model.amx.reason},
+        }
     timed = [r for r in runs if r["tg"]["tps"]]
     result["fastest_threads"] = max(timed, key=lambda r: r["tg"]["tps"])["threads"] if timed else None
     return result
@@ -78,6 +85,9 @@ def format_markdown(result: dict) -> str:
     if len(result["runs"]) > 1 and result["fastest_threads"]:
         lines.append(f"fastest generation: {result['fastest_threads']} threads")
     lines.append(f"peak memory: {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    lines.append(f"llama.cpp CPU features: {' '.join(result['cpu_features'])}")
+    weights = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in result["weights"].items())
+    lines.append(f"weights: {weights}; AMX {'on' if result['amx']['on'] else 'off'}: {result['amx']['reason']}")
     return "\n".join(lines)
 
 

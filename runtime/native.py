@@ -30,6 +30,7 @@ class _Log:
 
     def __init__(self) -> None:
         self.lines: deque[str] = deque(maxlen=64)
+        self.buffer_lines: list[str] = []  # "CPU_REPACK model buffer size = 12.34 MiB", kept whole
         self.verbose = False
         self._partial = ""
         self._callback = L.llama_log_callback(self._on_log)  # kept alive: llama.cpp holds the pointer
@@ -39,6 +40,7 @@ class _Log:
         lines = message.split("\n")
         self._partial = lines.pop()  # llama.cpp sends some lines in pieces
         self.lines.extend(line for line in lines if line.strip())
+        self.buffer_lines.extend(line for line in lines if "model buffer size" in line)
         if self.verbose:
             sys.stderr.write(text.decode("utf-8", "replace"))
 
@@ -48,6 +50,7 @@ class _Log:
 
     def clear(self) -> None:
         self.lines.clear()
+        self.buffer_lines.clear()
 
     def find(self, *needles: str) -> str | None:
         for line in self.lines:
@@ -68,23 +71,48 @@ def init(verbose: bool = False) -> None:
         _initialized = True
 
 
-class Model:
-    """Weights and vocabulary of one GGUF file."""
+def model_params(*, vocab_only: bool = False):
+    """llama.cpp's model parameters for every model qwen35 loads: the one place they are chosen.
+    (Where the weights go — the AMX and CPU_REPACK buffer types — is decided by runtime.cpu
+    before the load, and reported by Model.placement after it.)"""
+    params = L.llama_model_default_params()
+    params.vocab_only = vocab_only
+    return params
 
-    def __init__(self, path: str, *, vocab_only: bool = False) -> None:
+
+class Model:
+    """Weights and vocabulary of one GGUF file.
+
+    `placement` (the default) applies the AMX decision of runtime.cpu before loading; the probe
+    that informs it loads models with `placement=False`, having chosen the buffer types itself.
+    """
+
+    def __init__(self, path: str, *, vocab_only: bool = False, placement: bool = True) -> None:
+        from . import cpu
+
         init(log.verbose)
-        params = L.llama_model_default_params()
-        params.vocab_only = vocab_only
+        self.amx: cpu.Decision | None = None
+        if placement and not vocab_only:
+            self.amx = cpu.place_weights(path)
         log.clear()
-        self._model = L.llama_model_load_from_file(path.encode(), params)
+        self._model = L.llama_model_load_from_file(str(path).encode(), model_params(vocab_only=vocab_only))
         if not self._model:
             reason = (log.find("unknown model architecture", "error loading model", "failed to")
                       or "llama.cpp gave no reason")
             raise ChatError(f"llama.cpp could not load {path}: {reason}")
+        self.placement = _placement(log.buffer_lines)
         self.vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
+
+    def describe_placement(self) -> str:
+        """E.g. "weights: CPU_REPACK 120.3 MiB, CPU 340.1 MiB; AMX off: this CPU … has no AMX"."""
+        from . import cpu
+
+        where = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in self.placement.items()) or "unknown"
+        amx = f"; AMX {'on' if self.amx.use_amx else 'off'}: {self.amx.reason}" if self.amx else ""
+        return f"llama.cpp CPU features: {' '.join(cpu.features())}\nweights: {where}{amx}"
 
     @property
     def ptr(self):
@@ -132,6 +160,20 @@ class Model:
         if self._model:
             L.llama_model_free(self._model)
             self._model = None
+
+
+def _placement(buffer_lines: list[str]) -> dict[str, float]:
+    """{buffer type: MiB} from the loader's "<type> model buffer size = <n> MiB" lines. The plain
+    CPU buffer of a memory-mapped file is called CPU_Mapped; we call it CPU."""
+    placement: dict[str, float] = {}
+    for line in buffer_lines:
+        head, _, tail = line.partition("model buffer size =")
+        name = head.rsplit(":", 1)[-1].strip().removesuffix("_Mapped")
+        try:
+            placement[name] = placement.get(name, 0.0) + float(tail.split()[0])
+        except (ValueError, IndexError):
+            continue
+    return placement
 
 
 @dataclass(frozen=True)
@@ -182,12 +224,21 @@ class Sampler:
 class Context:
     """A llama.cpp context holding one sequence: decode tokens, trim, and snapshot its state."""
 
-    def __init__(self, model: Model, n_ctx: int, threads: int, n_batch: int = 512) -> None:
+    def __init__(self, model: Model, n_ctx: int, threads: int, n_batch: int = 512, *,
+                 all_logits: bool = False, exact: bool = False) -> None:
+        """`all_logits` gives every decoded token logits (for tests that compare whole prompts);
+        `exact` keeps keys and values in f32 and attention off flash attention, which both round
+        through f16 — for comparisons against a float32 reference."""
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = threads
-        params.n_outputs_max = 1
+        params.n_outputs_max = n_batch if all_logits else 1
+        if exact:
+            params.type_k = params.type_v = L.GGML_TYPE_F32
+            params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._all_logits = all_logits
+        self._n_vocab = model.n_vocab
         log.clear()
         self._ctx = L.llama_init_from_model(model.ptr, params)
         if not self._ctx:
@@ -216,13 +267,26 @@ class Context:
             b.pos[i] = pos + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
-            b.logits[i] = 0
-        b.logits[n - 1] = 1 if logits_last else 0
+            b.logits[i] = 1 if self._all_logits else 0
+        b.logits[n - 1] = 1 if logits_last or self._all_logits else 0
         rc = L.llama_decode(self._ctx, b)
         if rc == 1:
             raise ContextFull(f"context full ({self.n_ctx} tokens)")
         if rc != 0:
             raise ChatError(f"llama_decode failed (code {rc}): {log.find('error', 'failed') or 'no reason given'}")
+
+    def logits_last(self):
+        """The logits of the last decoded token with logits, as a numpy array (a copy)."""
+        return self.logits(-1)
+
+    def logits(self, i: int):
+        """Logits of output `i` of the last decode (-1: the last), as a numpy float32 copy."""
+        import numpy as np
+
+        ptr = L.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise ChatError(f"llama.cpp has no logits for output {i} of the last decode")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
 
     def set_threads(self, threads: int) -> None:
         """Threads of the next decodes (generation and prompt batches alike); takes effect at once."""

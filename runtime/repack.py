@@ -40,23 +40,11 @@ _rules("Q1_0", ("NEON MATMUL_INT8", 4, "q1_0_4x8"), ("NEON DOTPROD", 4, "q1_0_4x
 _LOOKUP_TABLES = ("token_embd.weight", "nextn.embed_tokens.weight")
 
 
-def parse_features(system_info: str) -> frozenset[str]:
-    """The CPU backend's features from `llama_print_system_info()` ("CPU : NEON = 1 | SVE_CNT = 32 |
-    …"): a name for each flag that is 1, NAME=VALUE for the others."""
-    cpu = system_info.split("CPU :", 1)[-1]
-    features = set()
-    for part in cpu.split("|"):
-        name, sep, value = (p.strip() for p in part.partition("="))
-        if sep and name and " " not in name:
-            features.add(name if value == "1" else f"{name}={value}")
-    return frozenset(features)
-
-
 def cpu_features() -> frozenset[str]:
     """What the loaded llama.cpp library reports for this CPU (compile-time and run-time checks)."""
-    import llama_cpp
+    from .cpu import features
 
-    return parse_features(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+    return frozenset(features())
 
 
 def repacked_layout(features: frozenset[str], type_name: str, dims: tuple[int, ...]) -> str | None:

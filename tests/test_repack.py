@@ -13,25 +13,26 @@ import pytest
 
 from qwen35.runtime.memory import estimate, weight_bytes
 from qwen35.runtime.modelfile import ModelFile, TensorEntry
-from qwen35.runtime.repack import parse_features, repacked, repacked_layout
+from qwen35.runtime.cpu import parse_features
+from qwen35.runtime.repack import repacked, repacked_layout
 
 # What llama_print_system_info() printed for the three builds (x86: this machine; ARM: the
 # cross-built library under qemu, ../shared/reference/ARM.md).
 X86_AVX512 = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
               "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
               "REPACK = 1 | ")
-A76 = parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |")
-A72 = parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |")
+A76 = frozenset(parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"))
+A72 = frozenset(parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"))
 I8MM = A76 | {"MATMUL_INT8"}
 GRAVITON3 = I8MM | {"SVE", "SVE_CNT=32"}
 AVX2 = frozenset({"AVX", "AVX2", "FMA", "REPACK"})
-X86 = parse_features(X86_AVX512)
+X86 = frozenset(parse_features(X86_AVX512))
 
 
 def test_parse_features():
     assert {"AVX2", "AVX512", "REPACK", "OPENMP"} <= X86 and "NEON" not in X86
-    assert parse_features("CPU : NEON = 1 | SVE = 1 | SVE_CNT = 32 | REPACK = 1 |") == {"NEON", "SVE", "SVE_CNT=32",
-                                                                                        "REPACK"}
+    assert parse_features("CPU : NEON = 1 | SVE = 1 | SVE_CNT = 32 | REPACK = 1 |") == ["NEON", "SVE", "SVE_CNT=32",
+                                                                                        "REPACK"]
 
 
 @pytest.mark.parametrize("features, type_name, rows, layout", [

@@ -39,8 +39,8 @@ def _cache_root() -> Path:
 
 def build_tiny_gguf(qtype: str = "q8_0") -> Path:
     """The `qwen35 demo` model (0.8B's structure shrunk to hidden 128, 8 layers; the real 248k
-    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as `qtype` (Q8_0 by
-    default), cached by a hash of the converter's sources so a converter change rebuilds it."""
+    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as Q8_0 (or `qtype`),
+    cached by a hash of the converter's sources so a converter change rebuilds it."""
     from qwen35.convert import convert
     from qwen35.convert.demo import build_demo_checkpoint, demo_config
 

