@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-import setup  # noqa: E402
+import toolchain  # noqa: E402
 
 COSINE_MIN, MAX_ABS_DIFF, MEMORY_TOLERANCE = 0.9999, 0.05, 0.10
 FILES = ["edge-arm", "q4_k_m"]
@@ -43,10 +43,10 @@ def guest_env(paths: dict, target: str) -> dict:
     # PYTHONPATH only for the guest's commands: exported globally it would drag the aarch64 numpy
     # into the x86 Python.
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))},
-            "QEMU_LD_PREFIX": str(paths["sysroot"]), "QEMU_CPU": setup.TARGETS[target],
+            "QEMU_LD_PREFIX": str(paths["sysroot"]), "QEMU_CPU": toolchain.TARGETS[target],
             "PYTHONPATH": os.pathsep.join(str(p) for p in (paths["pkgroot"], paths["llama_cpp"][target],
                                                              paths["wheels"])),
-            "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(setup.CACHE / "home")}
+            "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(toolchain.CACHE / "home")}
 
 
 def guest_cmd(paths: dict, *args) -> list[str]:
@@ -94,24 +94,22 @@ def run_chat(paths: dict, target: str, model: Path, work: Path) -> tuple[dict, d
 def check_one(paths: dict, target: str, qtype: str, model: Path, x86_logits: np.ndarray, work: Path) -> list[str]:
     failures = []
     env = guest_env(paths, target)
-    a76 = setup.TARGETS[target] == "cortex-a76"
+    a76 = toolchain.TARGETS[target] == "cortex-a76"
 
     start = time.perf_counter()
     one = subprocess.run(guest_cmd(paths, "-m", "qwen35.cli", "run", model, "-p", "hello", "--max-tokens", "8",
-                                   "--temp", "0", "--verbose"), env=env, capture_output=True, text=True, cwd=work)
+                                   "--temp", "0", "--no-think", "--verbose"), env=env, capture_output=True, text=True, cwd=work)
     if one.returncode != 0 or not one.stdout.strip():
-        failures.append(f"one-shot run failed ({one.returncode}): {one.stderr.strip().splitlines()[-1:]}")
+        failures.append(f"one-shot run failed (exit {one.returncode}, stdout {one.stdout!r}): "
+                        f"{one.stderr.strip().splitlines()[-1:]}")
     logged = dict(re.findall(r"repack: repack tensor (\S+) with (\S+)", one.stderr))
 
-    out = work / "logits.npy"
-    subprocess.run(guest_cmd(paths, HERE / "guest.py", "logits", model, out), env=env, check=True, cwd=work)
-    arm = np.load(out)
+    result, rss = run_chat(paths, target, model, work)
+    arm = np.load(work / "logits.npy")
     cos = float(arm @ x86_logits / (np.linalg.norm(arm) * np.linalg.norm(x86_logits)))
     diff = float(np.max(np.abs(arm - x86_logits)))
     if cos < COSINE_MIN or diff > MAX_ABS_DIFF:
         failures.append(f"logits differ from x86: cosine {cos:.6f}, max |Δ| {diff:.3g}")
-
-    result, rss = run_chat(paths, target, model, work)
     if result["predicted_repack"] != logged:
         failures.append(f"repack predicate disagrees with llama.cpp's log: predicted {len(result['predicted_repack'])} "
                         f"tensors, logged {len(logged)}")
@@ -129,7 +127,7 @@ def check_one(paths: dict, target: str, qtype: str, model: Path, x86_logits: np.
     ratio = estimated / grown
     if a76 and abs(ratio - 1) > MEMORY_TOLERANCE:
         failures.append(f"memory estimate {estimated / 2**20:.1f} MiB vs measured {grown / 2**20:.1f} MiB")
-    print(f"| {target} ({setup.TARGETS[target]}) | {qtype} | {len(logged)} ({', '.join(sorted(set(logged.values())))}) "
+    print(f"| {target} ({toolchain.TARGETS[target]}) | {qtype} | {len(logged)} ({', '.join(sorted(set(logged.values())))}) "
           f"| {cos:.6f} / {diff:.2e} | {turns[-1]['prompt_tokens']} new, {turns[-1]['cached_tokens']} reused "
           f"| {estimated / 2**20:.1f} / {grown / 2**20:.1f} MiB ({ratio:.3f}) "
           f"| {time.perf_counter() - start:.0f} s | {'ok' if not failures else 'FAIL'} |", flush=True)
@@ -140,9 +138,9 @@ def main() -> int:
     from tests.test_runtime import build_tiny_gguf
 
     started = time.perf_counter()
-    paths = setup.ensure_all()
-    (setup.CACHE / "home").mkdir(exist_ok=True)
-    setup.log(f"set up in {time.perf_counter() - started:.0f} s")
+    paths = toolchain.ensure_all()
+    (toolchain.CACHE / "home").mkdir(exist_ok=True)
+    toolchain.log(f"set up in {time.perf_counter() - started:.0f} s")
     models = {qtype: build_tiny_gguf(qtype) for qtype in FILES}
     failures = []
     with tempfile.TemporaryDirectory(prefix="qwen35-arm-") as tmp:
@@ -152,14 +150,14 @@ def main() -> int:
         for qtype, model in models.items():
             x86 = Path(tmp) / f"x86-{qtype}.npy"
             subprocess.run([sys.executable, HERE / "guest.py", "logits", model, x86], check=True, cwd=tmp)
-            for target in setup.TARGETS:
+            for target in toolchain.TARGETS:
                 work = Path(tmp) / f"{target}-{qtype}"
                 work.mkdir()
                 for failure in check_one(paths, target, qtype, model, np.load(x86), work):
                     failures.append(f"{target} {qtype}: {failure}")
     for failure in failures:
         print(f"FAIL {failure}")
-    setup.log(f"{'passed' if not failures else 'FAILED'} in {time.perf_counter() - started:.0f} s")
+    toolchain.log(f"{'passed' if not failures else 'FAILED'} in {time.perf_counter() - started:.0f} s")
     return 1 if failures else 0
 
 

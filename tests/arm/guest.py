@@ -1,7 +1,8 @@
 """The chat runtime's checks as run inside emulated aarch64 (qemu-user), and natively for the logits.
 
-    guest.py logits MODEL OUT.npy        last-token logits of a fixed prompt (run on both sides)
-    guest.py chat MODEL WORKDIR          multi-turn reuse, save/load, memory; JSON on the last line
+    guest.py logits MODEL OUT.npy        last-token logits of a fixed prompt (the x86 side)
+    guest.py chat MODEL WORKDIR          the same logits (WORKDIR/logits.npy), multi-turn reuse,
+                                         save/load, memory; JSON on the last line
 
 In `chat`, at "MEASURE <label>" on stdout the process writes its own mappings (qemu's emulated
 /proc/self/maps lists only the guest's) to WORKDIR/maps-<label>.txt and waits for a line on stdin,
@@ -27,14 +28,19 @@ def last_logits(session):
     return np.ctypeslib.as_array(floats, shape=(session._model.n_vocab,)).copy()
 
 
-def logits(model: str, out: str) -> None:
+def save_logits(session, out) -> None:
     import numpy as np
 
+    session._evaluate(session.tokenize(PROMPT), logits=True)
+    np.save(out, last_logits(session))
+    session.reset()
+
+
+def logits(model: str, out: str) -> None:
     from qwen35.runtime import ChatSession
 
-    with ChatSession(model, n_ctx=512, threads=2, seed=1, prefill=False) as s:
-        s._evaluate(s.tokenize(PROMPT), logits=True)
-        np.save(out, last_logits(s))
+    with ChatSession(model, n_ctx=1024, threads=2, seed=1, prefill=False) as s:
+        save_logits(s, out)
 
 
 def measure(workdir: Path, label: str) -> None:
@@ -51,6 +57,7 @@ def chat(model: str, workdir: str) -> None:
     work = Path(workdir)
     measure(work, "before")
     s = ChatSession(model, n_ctx=1024, threads=2, seed=1, temp=0, think=False, max_tokens=8)
+    save_logits(s, work / "logits.npy")
     turns = []
     for text in ("Hello there, who are you?", "Tell me about lighthouses.", "And about tides?"):
         reply = s.send(text)
