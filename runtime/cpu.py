@@ -227,8 +227,10 @@ def place_weights(model_path) -> Decision:
 
     extra = extra_buffers()
     available = [name for name, _ in extra.original]
-    mf = read_model_file(model_path)
-    amx_weights = sorted({t.type_name for t in mf.tensors.values() if t.type_name in AMX_TYPES})
+    amx_weights = []
+    if AMX in available:  # elsewhere there is nothing to decide, and the header need not be read
+        tensors = read_model_file(model_path).tensors.values()
+        amx_weights = sorted({t.type_name for t in tensors if t.type_name in AMX_TYPES})
     decision = decide(amx_available=AMX in available, amx_weights=amx_weights, setting=setting_from_env(),
                       verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights))
     extra.use(set(available) if decision.use_amx else set(available) - {AMX})
@@ -239,7 +241,8 @@ def place_weights(model_path) -> Decision:
 
 PROBE_TOKENS = 8
 # Same weights, same activations: the two paths differ only in kernels and accumulation order.
-# Broken kernels give garbage (cosine near 0) or NaN, not 0.999.
+# Broken kernels give garbage (cosine near 0) or NaN, not 0.999. The argmax is not compared: a
+# random-weight model (the demo's) has near-ties that a last-bit difference flips.
 MIN_COSINE = 0.995
 
 
@@ -279,7 +282,7 @@ def _probe(model_path: str, buffer_type: str) -> dict:
         try:
             tokens = [(7 + 13 * i) % model.n_vocab for i in range(PROBE_TOKENS)]
             ctx.decode(tokens, 0)
-            logits[label] = ctx.logits_last().astype(np.float64)
+            logits[label] = ctx.logits(-1).astype(np.float64)
             print(json.dumps({"step": label, "placement": model.placement}), flush=True)
         finally:
             ctx.close()
@@ -290,7 +293,7 @@ def _probe(model_path: str, buffer_type: str) -> dict:
     if not np.isfinite(b).all():
         return {"verdict": "broken", "detail": f"{buffer_type} gave non-finite logits"}
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
-    if cosine < MIN_COSINE or a.argmax() != b.argmax():
+    if cosine < MIN_COSINE:
         return {"verdict": "broken", "detail": f"{buffer_type} changed the logits (cosine {cosine:.4f})"}
     return {"verdict": "ok", "detail": f"logits agree (cosine {cosine:.6f})"}
 

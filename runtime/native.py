@@ -275,10 +275,6 @@ class Context:
         if rc != 0:
             raise ChatError(f"llama_decode failed (code {rc}): {log.find('error', 'failed') or 'no reason given'}")
 
-    def logits_last(self):
-        """The logits of the last decoded token with logits, as a numpy array (a copy)."""
-        return self.logits(-1)
-
     def logits(self, i: int):
         """Logits of output `i` of the last decode (-1: the last), as a numpy float32 copy."""
         import numpy as np

@@ -140,7 +140,7 @@ def test_taking_a_buffer_type_away_moves_its_weights_to_plain_cpu_memory_with_th
             model = native.Model(path, placement=False)
             ctx = native.Context(model, 256, 2, 8)
             ctx.decode(tokens, 0)
-            results[frozenset(offered)] = (model.placement, ctx.logits_last())
+            results[frozenset(offered)] = (model.placement, ctx.logits(-1))
             ctx.close()
             model.close()
     finally:
