@@ -6,13 +6,16 @@ waiting for it (measured on 2 cores with one `yes > /dev/null`: 4.3 tokens/s wit
 with 1, 20.2 quiet with 2). So between tokens this watches the time per token:
 
 - at each thread count it keeps the best time it has seen (the quiet baseline of that count);
-- when tokens take SLOWER × that baseline, cores are taken: it tries one thread fewer for a
-  window of tokens and keeps it if it is faster (else it goes back and waits longer before trying
-  again, so a slow phase that threads do not explain costs little);
+- after its first window it tries one thread fewer once, so that a machine already busy when the
+  reply starts is noticed too (quiet, that costs one window of slower tokens per session);
+- when tokens take SLOWER × that baseline, or longer than one thread fewer has been seen to take,
+  cores are taken: it tries one thread fewer for a window of tokens and keeps it if it is faster
+  (else it goes back and waits longer before trying again, so a slow phase that threads do not
+  explain costs little);
 - below the maximum, it tries one thread more when the machine has an idle core again (from
   /proc/stat), or every so often where that cannot be read, and keeps it if it is faster.
 
-Quiet, nothing changes: the baseline holds and no probe runs.
+Quiet, nothing changes after that first try: the baseline holds and no probe runs.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ class ThreadGovernor:
             self._since[direction] += WINDOW
         if self._probe:
             self._judge_probe(median)
-        elif self.threads > 1 and median > SLOWER * self.quiet[self.threads] and self._since[-1] >= self._wait[-1]:
+        elif self.threads > 1 and self._since[-1] >= self._wait[-1] and (
+                median > SLOWER * self.quiet[self.threads] or median > self.quiet.get(self.threads - 1, float("inf"))
+                or self.threads - 1 not in self.quiet):
             self._start_probe(-1, median)
         elif self.threads < self.max_threads and self._since[+1] >= self._wait[+1] and (
                 idle_cores is None or idle_cores >= 0.5 or self._wait[+1] >= MAX_WAIT):

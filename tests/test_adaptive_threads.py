@@ -40,11 +40,21 @@ def run(machine, governor, tokens):
     return sum(machine.step(governor) for _ in range(tokens))
 
 
-def test_quiet_machine_keeps_every_thread_and_never_probes():
+def test_quiet_machine_keeps_every_thread_after_one_try():
     m = Machine()
     g = governed(m)
-    run(m, g, 1000)
-    assert g.changes == [] and m.threads == 2
+    elapsed = run(m, g, 1000)
+    assert g.changes == [1, 2] and m.threads == 2
+    assert 1000 * 0.050 / elapsed >= 0.98  # the one window at 1 thread costs < 2%
+
+
+def test_busy_from_the_start_is_noticed():
+    m = Machine()
+    m.busy = 1
+    g = governed(m)
+    elapsed = run(m, g, 500)
+    assert m.threads == 1 and g.changes == [1]
+    assert 500 * 0.088 / elapsed >= 0.95
 
 
 def test_busy_core_drops_a_thread_and_keeps_it():
@@ -57,7 +67,7 @@ def test_busy_core_drops_a_thread_and_keeps_it():
     # Nearly all tokens at the best fixed count's speed: one slow window to notice, no probing up
     # while no core is idle.
     assert 500 * 0.088 / elapsed >= 0.95
-    assert g.changes == [1]
+    assert g.changes == [1, 2, 1]
 
 
 def test_back_to_all_threads_when_the_machine_frees():
@@ -68,7 +78,7 @@ def test_back_to_all_threads_when_the_machine_frees():
     run(m, g, 200)
     m.busy = 0
     run(m, g, 40)
-    assert m.threads == 2 and g.changes == [1, 2]
+    assert m.threads == 2 and g.changes == [1, 2, 1, 2]
 
 
 def test_a_slow_phase_that_fewer_threads_do_not_help_backs_off():
