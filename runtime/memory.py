@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from gguf.constants import GGML_QUANT_SIZES
-
-from .modelfile import ModelFile, TensorEntry
+from ..gguf_header import TensorInfo
+from .modelfile import ModelFile
 from .repack import cpu_features, repacked
 from .system import available_ram, current_rss
 
@@ -92,25 +91,40 @@ def recurrent_state_bytes(mf: ModelFile) -> int:
     return n_linear * (conv + d_state * d_inner * F32)
 
 
-def loaded_tensors(mf: ModelFile) -> dict[str, TensorEntry]:
+def loaded_tensors(mf: ModelFile) -> dict[str, TensorInfo]:
     """The tensors llama.cpp loads: all but the multi-token-prediction layers."""
     n_layer = mf.arch_key("block_count", 0)
     main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
     skipped = {f"blk.{i}." for i in range(main_layers, n_layer)}
-    return {name: t for name, t in mf.tensors.items() if name[:name.find(".", 4) + 1] not in skipped}
+    return {t.name: t for t in mf.tensors if t.name[:t.name.find(".", 4) + 1] not in skipped}
+
+
+def layout(features: frozenset[str], name: str, t: TensorInfo) -> str | None:
+    """The layout llama.cpp repacks weight `name` (with t's type and shape) into, or None."""
+    return repacked(features, name, t.ggml_type.name, tuple(reversed(t.shape)))
+
+
+def repacked_tensors(mf: ModelFile, features: frozenset[str]) -> dict[str, str]:
+    """The weights llama.cpp repacks and their layouts, named as its load log names them: a tied
+    output projection (the embedding's data loaded a second time, as a MUL_MAT weight) goes by the
+    embedding's name, which is otherwise never repacked (it is read with GET_ROWS)."""
+    tensors = loaded_tensors(mf)
+    found = {name: layout(features, name, t) for name, t in tensors.items()}
+    embd = tensors.get("token_embd.weight")
+    if "output.weight" not in tensors and embd:
+        found["token_embd.weight"] = layout(features, "output.weight", embd)
+    return {name: found_layout for name, found_layout in found.items() if found_layout}
 
 
 def weight_bytes(mf: ModelFile, features: frozenset[str]) -> tuple[int, int, int]:
     """(mapped, repacked, idle): bytes of the loaded tensors, of the copies CPU_REPACK makes of
-    them, and of the mapped originals only read to make those copies."""
+    them, and of the mapped originals only read to make those copies (not the tied embedding's:
+    the token lookup keeps reading it)."""
     tensors = loaded_tensors(mf)
-    mapped = sum(t.nbytes for t in tensors.values())
-    copies = {name: t.nbytes for name, t in tensors.items() if repacked(features, name, t.type_name, t.dims)}
-    embd = tensors.get("token_embd.weight")
-    if "output.weight" not in tensors and embd and repacked(features, "output.weight", embd.type_name, embd.dims):
-        # Tied: the output projection is the embedding's data, loaded a second time as a MUL_MAT weight.
-        return mapped, sum(copies.values()) + embd.nbytes, sum(copies.values())
-    return mapped, sum(copies.values()), sum(copies.values())
+    copies = repacked_tensors(mf, features)
+    repacked_bytes = sum(tensors[name].nbytes for name in copies)
+    idle = sum(tensors[name].nbytes for name in copies if name != "token_embd.weight")
+    return sum(t.nbytes for t in tensors.values()), repacked_bytes, idle
 
 
 def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int,
@@ -143,7 +157,8 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     output = mf.n_tokens * F32  # logits of the one token we sample from
     overhead = CONTEXT_OVERHEAD + threads * THREAD_OVERHEAD
     return MemoryEstimate(
-        weights=weights, repacked=copies, weights_idle=idle, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN, kv_cache=kv_cache, recurrent=recurrent,
+        weights=weights, repacked=copies, weights_idle=idle, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN,
+        kv_cache=kv_cache, recurrent=recurrent,
         checkpoints=n_checkpoints * recurrent, buffers=compute + output + overhead,
         process=current_rss() if process is None else process, n_ctx=n_ctx)
 
@@ -191,21 +206,14 @@ def as_profile(mf: ModelFile, profile_name: str) -> ModelFile:
 
     profile = profiles.load(profile_name)
     facts = _facts(mf)
-    tensors = {}
-    for name, t in mf.tensors.items():
-        planned = PlannedTensor(name, tuple(reversed(t.dims)), "BF16", ())
-        ggml_type = profile.choose(planned, facts).type
-        block, type_size = GGML_QUANT_SIZES[ggml_type]
-        n = 1
-        for d in t.dims:
-            n *= d
-        tensors[name] = replace(t, nbytes=n // block * type_size, type_name=ggml_type.name)
+    tensors = [replace(t, ggml_type=profile.choose(PlannedTensor(t.name, t.shape, "BF16", ()), facts).type)
+               for t in mf.tensors]
     smaller = replace(mf, tensors=tensors)
     return replace(smaller, size=_tensor_data(smaller))
 
 
 def _tensor_data(mf: ModelFile) -> int:
-    return sum(t.nbytes for t in mf.tensors.values())
+    return sum(t.nbytes for t in mf.tensors)
 
 
 def _facts(mf: ModelFile):
@@ -218,4 +226,4 @@ def _facts(mf: ModelFile):
     heads, kv = (max(x) if isinstance(x, list) else x for x in (heads, kv))
     return ModelFacts(n_blocks, tuple("linear_attention" if r else "full_attention" for r in recurrent),
                       max(1, heads // max(1, kv)), mf.arch_key("expert_count", 0) or 0,
-                      "output.weight" not in mf.tensors, tuple(mf.tensors))
+                      all(t.name != "output.weight" for t in mf.tensors), tuple(t.name for t in mf.tensors))

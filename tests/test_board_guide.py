@@ -12,7 +12,10 @@ from pathlib import Path
 
 from qwen35.convert import qwen35
 from qwen35.runtime import memory
-from qwen35.runtime.modelfile import ModelFile, TensorEntry
+from gguf.constants import GGMLQuantizationType
+
+from qwen35.gguf_header import TensorInfo
+from qwen35.runtime.modelfile import ModelFile
 from qwen35.runtime.cpu import parse_features
 from tests.test_plan_snapshots import HeaderOnlyCheckpoint
 from tests.tiny import RELEASE_CONFIGS
@@ -39,8 +42,8 @@ def release_model(config_name: str) -> ModelFile:
     h = qwen35.read_hparams({**config, **config.get("text_config", {})})
     tensors = qwen35.plan_tensors(HeaderOnlyCheckpoint(config), h, mtp=True)
     metadata = {key: value for key, _, value in qwen35.metadata(h, tensors)}
-    entries = {t.name: TensorEntry(0, 0, "BF16", tuple(reversed(t.shape))) for t in tensors}
-    return ModelFile(Path(config_name), 0, metadata, entries, {"tokenizer.ggml.tokens": h.vocab_size})
+    infos = [TensorInfo(t.name, t.shape, GGMLQuantizationType.BF16, 0) for t in tensors]
+    return ModelFile(Path(config_name), 0, metadata, infos, h.vocab_size)
 
 
 def best_fit(mf_by_profile: dict[str, ModelFile], n_ctx: int, available: int) -> str:

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from qwen35.runtime.memory import estimate, weight_bytes
-from qwen35.runtime.modelfile import ModelFile, TensorEntry
+from gguf.constants import GGMLQuantizationType
+
+from qwen35.gguf_header import TensorInfo
+from qwen35.runtime.modelfile import ModelFile
 from qwen35.runtime.cpu import parse_features
 from qwen35.runtime.repack import repacked, repacked_layout
 
@@ -64,9 +67,12 @@ def test_only_matrix_multiplication_weights_repack():
 
 
 def _model_file(tensors: dict[str, tuple[str, tuple[int, ...], int]], **arch) -> ModelFile:
+    """Tensors given as name -> (type, ggml dims, the bytes that makes, as a check of the numbers)."""
     meta = {"general.architecture": "qwen35", **{f"qwen35.{k}": v for k, v in arch.items()}}
-    entries = {name: TensorEntry(0, nbytes, type_name, dims) for name, (type_name, dims, nbytes) in tensors.items()}
-    return ModelFile(Path("hand-made.gguf"), 0, meta, entries, {"tokenizer.ggml.tokens": 1000})
+    infos = [TensorInfo(name, tuple(reversed(dims)), GGMLQuantizationType[type_name], 0)
+             for name, (type_name, dims, _) in tensors.items()]
+    assert [t.nbytes for t in infos] == [nbytes for _, _, nbytes in tensors.values()]
+    return ModelFile(Path("hand-made.gguf"), 0, meta, infos, 1000)
 
 
 EMBD = ("Q8_0", (128, 1000), 136_000)

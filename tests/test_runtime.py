@@ -266,24 +266,14 @@ def test_memory_estimate_is_within_10_percent_of_measured_rss(qtype):
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "edge-arm"])
 def test_repack_predicate_matches_what_llama_cpp_repacks_here(qtype):
     """Every loaded weight: the layout our predicate gives it is the one llama.cpp's load log names."""
-    from qwen35.runtime.memory import loaded_tensors
-    from qwen35.runtime.repack import cpu_features, repacked
+    from qwen35.runtime.memory import repacked_tensors
+    from qwen35.runtime.repack import cpu_features
 
     gguf = build_tiny_gguf(qtype)
     result = subprocess.run([sys.executable, "-m", "qwen35.cli", "run", str(gguf), "-p", "hi", "--max-tokens", "1",
                              "--verbose"], capture_output=True, text=True, check=True, cwd=REPO.parent)
     logged = dict(re.findall(r"repack: repack tensor (\S+) with (\S+)", result.stderr))
-    features = cpu_features()
-    predicted = {}
-    for name, t in loaded_tensors(read_model_file(gguf)).items():
-        layout = repacked(features, name, t.type_name, t.dims)
-        if layout:
-            predicted[name] = layout
-    if "output.weight" not in read_model_file(gguf).tensors:  # tied: logged under the embedding's name
-        embd = read_model_file(gguf).tensors["token_embd.weight"]
-        layout = repacked(features, "output.weight", embd.type_name, embd.dims)
-        if layout:
-            predicted["token_embd.weight"] = layout
+    predicted = repacked_tensors(read_model_file(gguf), cpu_features())
     assert predicted == logged
 
 

@@ -51,8 +51,8 @@ def measure(workdir: Path, label: str) -> None:
 
 def chat(model: str, workdir: str) -> None:
     from qwen35.runtime import ChatSession
-    from qwen35.runtime.memory import loaded_tensors
-    from qwen35.runtime.repack import cpu_features, repacked
+    from qwen35.runtime.memory import repacked_tensors
+    from qwen35.runtime.repack import cpu_features
 
     work = Path(workdir)
     measure(work, "before")
@@ -70,14 +70,7 @@ def chat(model: str, workdir: str) -> None:
     resumed = s.send("One more thing?")
     measure(work, "after")
     features = cpu_features()
-    mf = s.model_file
-    predicted = {name: layout for name, t in loaded_tensors(mf).items()
-                 if (layout := repacked(features, name, t.type_name, t.dims))}
-    if "output.weight" not in mf.tensors:
-        embd = mf.tensors["token_embd.weight"]
-        layout = repacked(features, "output.weight", embd.type_name, embd.dims)
-        if layout:
-            predicted["token_embd.weight"] = layout  # llama.cpp logs the tied output under this name
+    predicted = repacked_tensors(s.model_file, features)
     m = s.memory
     print(json.dumps({
         "turns": turns, "continued": continued.content, "resumed": resumed.content,
