@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 AMX = "AMX"
-# Types AMX has kernels for (ggml-cpu/amx/common.h, qtype_has_amx_kernels).
-AMX_TYPES = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
+# ggml_type values AMX has kernels for (ggml-cpu/amx/common.h, qtype_has_amx_kernels).
+AMX_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 23: "IQ4_XS"}
 SETTING_ENV = "QWEN35_AMX"
 SETTINGS = ("auto", "on", "off")
 _GGML_BACKEND_DEVICE_TYPE_CPU = 0
