@@ -120,7 +120,7 @@ def demo(workdir):
 @click.option("--seed", type=int, help="Sampling seed. Default: random.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Longest reply, reasoning included. Default: no limit.")
 @click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=4096, show_default=True, help="Context tokens.")
-@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: performance cores (the fast kind, on a CPU that mixes core types).")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 @click.option("--resume", is_flag=True, help="Take up the last conversation with this model (kept on disk as it goes).")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
@@ -134,6 +134,18 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
                    presence_penalty=presence_penalty, max_tokens=max_tokens)
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
                       resume=resume))
+
+
+def _thread_counts(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        counts = [int(part) for part in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{value!r} is not a thread count or a comma-separated list of them (1,2,4)")
+    return counts
 
 
 @main.command()
@@ -170,7 +182,9 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
 @click.option("-n", "--n-gen", type=click.IntRange(min=2), default=128, show_default=True,
               help="Generated tokens (tg).")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("-t", "--threads", callback=lambda ctx, param, value: _thread_counts(value),
+              help="CPU threads, or a comma-separated sweep (1,2,4) that says which was fastest. "
+                   "Default: performance cores.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a markdown table.")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force):

@@ -292,6 +292,10 @@ class Context:
             raise ChatError(f"llama.cpp has no logits for output {i} of the last decode")
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
 
+    def set_threads(self, threads: int) -> None:
+        """Threads of the next decodes (generation and prompt batches alike); takes effect at once."""
+        L.llama_set_n_threads(self._ctx, threads, threads)
+
     def trim(self, n_tokens: int) -> None:
         """Drop every position ≥ n_tokens. For the recurrent layers this only succeeds when the
         state is already at n_tokens (restored from a checkpoint): they cannot be rolled back."""

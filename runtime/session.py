@@ -25,10 +25,12 @@ from .constraints import Constraint
 from .errors import ChatError, ContextFull
 from .memory import check_fits, estimate, recurrent_state_bytes
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
+from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
+from .repack import cpu_features
 from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
 from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache
-from .system import physical_cores
+from .system import performance_cores
 from .template import ChatTemplate
 from .tools import ToolCallReader, check_tools, nfc, prepare_messages
 
@@ -88,12 +90,15 @@ class ChatSession:
     (the answer as the template re-renders it, up to the next user message) is evaluated in a
     background thread while the user reads and types; it is counted in the next turn's
     prompt_tokens. Turn it off for one-shot use, where there is no next turn.
+
+    With `adapt_threads` (the default), generation runs on fewer threads while other programs keep
+    cores busy and returns to `threads` when they are free (adaptive_threads.py).
     """
 
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
-                 **sampling) -> None:
+                 adapt_threads: bool = True, **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -105,12 +110,13 @@ class ChatSession:
         self.max_tokens = sampling.pop("max_tokens", None)
         self._sampling = self._sampling_from(mf, seed, sampling)
 
-        self.threads = threads or physical_cores()
+        self.threads = threads or performance_cores()
         recurrent = max(recurrent_state_bytes(mf), 1)
         cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
-        self.memory = estimate(mf, n_ctx, n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent),
-                               threads=self.threads)
-        problem = check_fits(self.memory)
+        sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
+                     features=cpu_features())
+        self.memory = estimate(mf, n_ctx, **sizes)
+        problem = check_fits(mf, self.memory, **sizes)
         if problem and not force:
             raise ChatError(problem)
 
@@ -127,6 +133,10 @@ class ChatSession:
             self._model.close()
             raise
         self.n_ctx = self._ctx.n_ctx
+        # Between generated tokens, give cores back to other programs that take them (and take them
+        # again when they are free): see adaptive_threads.py.
+        self._governor = ThreadGovernor(self.threads, self._ctx.set_threads) if adapt_threads and self.threads > 1 \
+            else None
         self._think_open = self._model.single_token("<think>")
         self._think_close = self._model.single_token("</think>")
         self._tool_call = self._model.single_token("<tool_call>")
@@ -227,6 +237,14 @@ class ChatSession:
 
     def tokenize(self, text: str) -> list[int]:
         return self._model.tokenize(nfc(text))
+
+    def set_threads(self, threads: int, *, adapt: bool = False) -> None:
+        """Run the next decodes on `threads` CPU threads (the model and its state stay loaded); with
+        `adapt`, at most that many, fewer while other programs take cores."""
+        self._settle()
+        self._ctx.set_threads(threads)
+        self.threads = threads
+        self._governor = ThreadGovernor(threads, self._ctx.set_threads) if adapt and threads > 1 else None
 
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
@@ -415,8 +433,11 @@ class ChatSession:
                 notices.append(f"context full ({self.n_ctx} tokens): /reset to start over, or raise --ctx-size")
                 yield Piece("notice", notices[-1])
                 return "context"
+            step = time.perf_counter()
             self._evaluate(pending, logits=True)
             token = sampler.sample(self._ctx)
+            if self._governor and len(pending) == 1:
+                self._governor.token_done(time.perf_counter() - step)
             elapsed = time.perf_counter() - first
             stats["gen_tps"] = n / elapsed if elapsed > 0 else None
 

@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ def build_tiny_gguf(qtype: str = "q8_0") -> Path:
     h = hashlib.sha256(json.dumps(demo_config(), sort_keys=True).encode())
     for source in sorted((REPO / "convert").glob("*.py")) + sorted((REPO / "convert").glob("*.jinja")):
         h.update(source.read_bytes())
+    h.update((REPO / "quant_profiles" / f"{qtype}.toml").read_bytes())
     target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / f"tiny-{qtype.upper()}.gguf"
     if target.is_file():
         return target
@@ -249,10 +251,11 @@ def test_context_full(tiny_gguf):
 # --- memory ---------------------------------------------------------------------------------------
 
 
-def test_memory_estimate_is_within_10_percent_of_measured_rss(tiny_gguf):
+@pytest.mark.parametrize("qtype", ["q8_0", "edge-arm"])  # edge-arm: its Q4_0 weights repack here (AVX2)
+def test_memory_estimate_is_within_10_percent_of_measured_rss(qtype):
     script = (
         "import sys; from qwen35.runtime import ChatSession; from qwen35.runtime.system import current_rss\n"
-        f"s = ChatSession({str(tiny_gguf)!r}, n_ctx=4096, threads=2, seed=1)\n"
+        f"s = ChatSession({str(build_tiny_gguf(qtype))!r}, n_ctx=4096, threads=2, seed=1)\n"
         "s.send('hello there ' * 200, max_tokens=16)\n"
         "print(s.memory.total, current_rss())\n"
     )
@@ -261,11 +264,35 @@ def test_memory_estimate_is_within_10_percent_of_measured_rss(tiny_gguf):
     assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
 
 
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "edge-arm"])
+def test_repack_predicate_matches_what_llama_cpp_repacks_here(qtype):
+    """Every loaded weight: the layout our predicate gives it is the one llama.cpp's load log names."""
+    from qwen35.runtime.memory import repacked_tensors
+    from qwen35.runtime.repack import cpu_features
+
+    gguf = build_tiny_gguf(qtype)
+    result = subprocess.run([sys.executable, "-m", "qwen35.cli", "run", str(gguf), "-p", "hi", "--max-tokens", "1",
+                             "--verbose"], capture_output=True, text=True, check=True, cwd=REPO.parent)
+    logged = dict(re.findall(r"repack: repack tensor (\S+) with (\S+)", result.stderr))
+    predicted = repacked_tensors(read_model_file(gguf), cpu_features())
+    assert predicted == logged
+
+
 def test_refuses_a_model_that_does_not_fit(tiny_gguf, monkeypatch):
-    est = memory.estimate(read_model_file(tiny_gguf), 4096, n_batch=512, n_checkpoints=1, threads=2)
-    assert memory.check_fits(est, available=est.to_load + 1) is None
-    message = memory.check_fits(est, available=est.to_load // 2)
-    assert "smaller quantization" in message and "--force" in message
+    mf = read_model_file(tiny_gguf)
+    sizes = dict(n_batch=512, n_checkpoints=1, threads=2)
+    est = memory.estimate(mf, 4096, **sizes)
+    assert memory.check_fits(mf, est, available=est.needed + 1, **sizes) is None
+    # Room for the Q4_K_M version of this model (its weights are smaller than Q8_0's), not this one.
+    q4 = memory.estimate(memory.as_profile(mf, "q4_k_m"), 4096, **sizes, process=est.process)
+    assert q4.weights < est.weights
+    message = memory.check_fits(mf, est, available=q4.needed + 1, **sizes)
+    assert "as Q4_K_M would need about" in message and "qwen35 convert CHECKPOINT -q q4_k_m" in message
+    assert "--force" in message
+    # A long context that does not fit: a shorter one is named.
+    long = memory.estimate(mf, 65536, **sizes, process=est.process)
+    message = memory.check_fits(mf, long, available=est.needed + 1, **sizes)
+    assert "--ctx-size 4096 would fit" in message
 
     monkeypatch.setattr(memory, "available_ram", lambda: 1024 ** 2)
     with pytest.raises(ChatError, match="only 0.00 GiB of RAM is available"):
