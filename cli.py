@@ -122,14 +122,17 @@ def demo(workdir):
 @click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=4096, show_default=True, help="Context tokens.")
 @click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: performance cores (the fast kind, on a CPU that mixes core types).")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
+@click.option("--adapt-threads", is_flag=True,
+              help="Generate on fewer threads while other programs keep cores busy (experimental).")
 @click.option("--resume", is_flag=True, help="Take up the last conversation with this model (kept on disk as it goes).")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
-        presence_penalty, seed, max_tokens, ctx_size, threads, force, resume, verbose):
+        presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, verbose):
     """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
     from .runtime.run import run as run_chat
 
     options = dict(n_ctx=ctx_size, threads=threads, think=think, seed=seed, system=system, force=force,
+                   adapt_threads=adapt_threads,
                    verbose=verbose, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                    presence_penalty=presence_penalty, max_tokens=max_tokens)
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
