@@ -118,20 +118,27 @@ def cached_fixture(spec: FixtureSpec, cache_root: Path) -> BuiltFixture:
     upgrading the reference implementation rebuilds; a build lands by an atomic rename.
     """
     root = Path(cache_root) / _builder_key() / spec.name
-    if not (root / "reference_logits.npy").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root.parent))
-        try:
-            build_fixture(spec, staging)
-            try:
-                os.replace(staging, root)
-            except OSError:
-                # Another test process landed the same build first.
-                if not (root / "reference_logits.npy").is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    build_once(root, lambda staging: build_fixture(spec, staging))
     return BuiltFixture(spec, root)
+
+
+def build_once(root: Path, build) -> None:
+    """`build(staging_dir)` into a fresh folder beside `root`, landed at `root` by an atomic rename;
+    nothing to do when `root` already holds a finished build (its reference_logits.npy)."""
+    if (root / "reference_logits.npy").is_file():
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        build(staging)
+        try:
+            os.replace(staging, root)
+        except OSError:
+            # Another test process landed the same build first.
+            if not (root / "reference_logits.npy").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _builder_key() -> str:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -66,18 +64,7 @@ def cached_vision_fixture(cache_root: Path) -> VisionFixture:
     digest = hashlib.sha256(Path(__file__).read_bytes() + Path(F.__file__).read_bytes())
     digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
     root = Path(cache_root) / f"vision-{digest.hexdigest()[:16]}"
-    if not (root / "reference_logits.npy").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".vision-", dir=root.parent))
-        try:
-            _build(staging)
-            try:
-                os.replace(staging, root)
-            except OSError:
-                if not (root / "reference_logits.npy").is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    F.build_once(root, _build)
     return VisionFixture(root)
 
 
