@@ -70,7 +70,10 @@ class Engine:
         self.ctx.close()
 
 
-def _compare(path, n_draft: int, n_tokens: int, sampling: native.Sampling):
+def _compare(path, n_draft: int, n_tokens: int, sampling: native.Sampling, *, near_tie: bool = False):
+    """(plain tokens, speculative tokens, drafts accepted, drafts made). With `near_tie`, a reply
+    that departs from plain decoding is cut at the first difference if that is a tie in the
+    logits (see _is_near_tie)."""
     model = native.Model(str(path), load_mtp=True)
     try:
         prompt = model.tokenize(PROMPT)
@@ -79,12 +82,33 @@ def _compare(path, n_draft: int, n_tokens: int, sampling: native.Sampling):
         try:
             expected = plain.generate(prompt, n_tokens, sampling)
             got = fast.generate(prompt, n_tokens, sampling)
+            i = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+            if near_tie and i is not None and _is_near_tie(plain, prompt, expected, got[i], i, sampling):
+                expected, got = expected[:i], got[:i]
             return expected, got, fast.spec.accepted, fast.spec.drafted
         finally:
             plain.close()
             fast.close()
     finally:
         model.close()
+
+
+def _is_near_tie(plain: Engine, prompt: list[int], expected: list[int], other: int, i: int,
+                 sampling: native.Sampling) -> bool:
+    """Whether plain decoding's token i and `other` score the same to float precision after the
+    sampler's penalties. llama.cpp's logits are not bit-identical across batch shapes (a verify
+    decodes several tokens at once; ~1e-7 apart here), so on random weights, whose 248k logits
+    crowd together, greedy decoding may part at a tie; anything more is a real difference."""
+    plain.start(prompt + expected[:i])
+    logits = plain.ctx.logits(-1).astype(np.float64)
+    history = expected[max(0, i - 64):i]  # llama.cpp's penalty window: the last 64 sampled tokens
+    for token in (expected[i], other):
+        count = history.count(token)
+        if count:
+            l = logits[token]
+            logits[token] = (l / sampling.repeat_penalty if l > 0 else l * sampling.repeat_penalty) \
+                - sampling.presence_penalty
+    return abs(logits[expected[i]] - logits[other]) <= 1e-4 * np.abs(logits).max()
 
 
 GREEDY = native.Sampling(temp=0)
@@ -99,7 +123,7 @@ RANDOM_VARIANTS = [(moe, tied, qtype) for moe in (False, True) for tied in (True
                          ids=[f"{'moe' if m else 'dense'}-{'tied' if t else 'untied'}-{q}" for m, t, q in RANDOM_VARIANTS])
 def test_greedy_tokens_are_those_of_plain_decoding_on_random_models(moe, tied, qtype):
     path = build_gguf(variant_config(moe=moe, tied=tied), qtype)
-    expected, got, accepted, drafted = _compare(path, 3, 48, GREEDY_MOVING)
+    expected, got, accepted, drafted = _compare(path, 3, 48, GREEDY_MOVING, near_tie=True)
     assert len(set(expected)) > 8, "the reference reply should not be one repeated token"
     assert got == expected
     assert drafted > 0
