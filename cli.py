@@ -44,13 +44,16 @@ def main():
 @click.option("--threads", type=int, help="Quantization threads. Default: physical cores.")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and file sizes; write nothing.")
 @click.option("--no-mtp", is_flag=True, help="Leave out the multi-token-prediction head.")
+@click.option("--mmproj-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the vision tower's file, <model>-mmproj-<TYPE>.gguf, written beside the model.")
+@click.option("--no-mmproj", is_flag=True, help="Leave out the vision tower (no mmproj file).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def convert(checkpoint_dir, qtypes, output, imatrix, threads, dry_run, no_mtp, force):
-    """Convert a Hugging Face Qwen3.5 CHECKPOINT_DIR to GGUF."""
+def convert(checkpoint_dir, qtypes, output, imatrix, threads, dry_run, no_mtp, mmproj_type, no_mmproj, force):
+    """Convert a Hugging Face Qwen3.5 CHECKPOINT_DIR to GGUF (and its vision tower to an mmproj GGUF)."""
     from .convert.pipeline import Conversion, terminal_progress
 
     conversion = Conversion(checkpoint_dir, qtypes, output, mtp=not no_mtp, force=force, imatrix=imatrix,
-                            dry_run=dry_run)
+                            dry_run=dry_run, mmproj=None if no_mmproj else mmproj_type)
     if dry_run:
         click.echo(conversion.describe_plan())
         return

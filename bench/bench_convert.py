@@ -196,7 +196,8 @@ def qwen35_tool() -> Tool:
     exe = shutil.which("qwen35", path=str(Path(sys.executable).parent)) or shutil.which("qwen35")
     if exe is None:
         raise SystemExit("the qwen35 command is not installed (pip install -e .)")
-    return Tool("qwen35", lambda ckpt, t, out: [exe, "convert", ckpt, "-q", t, "-o", out])
+    # The reference writes the vision tower only when asked (--mmproj): compare text model to text model.
+    return Tool("qwen35", lambda ckpt, t, out: [exe, "convert", ckpt, "-q", t, "-o", out, "--no-mmproj"])
 
 
 def reference_tool(python: Path, llama_cpp: Path) -> Tool:

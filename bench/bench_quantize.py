@@ -64,9 +64,9 @@ def main() -> int:
         results["pipeline: quantize q4_k_m"].append(quantize)
         results["pipeline"].append(Measurement(convert.wall_s + quantize.wall_s, max(convert.peak_rss_mb, quantize.peak_rss_mb)))
         results["A: qwen35 q4_k_m"].append(
-            timed([qwen35, "convert", ckpt, "-q", "q4_k_m", "-o", out / "qwen35-q4_k_m.gguf", "--force"], "qwen35-q4_k_m", out))
+            timed([qwen35, "convert", ckpt, "-q", "q4_k_m", "-o", out / "qwen35-q4_k_m.gguf", "--force", "--no-mmproj"], "qwen35-q4_k_m", out))
         results["B: qwen35 bf16+q8_0+q4_k_m"].append(
-            timed([qwen35, "convert", ckpt, "-q", "bf16", "-q", "q8_0", "-q", "q4_k_m", "-o", out / "three", "--force"],
+            timed([qwen35, "convert", ckpt, "-q", "bf16", "-q", "q8_0", "-q", "q4_k_m", "-o", out / "three", "--force", "--no-mmproj"],
                   "qwen35-three", out))
         for f in [*out.glob("*.gguf"), *(out / "three").glob("*.gguf")]:
             f.unlink()

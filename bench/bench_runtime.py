@@ -41,7 +41,7 @@ def model_0_8b(workdir: Path) -> Path:
     # The same cached random-weight checkpoint as bench_convert.py (in the parent work directory).
     ckpt = ensure_checkpoint(workdir.parent, bench_config(DEFAULT_CONFIG, None), "qwen3.5-0.8b")
     print(f"converting {ckpt} to {gguf} …", flush=True)
-    convert(ckpt, ["q8_0"], gguf, force=True)
+    convert(ckpt, ["q8_0"], gguf, force=True, mmproj=None)
     return gguf
 
 

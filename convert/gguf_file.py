@@ -1,38 +1,27 @@
-"""GGUF v3 files: a streaming writer (header first, then tensor data chunk by chunk, byte counts
-checked) and a fast header reader.
+"""Writing GGUF v3 files: header first, then tensor data chunk by chunk, byte counts checked.
 
 States: OPEN (header written, expecting tensor data in declared order) → DONE (renamed into place)
 or ABORTED (temporary file removed). The file is written under a temporary name next to the target
 and renamed only once every declared byte is in it, so no half-written GGUF ever carries the name.
+
+Why not gguf-py's `GGUFWriter`: it takes each tensor as one whole array (`write_tensor_data`), so a
+multi-gigabyte expert tensor of a MoE release would sit in memory at once, and it opens the target
+name itself, so an interrupted conversion leaves a half-written file under the final name. Reading
+is in ../gguf_header.py (which says why not `GGUFReader`).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-ALIGNMENT = 32
-_MAGIC = 0x46554747  # "GGUF" little-endian
-_VERSION = 3
+from ..gguf_header import ALIGNMENT, ARRAY, BOOL, FLOAT32, INT32, MAGIC, STRING, UINT32, VERSION, TensorSpec
 
-# GGUF value types.
-_UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9
-_SCALARS = {"u32": (_UINT32, "<I"), "i32": (_INT32, "<i"), "f32": (_FLOAT32, "<f"), "bool": (_BOOL, "<?")}
-# Every scalar value type, by code, as a struct format (for reading).
-_READ_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def tensor_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
-    n = int(np.prod(shape, dtype=np.int64))
-    if shape[-1] % block:
-        raise ValueError(f"row length {shape[-1]} is not a multiple of {ggml_type.name}'s block of {block}")
-    return n // block * type_size
+# Scalar metadata kinds the writer takes, as (GGUF value type, struct format).
+_SCALARS = {"u32": (UINT32, "<I"), "i32": (INT32, "<i"), "f32": (FLOAT32, "<f"), "bool": (BOOL, "<?")}
 
 
 def _pad(n: int) -> int:
@@ -46,29 +35,18 @@ def _string(s: str) -> bytes:
 
 def _value(kind: str, value) -> bytes:
     if kind == "string":
-        return struct.pack("<I", _STRING) + _string(value)
+        return struct.pack("<I", STRING) + _string(value)
     if kind in _SCALARS:
         code, fmt = _SCALARS[kind]
         return struct.pack("<I", code) + struct.pack(fmt, value)
     if kind.endswith("[]"):
         item = kind[:-2]
-        head = struct.pack("<I", _ARRAY)
+        head = struct.pack("<I", ARRAY)
         if item == "string":
-            return head + struct.pack("<IQ", _STRING, len(value)) + b"".join(_string(s) for s in value)
+            return head + struct.pack("<IQ", STRING, len(value)) + b"".join(_string(s) for s in value)
         code, fmt = _SCALARS[item]
         return head + struct.pack("<IQ", code, len(value)) + np.asarray(value, dtype=np.dtype(fmt)).tobytes()
     raise ValueError(f"unknown metadata type {kind}")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]  # numpy order
-    ggml_type: GGMLQuantizationType
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.shape, self.ggml_type)
 
 
 class GGUFFile:
@@ -85,7 +63,7 @@ class GGUFFile:
         self.state = "NEW"
 
     def _encode_header(self, metadata) -> bytes:
-        parts = [struct.pack("<IIQQ", _MAGIC, _VERSION, len(self.tensors), len(metadata))]
+        parts = [MAGIC + struct.pack("<IQQ", VERSION, len(self.tensors), len(metadata))]
         parts += [_string(key) + _value(kind, value) for key, kind, value in metadata]
         offset = 0
         for t in self.tensors:
@@ -139,136 +117,3 @@ class GGUFFile:
         if self.state != "DONE":
             self.tmp_path.unlink(missing_ok=True)
             self.state = "ABORTED"
-
-
-class GGUFFormatError(ValueError):
-    """The bytes are not a complete, well-formed GGUF file."""
-
-
-@dataclass(frozen=True)
-class ArrayInfo:
-    """A long metadata array (e.g. 248k tokens), summarised instead of decoded."""
-
-    item_type: int
-    count: int
-
-
-@dataclass(frozen=True)
-class TensorInfo(TensorSpec):
-    """A tensor as a file lists it: its spec and where its data starts."""
-
-    offset: int  # absolute
-
-
-@dataclass(frozen=True)
-class GGUFHeader:
-    metadata: dict
-    tensors: list[TensorInfo]
-    file_size: int
-
-
-def read_header(path: Path, keep_arrays_up_to: int = 4096) -> GGUFHeader:
-    """Metadata and tensor table of a GGUF file, checked against the file's size.
-
-    Arrays longer than keep_arrays_up_to are returned as ArrayInfo: decoding a 248k-token vocabulary
-    element by element is what makes general-purpose readers slow.
-    """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = 16 << 20
-        while True:  # the header's size is unknown until parsed: read more until it fits
-            f.seek(0)
-            buf = f.read(min(size, prefix))
-            try:
-                reader, metadata, infos = _parse(buf, keep_arrays_up_to)
-                break
-            except _NeedMore:
-                if len(buf) >= size:
-                    raise GGUFFormatError("truncated header") from None
-                prefix *= 4
-    alignment = int(metadata.get("general.alignment", ALIGNMENT))
-    data_start = reader.pos + (-reader.pos % alignment)
-    tensors = [TensorInfo(n, shape, t, data_start + off) for n, shape, t, off in infos]
-    for t in tensors:
-        if t.offset + t.nbytes > size:
-            raise GGUFFormatError(f"truncated: tensor {t.name} ends past the end of the file")
-    return GGUFHeader(metadata, tensors, size)
-
-
-def _parse(buf: bytes, keep_arrays_up_to: int):
-    reader = _Cursor(buf)
-    magic, version, n_tensors, n_kv = reader.unpack("<IIQQ")
-    if magic != _MAGIC:
-        raise GGUFFormatError("not a GGUF file")
-    if version not in (2, 3):
-        raise GGUFFormatError(f"GGUF version {version} is not supported")
-    metadata = {}
-    for _ in range(n_kv):
-        key = reader.string()
-        (kind,) = reader.unpack("<I")
-        metadata[key] = reader.value(kind, keep_arrays_up_to)
-    infos = []
-    for _ in range(n_tensors):
-        name = reader.string()
-        (n_dims,) = reader.unpack("<I")
-        dims = reader.unpack(f"<{n_dims}Q")
-        type_code, offset = reader.unpack("<IQ")
-        try:
-            ggml_type = GGMLQuantizationType(type_code)
-        except ValueError:
-            raise GGUFFormatError(f"tensor {name} has unknown type {type_code}") from None
-        infos.append((name, tuple(reversed(dims)), ggml_type, offset))
-    return reader, metadata, infos
-
-
-class _NeedMore(Exception):
-    """Parsing ran past the bytes read so far."""
-
-
-class _Cursor:
-    def __init__(self, buf: bytes):
-        self.buf, self.pos = buf, 0
-
-    def unpack(self, fmt: str):
-        n = struct.calcsize(fmt)
-        if self.pos + n > len(self.buf):
-            raise _NeedMore
-        values = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += n
-        return values
-
-    def string(self) -> str:
-        (n,) = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
-            raise _NeedMore
-        s = self.buf[self.pos:self.pos + n].decode("utf-8", "replace")
-        self.pos += n
-        return s
-
-    def value(self, kind: int, keep_arrays_up_to: int):
-        if kind == _STRING:
-            return self.string()
-        if kind in _READ_FORMATS:
-            return self.unpack(_READ_FORMATS[kind])[0]
-        if kind != _ARRAY:
-            raise GGUFFormatError(f"unknown metadata type {kind}")
-        item, count = self.unpack("<IQ")
-        if item == _STRING:
-            if count > keep_arrays_up_to:
-                for _ in range(count):  # skip: only the lengths are read
-                    (n,) = self.unpack("<Q")
-                    self.pos += n
-                return ArrayInfo(item, count)
-            return [self.string() for _ in range(count)]
-        if item not in _READ_FORMATS:
-            raise GGUFFormatError(f"unknown array item type {item}")
-        fmt = _READ_FORMATS[item]
-        nbytes = struct.calcsize(fmt) * count
-        if self.pos + nbytes > len(self.buf):
-            raise _NeedMore
-        if count > keep_arrays_up_to:
-            self.pos += nbytes
-            return ArrayInfo(item, count)
-        values = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
-        self.pos += nbytes
-        return values

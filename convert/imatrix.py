@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .errors import ConvertError
-from .gguf_file import GGUFFormatError, TensorInfo, read_header
+from ..gguf_header import GGUFFormatError, TensorInfo, read_header
 
 
 class Imatrix:
@@ -25,7 +25,7 @@ class Imatrix:
         try:
             header = read_header(self.path)
         except GGUFFormatError as e:
-            raise ConvertError(f"{self.path} is not an imatrix GGUF file ({e})") from None
+            raise ConvertError(f"imatrix: {e}") from None
         self._sums: dict[str, TensorInfo] = {}
         self._counts: dict[str, TensorInfo] = {}
         for t in header.tensors:

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
 from .errors import ConvertError
-from .gguf_file import ArrayInfo, GGUFFormatError, GGUFHeader, read_header
+from ..gguf_header import GGUFFormatError, GGUFHeader, read_header
 
 
 def read_gguf(path) -> GGUFHeader:
-    path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"{path} does not exist")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ConvertError(f"{path} is not a GGUF file")
     try:
         return read_header(path)
     except GGUFFormatError as e:
-        raise ConvertError(f"{path} is not a valid GGUF file ({e})") from None
+        raise ConvertError(str(e)) from None
 
 
 def layer_pattern(recurrent: list[bool]) -> str:
@@ -37,33 +30,66 @@ def layer_pattern(recurrent: list[bool]) -> str:
     return f"{text}, ×{n // period}" if n // period > 1 else text
 
 
+def _tensor_type_rows(header: GGUFHeader) -> list[tuple[str, str]]:
+    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for t in header.tensors:
+        entry = by_type[t.ggml_type.name]
+        entry[0] += 1
+        entry[1] += t.nbytes
+    return [("tensor types" if i == 0 else "", f"{name:<6} {count:5d} tensors  {nbytes / 1e6:12,.1f} MB")
+            for i, (name, (count, nbytes)) in enumerate(sorted(by_type.items()))]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def describe_mmproj(header: GGUFHeader) -> str:
+    """An mmproj (llama.cpp's `clip` file): the vision tower a text GGUF needs to see images."""
+    meta = header.metadata
+
+    def v(key, default="?"):
+        return meta.get(f"clip.vision.{key}", default)
+
+    n_pos = next((t.shape[0] for t in header.tensors if t.name == "v.position_embd.weight"), 0)
+    grid = int(n_pos ** 0.5)
+    rows = [
+        ("file", f"{header.path} ({header.file_size / 1e6:,.1f} MB)"),
+        ("kind", f"mmproj for {meta.get('general.name', '?')}: a vision tower, run by llama.cpp's mtmd"),
+        ("projector", str(meta.get("clip.projector_type", "?"))),
+        ("parameters", f"{sum(t.n_elements for t in header.tensors):,}"),
+        ("vision tower", f"{v('block_count')} block{'' if v('block_count') == 1 else 's'}, width {v('embedding_length')}, {v('attention.head_count')} heads, "
+                         f"FFN {v('feed_forward_length')}"),
+        ("patches", f"{v('patch_size')}×{v('patch_size')} pixels, merged {v('spatial_merge_size')}×{v('spatial_merge_size')} "
+                    f"per image token; position grid {grid}×{grid}"),
+        ("output width", f"{v('projection_dim')} (must equal the text model's embedding_length)"),
+        ("image mean/std", f"{[round(x, 4) for x in v('image_mean', [])]} / {[round(x, 4) for x in v('image_std', [])]}"),
+    ]
+    return _table(rows + _tensor_type_rows(header))
+
+
 def describe(path) -> str:
     header = read_gguf(path)
     meta = header.metadata
+    if meta.get("general.type") == "mmproj" or meta.get("general.architecture") == "clip":
+        return describe_mmproj(header)
     arch = meta.get("general.architecture", "?")
     n_blocks = meta.get(f"{arch}.block_count", 0)
     nextn = meta.get(f"{arch}.nextn_predict_layers", 0)
     n_layers = n_blocks - nextn
     recurrent = [bool(x) for x in meta.get(f"{arch}.attention.recurrent_layers", [])][:n_layers]
-    tokens = meta.get("tokenizer.ggml.tokens", [])
-    n_tokens = tokens.count if isinstance(tokens, ArrayInfo) else len(tokens)
+    n_tokens = header.array_length("tokenizer.ggml.tokens")
 
-    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     params = mtp_params = 0
     for t in header.tensors:
-        count = 1
-        for d in t.shape:
-            count *= d
         if nextn and t.name.startswith(f"blk.{n_layers}."):
-            mtp_params += count
+            mtp_params += t.n_elements
         else:
-            params += count
-        entry = by_type[t.ggml_type.name]
-        entry[0] += 1
-        entry[1] += t.nbytes
+            params += t.n_elements
 
     rows = [
-        ("file", f"{path} ({header.file_size / 1e6:,.1f} MB)"),
+        ("file", f"{header.path} ({header.file_size / 1e6:,.1f} MB)"),
         ("architecture", f"{arch}  ({meta.get('general.name', '?')}, {meta.get('general.size_label', '?')})"),
         ("parameters", f"{params:,}" + (f" (+ {mtp_params:,} in the MTP head)" if mtp_params else "")),
         ("layers", f"{n_layers}: {layer_pattern(recurrent)}" if recurrent else str(n_layers)),
@@ -78,7 +104,4 @@ def describe(path) -> str:
         ("chat template", "yes" if "tokenizer.chat_template" in meta else "no"),
         ("profile", meta.get("general.quantization.profile", "unknown (not made by qwen35)")),
     ]
-    for i, (name, (count, nbytes)) in enumerate(sorted(by_type.items())):
-        rows.append(("tensor types" if i == 0 else "", f"{name:<6} {count:5d} tensors  {nbytes / 1e6:12,.1f} MB"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return _table(rows + _tensor_type_rows(header))

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import profiles, qwen35
+from . import profiles, qwen35, qwen35_vision
 from .checkpoint import Checkpoint, load_config
 from .encode import Chunk
 from .errors import ConvertError
@@ -48,11 +48,21 @@ class OutputPlan:
     file: GGUFFile  # holds the output path
 
 
+@dataclass
+class MmprojPlan:
+    """The vision tower's file, written from the same read as the text GGUFs."""
+
+    type_name: str  # --mmproj-type
+    tensors: list[PlannedTensor]
+    choices: list[Choice]
+    file: GGUFFile
+
+
 class Conversion:
     """Everything decided before any weight is read: from config.json and the safetensors headers."""
 
     def __init__(self, checkpoint_dir, qtypes=("bf16",), output=None, *, mtp=True, force=False, imatrix=None,
-                 dry_run=False):
+                 dry_run=False, mmproj: str | None = "f16"):
         self.started = time.monotonic()  # the summary line counts planning (tokenizer parsing) too
         self.checkpoint_dir = Path(checkpoint_dir)
         if not self.checkpoint_dir.is_dir():
@@ -90,9 +100,32 @@ class Conversion:
                 ]
                 specs = [TensorSpec(t.name, t.shape, c.type) for t, c in zip(self.tensors, choices)]
                 self.outputs.append(OutputPlan(profile, choices, GGUFFile(path, meta, specs)))
+            self.mmproj = None
+            if mmproj is not None and qwen35_vision.has_vision_tower(config, self.ckpt):
+                self.mmproj = self._plan_mmproj(config, name, mmproj, paths[0].parent, force and not dry_run,
+                                                check_existing=not dry_run)
         except BaseException:
             self.ckpt.close()
             raise
+
+    def _plan_mmproj(self, config: dict, name: str, type_name: str, directory: Path, force: bool,
+                     check_existing: bool) -> MmprojPlan:
+        if type_name not in qwen35_vision.MMPROJ_TYPES:
+            raise ConvertError(f"unknown mmproj type {type_name}; choose from {', '.join(qwen35_vision.MMPROJ_TYPES)}")
+        h = qwen35_vision.read_vision_hparams(config)
+        tensors = qwen35_vision.plan_tensors(self.ckpt, h)
+        mean, std = qwen35_vision.image_normalization(self.checkpoint_dir)
+        choices = [Choice(*qwen35_vision.choose_type(t, type_name)) for t in tensors]
+        meta = (qwen35_vision.metadata(h, type_name, mean, std)
+                + general_metadata(self.checkpoint_dir, name, qwen35_vision.size_label(tensors), kind="mmproj"))
+        path = directory / mmproj_file_name(name, type_name)
+        if check_existing and path.exists() and not force:
+            raise ConvertError(f"{path} already exists (use --force to overwrite, or --no-mmproj)")
+        specs = [TensorSpec(t.name, t.shape, c.type) for t, c in zip(tensors, choices)]
+        return MmprojPlan(type_name, tensors, choices, GGUFFile(path, meta, specs))
+
+    def _files(self) -> list[GGUFFile]:
+        return [out.file for out in self.outputs] + ([self.mmproj.file] if self.mmproj else [])
 
     def _check_imatrix(self, profile: Profile, choices: list[Choice]) -> None:
         quantized = [(t, c) for t, c in zip(self.tensors, choices) if c.type not in _FLOAT_TYPES]
@@ -121,31 +154,42 @@ class Conversion:
                 shape = "×".join(str(d) for d in t.shape)
                 lines.append(f"  {t.name:<40} {shape:>18}  {c.type.name:<7} {spec.nbytes:>14,}  {c.reason}")
             lines.append(f"  total {out.file.size:,} bytes ({out.file.size / 1e6:,.1f} MB)")
+        if self.mmproj:
+            m = self.mmproj
+            lines.append(f"{m.file.path}  (mmproj {m.type_name}: the vision tower, for llama.cpp's mtmd)")
+            for t, c, spec in zip(m.tensors, m.choices, m.file.tensors):
+                shape = "×".join(str(d) for d in t.shape)
+                lines.append(f"  {t.name:<40} {shape:>18}  {c.type.name:<7} {spec.nbytes:>14,}  {c.reason}")
+            lines.append(f"  total {m.file.size:,} bytes ({m.file.size / 1e6:,.1f} MB)")
         return "\n".join(lines)
 
     def run(self, threads: int | None = None, progress=None) -> list[Output]:
         quantizer = None
         try:
-            if any(c.type not in _FLOAT_TYPES for out in self.outputs for c in out.choices):
+            all_choices = [c for out in self.outputs for c in out.choices] + (self.mmproj.choices if self.mmproj else [])
+            if any(c.type not in _FLOAT_TYPES for c in all_choices):
                 from .native_quant import Quantizer
 
                 quantizer = Quantizer(threads)
-            check_space([out.file for out in self.outputs])
+            files = self._files()
+            check_space(files)
             with ExitStack() as stack:
-                for out in self.outputs:
-                    out.file.open()
-                    stack.callback(out.file.abort)  # no-op once finished
+                for f in files:
+                    f.open()
+                    stack.callback(f.abort)  # no-op once finished
                 self._write_tensors(quantizer, progress)
-                done = [out.file.finish() for out in self.outputs]
+                done = [f.finish() for f in files]
         finally:
             self.ckpt.close()
             if quantizer is not None:
                 quantizer.close()
         seconds = time.monotonic() - self.started
-        return [Output(out.profile.name, p, p.stat().st_size, seconds) for out, p in zip(self.outputs, done)]
+        names = [out.profile.name for out in self.outputs] + ([f"mmproj-{self.mmproj.type_name}"] if self.mmproj else [])
+        return [Output(n, p, p.stat().st_size, seconds) for n, p in zip(names, done)]
 
     def _write_tensors(self, quantizer, progress) -> None:
-        total = sum(t.n_elements for t in self.tensors)
+        mmproj = self.mmproj.tensors if self.mmproj else []
+        total = sum(t.n_elements for t in self.tensors + mmproj)
         done = 0
         try:
             for i, t in enumerate(self.tensors):
@@ -162,6 +206,14 @@ class Conversion:
                     done += raw.size
                     if progress:
                         progress(done, total, t.name)
+            for t, c in zip(mmproj, self.mmproj.choices if self.mmproj else []):
+                row = 0
+                for raw in read_chunks(self.ckpt, t):
+                    self.mmproj.file.write(Chunk(raw, t, row).encode(c.type, quantizer))
+                    row += len(raw)
+                    done += raw.size
+                    if progress:
+                        progress(done, total, t.name)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise ConvertError(f"no space left on device while writing {self.outputs[0].file.path.parent}") from None
@@ -169,9 +221,11 @@ class Conversion:
 
 
 def convert(checkpoint_dir, qtypes=("bf16",), output=None, *, mtp=True, force=False, imatrix=None, threads=None,
-            progress=None) -> list[Output]:
-    """Convert a Qwen3.5 checkpoint directory to one GGUF per requested type or profile."""
-    return Conversion(checkpoint_dir, qtypes, output, mtp=mtp, force=force, imatrix=imatrix).run(threads, progress)
+            progress=None, mmproj: str | None = "f16") -> list[Output]:
+    """Convert a Qwen3.5 checkpoint directory to one GGUF per requested type or profile, and its
+    vision tower (if any) to `<name>-mmproj-<TYPE>.gguf` beside them (mmproj=None: not)."""
+    return Conversion(checkpoint_dir, qtypes, output, mtp=mtp, force=force, imatrix=imatrix,
+                      mmproj=mmproj).run(threads, progress)
 
 
 def read_chunks(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[np.ndarray]:
@@ -199,12 +253,17 @@ def model_name(checkpoint_dir: Path, config: dict) -> str:
     return str(name).rstrip("/").split("/")[-1]
 
 
-def general_metadata(checkpoint_dir: Path, name: str, size: str) -> list[tuple[str, str, object]]:
-    kv = [("general.type", "string", "model"), ("general.name", "string", name), ("general.size_label", "string", size)]
+def general_metadata(checkpoint_dir: Path, name: str, size: str, kind: str = "model") -> list[tuple[str, str, object]]:
+    kv = [("general.type", "string", kind), ("general.name", "string", name), ("general.size_label", "string", size)]
     license_name = license_of(checkpoint_dir)
     if license_name:
         kv.append(("general.license", "string", license_name))
     return kv
+
+
+def mmproj_file_name(name: str, type_name: str) -> str:
+    """What `qwen35 run` looks for beside a model whose general.name is `name`."""
+    return f"{name}-mmproj-{type_name.upper()}.gguf"
 
 
 def output_paths(output, name: str, type_names: list[str], force: bool, check_existing: bool = True) -> list[Path]:

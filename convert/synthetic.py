@@ -216,8 +216,7 @@ def _mtp_tensors(text: dict, experts: str) -> list[_Tensor]:
 
 
 def _vision_tensors(vision: dict) -> list[_Tensor]:
-    """A token vision tower (patch embedding, one block, merger): enough to prove a converter
-    skips `model.visual.*`, far smaller than the real tower."""
+    """The vision tower of the config: patch embedding, `depth` blocks, merger (random weights)."""
     p = "model.visual."
     width = vision.get("hidden_size", 768)
     inter = vision.get("intermediate_size", 3072)
@@ -234,7 +233,16 @@ def _vision_tensors(vision: dict) -> list[_Tensor]:
     def linear(name: str, rows: int, cols: int) -> list[_Tensor]:
         return [_matrix(name + ".weight", rows, cols), bias(name + ".bias", rows)]
 
-    b = p + "blocks.0."
+    def block(b: str) -> list[_Tensor]:
+        return [
+            *layer_norm(b + "norm1", width),
+            *linear(b + "attn.qkv", 3 * width, width),
+            *linear(b + "attn.proj", width, width),
+            *layer_norm(b + "norm2", width),
+            *linear(b + "mlp.linear_fc1", inter, width),
+            *linear(b + "mlp.linear_fc2", width, inter),
+        ]
+
     return [
         _matrix(
             p + "patch_embed.proj.weight",
@@ -242,12 +250,7 @@ def _vision_tensors(vision: dict) -> list[_Tensor]:
         ),
         bias(p + "patch_embed.proj.bias", width),
         _matrix(p + "pos_embed.weight", vision.get("num_position_embeddings", 2304), width),
-        *layer_norm(b + "norm1", width),
-        *linear(b + "attn.qkv", 3 * width, width),
-        *linear(b + "attn.proj", width, width),
-        *layer_norm(b + "norm2", width),
-        *linear(b + "mlp.linear_fc1", inter, width),
-        *linear(b + "mlp.linear_fc2", width, inter),
+        *(t for i in range(vision.get("depth", 1)) for t in block(f"{p}blocks.{i}.")),
         *layer_norm(p + "merger.norm", width),
         *linear(p + "merger.linear_fc1", merged, merged),
         *linear(p + "merger.linear_fc2", out_hidden, merged),
@@ -316,6 +319,11 @@ class _ChunkWriter:
         return out
 
 
+# Image normalization for the vision tower (Qwen3-VL's processors use mean = std = 0.5 per channel).
+PREPROCESSOR_CONFIG = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16,
+                       "temporal_patch_size": 2, "merge_size": 2}
+
+
 def _write_safetensors(path: Path, tensors: list[_Tensor], writer: _ChunkWriter) -> None:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -379,7 +387,8 @@ def write_checkpoint(
     mtp_experts: the same for the MTP layer; defaults to `experts`. Releases are reported to mix
         fused main layers with a per-expert MTP layer, which a converter must handle too.
     mtp: write `mtp.*` (when config has mtp_num_hidden_layers > 0).
-    vision: write a few `model.visual.*` tensors (vision-language configs only).
+    vision: write the `model.visual.*` tower and its preprocessor_config.json (vision-language
+        configs only).
     shard_bytes: maximum data bytes per shard. A checkpoint that fits is a single
         `model.safetensors`; otherwise `model.safetensors-0000i-of-0000n.safetensors` shards plus
         `model.safetensors.index.json`.
@@ -414,5 +423,7 @@ def write_checkpoint(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if vision and "vision_config" in config:
+        (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
     return out

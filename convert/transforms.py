@@ -62,3 +62,16 @@ def runs(index: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [index.size]])
     return [(int(index[a]), int(index[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def temporal_slice_rows(shape: tuple[int, ...], t: int) -> np.ndarray:
+    """Rows (of length shape[-1]) of a Conv3D weight [out, in, kt, ph, pw] that make temporal slice t,
+    in order: the [out, in, ph, pw] Conv2D weight llama.cpp applies to frame t of a pair.
+
+    llama.cpp's vision encoder runs the patch embedding as two Conv2Ds, one per frame, and adds
+    them; for a still image both see the same frame, as HF's Conv3D sees a repeated one.
+    """
+    n_out, n_in, kt, ph, _ = shape
+    if not 0 <= t < kt:
+        raise ValueError(f"temporal slice {t} of a kernel {kt} deep")
+    return np.arange(n_out * n_in * kt * ph).reshape(n_out, n_in, kt, ph)[:, :, t, :].reshape(-1)

@@ -224,7 +224,7 @@ def place_weights(model_path) -> Decision:
     available = [name for name, _ in extra.original]
     amx_weights = []
     if AMX in available:  # elsewhere there is nothing to decide, and the header need not be read
-        types = read_model_file(model_path).tensor_types.values()
+        types = [t.ggml_type for t in read_model_file(model_path).tensors]
         amx_weights = sorted({AMX_TYPES[t] for t in types if t in AMX_TYPES})
     decision = decide(amx_available=AMX in available, amx_weights=amx_weights, setting=setting_from_env(),
                       verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights))

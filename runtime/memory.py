@@ -75,7 +75,7 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     n_mtp = mf.arch_key("nextn_predict_layers", 0)
     main_layers = n_layer - n_mtp
     skipped = {f"blk.{i}." for i in range(main_layers, n_layer)}
-    weights = sum(nbytes for name, (_, nbytes) in mf.tensors.items() if name[:name.find(".", 4) + 1] not in skipped)
+    weights = sum(t.nbytes for t in mf.tensors if t.name[:t.name.find(".", 4) + 1] not in skipped)
 
     recurrent_flags = list(mf.arch_key("attention.recurrent_layers", [False] * n_layer))[:main_layers]
     n_full = recurrent_flags.count(False)

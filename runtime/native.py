@@ -44,6 +44,11 @@ class _Log:
         if self.verbose:
             sys.stderr.write(text.decode("utf-8", "replace"))
 
+    @property
+    def callback(self):
+        """The C callback, for libraries with their own log hook (mtmd)."""
+        return self._callback
+
     def install(self, verbose: bool) -> None:
         self.verbose = verbose
         L.llama_log_set(self._callback, None)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen35.convert import real_vocab
+from qwen35.convert.synthetic import PREPROCESSOR_CONFIG
 
 __all__ = ["FIXTURES", "BuiltFixture", "FixtureSpec", "build_fixture", "cached_fixture"]
 
@@ -157,6 +158,7 @@ def build_fixture(spec: FixtureSpec, root: Path) -> BuiltFixture:
     _write_json(checkpoint / "generation_config.json", _generation_config())
     n_tokens = _write_tiny_tokenizer(checkpoint)
     _write_chat_template(checkpoint)
+    _write_json(checkpoint / "preprocessor_config.json", PREPROCESSOR_CONFIG)
 
     model_class = _model_class(spec)
     torch.manual_seed(seed)  # transformers' own init, kept for the vision tower

@@ -54,7 +54,7 @@ def test_no_mtp_drops_the_head_and_its_recurrent_flag(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", tiny_config(), seed=5)
     byte_level_tokenizer(ckpt)
     with_mtp = Conversion(ckpt, ["f32"], tmp_path / "mtp.gguf").run()[0].path
-    without = Conversion(ckpt, ["f32"], tmp_path / "no-mtp.gguf", mtp=False).run()[0].path
+    without = Conversion(ckpt, ["f32"], tmp_path / "no-mtp.gguf", mtp=False, mmproj=None).run()[0].path
     meta, out = gguf_contents(with_mtp)
     assert meta["qwen35.block_count"] == 5 and meta["qwen35.nextn_predict_layers"] == 1
     assert meta["qwen35.attention.recurrent_layers"] == [True, True, True, False, False]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from qwen35.convert import ConvertError, profiles, qwen35
-from qwen35.convert.gguf_file import GGUFFile, TensorSpec, read_header
+from qwen35.convert.gguf_file import GGUFFile, TensorSpec
+from qwen35.gguf_header import read_header
 from qwen35.convert.pipeline import Conversion
 from qwen35.convert.synthetic import write_checkpoint
 from tests.test_plan_snapshots import RELEASES, HeaderOnlyCheckpoint

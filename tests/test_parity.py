@@ -50,7 +50,7 @@ def convert_to(tmp_path_factory):
         key = (fixture.spec.name, qtype)
         if key not in converted:
             output = out_dir / f"{fixture.spec.name}.{qtype}.gguf"
-            (result,) = convert(fixture.checkpoint, qtypes=[qtype], output=output)
+            (result,) = convert(fixture.checkpoint, qtypes=[qtype], output=output, mmproj=None)
             converted[key] = result.path
         return converted[key]
 

@@ -12,7 +12,7 @@ import pytest
 
 from qwen35.convert import profiles, qwen35
 from qwen35.convert.checkpoint import TensorInfo
-from qwen35.convert.gguf_file import tensor_nbytes
+from qwen35.gguf_header import tensor_nbytes
 from qwen35.convert.synthetic import checkpoint_layout
 from tests.tiny import RELEASE_CONFIGS
 

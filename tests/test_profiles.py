@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from qwen35.cli import main
 from qwen35.convert import ConvertError, profiles
-from qwen35.convert.gguf_file import GGUFFile, TensorSpec, read_header
+from qwen35.convert.gguf_file import GGUFFile, TensorSpec
+from qwen35.gguf_header import read_header
 from qwen35.convert.pipeline import Conversion
 from qwen35.convert.plan import PlannedTensor
 from qwen35.convert.synthetic import write_checkpoint
@@ -123,7 +124,7 @@ def test_a_users_profile_file_extends_a_shipped_one(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(ckpt, tmp_path):
-    result = CliRunner().invoke(main, ["convert", str(ckpt), "-q", "q4_k_m", "-q", "q8_0", "-o", str(tmp_path / "out"), "--dry-run"])
+    result = CliRunner().invoke(main, ["convert", str(ckpt), "-q", "q4_k_m", "-q", "q8_0", "-o", str(tmp_path / "out"), "--dry-run", "--no-mmproj"])
     assert result.exit_code == 0, result.output
     assert "blk.0.attn_qkv.weight" in result.output and "Q6_K" in result.output
     assert result.output.count("total ") == 2
@@ -131,7 +132,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(ckpt, tmp_path):
 
 
 def test_dry_run_sizes_are_the_written_sizes(ckpt, tmp_path):
-    conversion = Conversion(ckpt, ["q4_k_m-hybrid"], tmp_path / "o.gguf")
+    conversion = Conversion(ckpt, ["q4_k_m-hybrid"], tmp_path / "o.gguf", mmproj=None)
     planned_size = conversion.outputs[0].file.size
     (out,) = conversion.run(threads=1)
     assert out.size == planned_size
@@ -176,6 +177,6 @@ def test_an_imatrix_changes_the_quantized_bytes(ckpt, tmp_path):
     weights = {t.name: np.random.default_rng(1).uniform(0.1, 5, (1, t.shape[-1]))
                for t in header.tensors if len(t.shape) == 2 and t.name.endswith(".weight")}
     imatrix = write_imatrix(tmp_path / "imatrix.gguf", weights)
-    plain = Conversion(ckpt, ["q4_k_m"], tmp_path / "plain.gguf").run(threads=1)[0].path
-    weighted = Conversion(ckpt, ["q4_k_m"], tmp_path / "weighted.gguf", imatrix=imatrix).run(threads=1)[0].path
+    plain = Conversion(ckpt, ["q4_k_m"], tmp_path / "plain.gguf", mmproj=None).run(threads=1)[0].path
+    weighted = Conversion(ckpt, ["q4_k_m"], tmp_path / "weighted.gguf", imatrix=imatrix, mmproj=None).run(threads=1)[0].path
     assert plain.read_bytes() != weighted.read_bytes()

@@ -34,7 +34,7 @@ def converted(tmp_path_factory):
     ckpt = write_checkpoint(work / "ckpt", config, seed=1)
     byte_level_tokenizer(ckpt)
     types = ["f32", *ORDERED, "q5_k_s", "q5_0", "q4_k_s", "q4_0", "iq4_nl", "iq4_xs", "iq3_s", "edge-arm", "q4_k_m-hybrid"]
-    outputs = Conversion(ckpt, types, work / "out").run(threads=2)  # one read of the checkpoint, every file
+    outputs = Conversion(ckpt, types, work / "out", mmproj=None).run(threads=2)  # one read, every file
     return {o.type_name: o.path for o in outputs}
 
 

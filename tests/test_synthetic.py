@@ -164,7 +164,7 @@ def test_dense_tied_single_file(tmp_path):
     config = tiny_config()
     ckpt = write_checkpoint(tmp_path, config)
 
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json"]
     assert json.loads((ckpt / "config.json").read_text()) == config
     generation = json.loads((ckpt / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [248046, 248044] and generation["pad_token_id"] == 248044

@@ -73,3 +73,18 @@ def test_bf16_bits_rounds_to_nearest_even():
     x = np.array([1.0, 1.00390625, 1.01171875, -2.5, np.inf, np.nan], dtype=np.float32)
     # 1 + 2^-8 is halfway between 1.0 and 1.0078125: ties to even (1.0); 1 + 3·2^-8 ties up to 1.015625.
     np.testing.assert_array_equal(bf16_bits(x), [0x3F80, 0x3F80, 0x3F82, 0xC020, 0x7F80, 0x7FC0])
+
+
+def test_temporal_slice_rows_splits_a_conv3d_patch_weight_into_its_two_frames():
+    # A [out 1, in 2, kt 2, 2, 2] weight holding 0..15: element [o, i, t, y, x] = 8i + 4t + 2y + x.
+    # Seen as rows of 2 (x), row r = 4i + 2t + y. Frame 0 is rows 0, 1 (i=0) and 4, 5 (i=1).
+    weight = np.arange(16, dtype=np.float32)
+    rows = weight.reshape(-1, 2)
+    frame0, frame1 = (tf.temporal_slice_rows((1, 2, 2, 2, 2), t) for t in (0, 1))
+    np.testing.assert_array_equal(frame0, [0, 1, 4, 5])
+    np.testing.assert_array_equal(frame1, [2, 3, 6, 7])
+    # As values: [o, i, y, x] of frame 1 = 8i + 4 + 2y + x.
+    np.testing.assert_array_equal(rows[frame1].reshape(1, 2, 2, 2),
+                                  [[[[4, 5], [6, 7]], [[12, 13], [14, 15]]]])
+    with pytest.raises(ValueError):
+        tf.temporal_slice_rows((1, 2, 2, 2, 2), 2)

@@ -39,6 +39,7 @@ def tiny_config(moe: bool = False, **text_overrides) -> dict:
     else:
         text["intermediate_size"] = 128
     text.update(text_overrides)
+    base["vision_config"]["out_hidden_size"] = text["hidden_size"]  # the merger projects into the text width
     return copy.deepcopy(base)
 
 
@@ -107,7 +108,7 @@ def split_fused_experts(name, raw):
 
 def gguf_contents(path):
     """(metadata, {tensor name: (shape, ggml type, raw bytes)}) of a GGUF file."""
-    from qwen35.convert.gguf_file import read_header
+    from qwen35.gguf_header import read_header
 
     header = read_header(path)
     out = {}
