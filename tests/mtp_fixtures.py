@@ -76,7 +76,7 @@ def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, see
         write_chat_template(ckpt)
         if acceptance is not None:
             ckpt = rewrite_checkpoint(ckpt, Path(tmp) / "controlled", acceptance_transform(ckpt, acceptance, seed))
-        convert(ckpt, [qtype], Path(tmp) / name, force=True)
+        convert(ckpt, [qtype], Path(tmp) / name, force=True, mmproj=None)
         target.parent.mkdir(exist_ok=True)
         os.replace(Path(tmp) / name, target)
     return target
