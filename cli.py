@@ -120,7 +120,7 @@ def demo(workdir):
 @click.option("--seed", type=int, help="Sampling seed. Default: random.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Longest reply, reasoning included. Default: no limit.")
 @click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=4096, show_default=True, help="Context tokens.")
-@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: performance cores (the fast kind, on a CPU that mixes core types).")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 @click.option("--resume", is_flag=True, help="Take up the last conversation with this model (kept on disk as it goes).")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
@@ -136,6 +136,45 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
                       resume=resume))
 
 
+def _thread_counts(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        counts = [int(part) for part in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{value!r} is not a thread count or a comma-separated list of them (1,2,4)")
+    return counts
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Beyond this machine only with --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free one).")
+@click.option("--api-key", envvar="QWEN35_API_KEY", help="Require this bearer key (or set QWEN35_API_KEY).")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=8192, show_default=True, help="Context tokens.")
+@click.option("--cache-ram", type=click.IntRange(min=0), default=2048, show_default=True,
+              help="MiB of model-state checkpoints kept for returning conversations.")
+@click.option("--queue", "queue_size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests that may wait for the model; more are answered 429.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
+def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, force, verbose):
+    """Serve a GGUF MODEL over an OpenAI-compatible HTTP API (needs `pip install 'qwen35[serve]'`)."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ChatError("qwen35 serve needs starlette and uvicorn: pip install 'qwen35[serve]'") from None
+    from .runtime.server import serve as run_server
+
+    options = dict(n_ctx=ctx_size, threads=threads, cache_ram=cache_ram << 20, force=force, verbose=verbose)
+    run_server(model, host=host, port=port, api_key=api_key, session_options=options, queue_size=queue_size)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-p", "--n-prompt", type=click.IntRange(min=1), default=512, show_default=True,
@@ -143,7 +182,9 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
 @click.option("-n", "--n-gen", type=click.IntRange(min=2), default=128, show_default=True,
               help="Generated tokens (tg).")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("-t", "--threads", callback=lambda ctx, param, value: _thread_counts(value),
+              help="CPU threads, or a comma-separated sweep (1,2,4) that says which was fastest. "
+                   "Default: performance cores.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a markdown table.")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force):

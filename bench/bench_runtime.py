@@ -180,7 +180,7 @@ def compare_with_llama_bench(model: Path, args) -> None:
         native_round = native(binary, model, args.threads, args.reps, repack)
         placements = (ours_round["weights"], native_round["weights"])
         for name in ("pp", "tg"):
-            mine[name].append(ours_round[name]["tps"])
+            mine[name].append(ours_round["runs"][0][name]["tps"])
             theirs[name].append(native_round[name]["tps"])
     print(f"{args.rounds} interleaved rounds of {args.reps} repetitions each; tokens/s per round:")
     for name in ("pp", "tg"):

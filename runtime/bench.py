@@ -3,6 +3,8 @@
 Measured the way llama-bench measures (random prompt tokens in 512-token batches for pp; one token
 per step for tg, after a warm-up), but through the runtime's own code path: pp through the session's
 prompt evaluation, tg through a real chat reply (native sampler chain, detokenizing, reasoning split).
+Several thread counts are measured on one loaded model, switching between them with
+llama_set_n_threads, so the sweep compares threads and nothing else.
 """
 
 from __future__ import annotations
@@ -17,36 +19,49 @@ from .session import ChatSession
 from .system import peak_rss
 
 
-def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3, threads: int | None = None,
-          n_ctx: int = 4096, force: bool = False) -> dict:
-    with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads, seed=1, force=force,
-                     prefill=False) as s:
+def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
+          threads: list[int] | None = None, n_ctx: int = 4096, force: bool = False) -> dict:
+    """One result per thread count (default: the session's own choice), and the fastest at generating."""
+    with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads[0] if threads else None,
+                     seed=1, force=force, prefill=False) as s:
         rng = random.Random(0)
         # Ordinary tokens only (the special tokens sit at the end of the vocabulary).
         tokens = [rng.randrange(0, min(s._model.n_vocab, 240000)) for _ in range(n_prompt)]
         s._evaluate(tokens[:16], logits=True)  # warm-up: first-touch of the weights, thread pool
-        pp = []
-        for _ in range(repetitions):
-            s.reset()
-            pp.append(_timed_tps(s, tokens))
-        tg, gen_tokens = [], []
-        s.send("Hi", max_tokens=8)  # warm-up
-        for _ in range(repetitions):
-            s.reset()
-            reply = s.send("Write a long story about a lighthouse keeper.", max_tokens=n_gen)
-            if reply.stats["gen_tps"]:
-                tg.append(reply.stats["gen_tps"])
-                gen_tokens.append(reply.stats["gen_tokens"])
-        return {
-            "model": str(s.model_file.path), "threads": s.threads, "n_ctx": s.n_ctx,
-            "pp": {"n": n_prompt, "tps": statistics.mean(pp), "stdev": _stdev(pp)},
-            "tg": {"n": min(gen_tokens, default=0), "tps": statistics.mean(tg) if tg else None, "stdev": _stdev(tg)},
-            "peak_rss_bytes": peak_rss(),
+        runs = []
+        for n in threads or [s.threads]:
+            s.set_threads(n)
+            runs.append(_measure(s, tokens, n_gen, repetitions))
+        result = {
+            "model": str(s.model_file.path), "n_ctx": s.n_ctx, "runs": runs, "peak_rss_bytes": peak_rss(),
             "cpu_features": cpu.features(),
             "extra_buffer_types": [name for name, _ in cpu.extra_buffers().original],
             "weights": s._model.placement,
             "amx": {"on": s._model.amx.use_amx, "reason": s._model.amx.reason},
         }
+    timed = [r for r in runs if r["tg"]["tps"]]
+    result["fastest_threads"] = max(timed, key=lambda r: r["tg"]["tps"])["threads"] if timed else None
+    return result
+
+
+def _measure(s: ChatSession, tokens: list[int], n_gen: int, repetitions: int) -> dict:
+    pp = []
+    for _ in range(repetitions):
+        s.reset()
+        pp.append(_timed_tps(s, tokens))
+    tg, gen_tokens = [], []
+    s.send("Hi", max_tokens=8)  # warm-up (of this thread count's pool)
+    for _ in range(repetitions):
+        s.reset()
+        reply = s.send("Write a long story about a lighthouse keeper.", max_tokens=n_gen)
+        if reply.stats["gen_tps"]:
+            tg.append(reply.stats["gen_tps"])
+            gen_tokens.append(reply.stats["gen_tokens"])
+    return {
+        "threads": s.threads,
+        "pp": {"n": len(tokens), "tps": statistics.mean(pp), "stdev": _stdev(pp)},
+        "tg": {"n": min(gen_tokens, default=0), "tps": statistics.mean(tg) if tg else None, "stdev": _stdev(tg)},
+    }
 
 
 def _timed_tps(s: ChatSession, tokens: list[int]) -> float:
@@ -60,12 +75,15 @@ def _stdev(values: list[float]) -> float:
 
 
 def format_markdown(result: dict) -> str:
-    rows = [("pp", result["pp"]), ("tg", result["tg"])]
     lines = ["| model | threads | test | tokens/s |", "| --- | ---: | --- | ---: |"]
-    for name, r in rows:
-        tps = f"{r['tps']:.2f} ± {r['stdev']:.2f}" if r["tps"] else "-"
-        lines.append(f"| {result['model']} | {result['threads']} | {name}{r['n']} | {tps} |")
+    for run in result["runs"]:
+        for name in ("pp", "tg"):
+            r = run[name]
+            tps = f"{r['tps']:.2f} ± {r['stdev']:.2f}" if r["tps"] else "-"
+            lines.append(f"| {result['model']} | {run['threads']} | {name}{r['n']} | {tps} |")
     lines.append("")
+    if len(result["runs"]) > 1 and result["fastest_threads"]:
+        lines.append(f"fastest generation: {result['fastest_threads']} threads")
     lines.append(f"peak memory: {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
     lines.append(f"llama.cpp CPU features: {' '.join(result['cpu_features'])}")
     weights = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in result["weights"].items())

@@ -129,13 +129,18 @@ def features() -> list[str]:
     """The CPU features this llama.cpp build uses (from `llama_print_system_info`: `AVX2 = 1 | …`)."""
     import llama_cpp
 
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return parse_features(llama_cpp.llama_print_system_info().decode(errors="replace"))
+
+
+def parse_features(info: str) -> list[str]:
+    """"CPU : NEON = 1 | SVE_CNT = 32 | …" -> ["NEON", "SVE_CNT=32", …]: a name for each flag that
+    is on, NAME=VALUE where the value is a number that matters (the SVE vector length)."""
     found = []
     for part in info.split("|"):
-        name, _, value = part.partition("=")
-        name = name.strip().removeprefix("CPU :").strip()
-        if name and value.strip() not in ("", "0"):
-            found.append(name)
+        name, _, value = (p.strip() for p in part.partition("="))
+        name = name.removeprefix("CPU :").strip()
+        if name and value not in ("", "0"):
+            found.append(name if value == "1" else f"{name}={value}")
     return found
 
 

@@ -1,7 +1,14 @@
 """How much memory a chat with a GGUF will take, before loading it.
 
 The parts, as llama.cpp allocates them on the CPU (sizes checked against its own log):
-- weights: the tensors it loads (the multi-token-prediction layer is skipped at load time);
+- weights: the tensors it loads, memory-mapped from the file (the multi-token-prediction layer is
+  skipped at load time);
+- repacked weights: on CPUs where llama.cpp rearranges a type into interleaved blocks at load time
+  (CPU_REPACK: Q4_0/Q8_0/K-quants with ARM dotprod or i8mm, Q4_0/Q4_K/IQ4_NL with x86 AVX2; see
+  repack.py), an anonymous copy of each such weight. Its mapped original stays resident after
+  loading but is never read again, so it is counted in the peak and left out of what must fit;
+  a tied embedding is held twice for good (the input lookup reads the mapping, the output
+  projection its repacked copy);
 - vocabulary: llama.cpp's token tables and BPE merge ranks (~430 bytes a token, measured);
 - KV cache: only for the full-attention layers (one in four in Qwen3.5), n_ctx cells of K and V in f16;
 - recurrent state: the Gated DeltaNet layers' fixed-size convolution and state matrices, which do
@@ -14,9 +21,11 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..gguf_header import TensorInfo
 from .modelfile import ModelFile
+from .repack import cpu_features, repacked
 from .system import available_ram, current_rss
 
 VOCAB_BYTES_PER_TOKEN = 430
@@ -30,7 +39,9 @@ THREAD_OVERHEAD = 4 * MIB
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int
+    weights: int  # mapped from the file
+    repacked: int  # anonymous copies made by CPU_REPACK
+    weights_idle: int  # the part of `weights` only read to make a repacked copy (reclaimable)
     vocab: int
     kv_cache: int
     recurrent: int
@@ -41,15 +52,25 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.vocab + self.kv_cache + self.recurrent + self.checkpoints + self.buffers
-                + self.process)
+        """Resident memory of the process once loaded and running: its peak."""
+        return (self.weights + self.repacked + self.vocab + self.kv_cache + self.recurrent + self.checkpoints
+                + self.buffers + self.process)
 
     @property
     def to_load(self) -> int:
         return self.total - self.process
 
+    @property
+    def needed(self) -> int:
+        """What loading needs the machine to hold: the idle mapped originals of repacked weights are
+        clean page cache the kernel drops when memory runs short."""
+        return self.to_load - self.weights_idle
+
     def describe(self) -> str:
-        parts = [("weights", self.weights), ("vocabulary", self.vocab),
+        weights = [("weights", self.weights - self.weights_idle)]
+        if self.repacked:
+            weights.append(("repacked weights", self.repacked))
+        parts = weights + [("vocabulary", self.vocab),
                  (f"KV cache for {self.n_ctx} tokens", self.kv_cache),
                  ("recurrent state + checkpoints", self.recurrent + self.checkpoints), ("buffers", self.buffers)]
         return ", ".join(f"{name} {_gib(size)}" for name, size in parts)
@@ -70,12 +91,50 @@ def recurrent_state_bytes(mf: ModelFile) -> int:
     return n_linear * (conv + d_state * d_inner * F32)
 
 
-def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int) -> MemoryEstimate:
+def loaded_tensors(mf: ModelFile) -> dict[str, TensorInfo]:
+    """The tensors llama.cpp loads: all but the multi-token-prediction layers."""
     n_layer = mf.arch_key("block_count", 0)
-    n_mtp = mf.arch_key("nextn_predict_layers", 0)
-    main_layers = n_layer - n_mtp
+    main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
     skipped = {f"blk.{i}." for i in range(main_layers, n_layer)}
-    weights = sum(t.nbytes for t in mf.tensors if t.name[:t.name.find(".", 4) + 1] not in skipped)
+    return {t.name: t for t in mf.tensors if t.name[:t.name.find(".", 4) + 1] not in skipped}
+
+
+def layout(features: frozenset[str], name: str, t: TensorInfo) -> str | None:
+    """The layout llama.cpp repacks weight `name` (with t's type and shape) into, or None."""
+    return repacked(features, name, t.ggml_type.name, tuple(reversed(t.shape)))
+
+
+def repacked_tensors(mf: ModelFile, features: frozenset[str]) -> dict[str, str]:
+    """The weights llama.cpp repacks and their layouts, named as its load log names them: a tied
+    output projection (the embedding's data loaded a second time, as a MUL_MAT weight) goes by the
+    embedding's name, which is otherwise never repacked (it is read with GET_ROWS)."""
+    tensors = loaded_tensors(mf)
+    found = {name: layout(features, name, t) for name, t in tensors.items()}
+    embd = tensors.get("token_embd.weight")
+    if "output.weight" not in tensors and embd:
+        found["token_embd.weight"] = layout(features, "output.weight", embd)
+    return {name: found_layout for name, found_layout in found.items() if found_layout}
+
+
+def weight_bytes(mf: ModelFile, features: frozenset[str]) -> tuple[int, int, int]:
+    """(mapped, repacked, idle): bytes of the loaded tensors, of the copies CPU_REPACK makes of
+    them, and of the mapped originals only read to make those copies (not the tied embedding's:
+    the token lookup keeps reading it)."""
+    tensors = loaded_tensors(mf)
+    copies = repacked_tensors(mf, features)
+    repacked_bytes = sum(tensors[name].nbytes for name in copies)
+    idle = sum(tensors[name].nbytes for name in copies if name != "token_embd.weight")
+    return sum(t.nbytes for t in tensors.values()), repacked_bytes, idle
+
+
+def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int,
+             features: frozenset[str] | None = None, process: int | None = None) -> MemoryEstimate:
+    """`features`: the CPU features llama.cpp reports (default: this machine's); `process`: what
+    the process holds before loading (default: this one's resident memory now)."""
+    features = cpu_features() if features is None else features
+    n_layer = mf.arch_key("block_count", 0)
+    main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
+    weights, copies, idle = weight_bytes(mf, features)
 
     recurrent_flags = list(mf.arch_key("attention.recurrent_layers", [False] * n_layer))[:main_layers]
     n_full = recurrent_flags.count(False)
@@ -98,17 +157,73 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     output = mf.n_tokens * F32  # logits of the one token we sample from
     overhead = CONTEXT_OVERHEAD + threads * THREAD_OVERHEAD
     return MemoryEstimate(
-        weights=weights, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN, kv_cache=kv_cache, recurrent=recurrent,
-        checkpoints=n_checkpoints * recurrent, buffers=compute + output + overhead, process=current_rss(), n_ctx=n_ctx)
+        weights=weights, repacked=copies, weights_idle=idle, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN,
+        kv_cache=kv_cache, recurrent=recurrent,
+        checkpoints=n_checkpoints * recurrent, buffers=compute + output + overhead,
+        process=current_rss() if process is None else process, n_ctx=n_ctx)
 
 
-def check_fits(est: MemoryEstimate, available: int | None = None) -> str | None:
-    """None if the model fits in available RAM, else the reason and what to do about it."""
+# Profiles to suggest when a model does not fit, best quality first.
+SMALLER_PROFILES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "edge-arm", "q3_k_m", "q2_k")
+SMALLER_CONTEXTS = (65536, 32768, 16384, 8192, 4096, 2048)
+
+
+def check_fits(mf: ModelFile, est: MemoryEstimate, available: int | None = None, *, n_batch: int, n_checkpoints: int,
+               threads: int, features: frozenset[str] | None = None) -> str | None:
+    """None if the model fits in available RAM, else the reason and what would fit: the
+    best-quality profile of this model that fits at this context, or the largest context that fits."""
     available = available_ram() if available is None else available
-    if est.to_load <= available:
+    if est.needed <= available:
         return None
-    advice = "try a smaller quantization (e.g. Q4_K_M)"
-    if est.kv_cache > est.to_load / 8 and est.n_ctx > 4096:
-        advice += f" or a smaller --ctx-size (the KV cache for {est.n_ctx} tokens is {_gib(est.kv_cache)})"
-    return (f"this model needs about {_gib(est.to_load)} ({est.describe()}) but only {_gib(available)} of RAM "
-            f"is available; {advice}, or pass --force to load it anyway")
+    features = cpu_features() if features is None else features
+    again = dict(n_batch=n_batch, n_checkpoints=n_checkpoints, threads=threads, features=features,
+                 process=est.process)
+    advice = []
+    for n_ctx in SMALLER_CONTEXTS:
+        if n_ctx < est.n_ctx and estimate(mf, n_ctx, **again).needed <= available:
+            advice.append(f"--ctx-size {n_ctx} would fit")
+            break
+    for name in SMALLER_PROFILES:
+        smaller = as_profile(mf, name)
+        if smaller.size >= _tensor_data(mf):
+            continue
+        need = estimate(smaller, est.n_ctx, **again).needed
+        if need <= available:
+            advice.append(f"this model as {name.upper()} would need about {_gib(need)} "
+                          f"(`qwen35 convert CHECKPOINT -q {name}`)")
+            break
+    if not advice:
+        advice.append("a smaller Qwen3.5 model")
+    return (f"this model needs about {_gib(est.needed)} ({est.describe()}) but only {_gib(available)} of RAM "
+            f"is available; {'; or '.join(advice)}; or pass --force to load it anyway")
+
+
+def as_profile(mf: ModelFile, profile_name: str) -> ModelFile:
+    """The same model's header as `qwen35 convert -q PROFILE` would write it: each tensor re-typed
+    by the profile's rules (sizes only; offsets are not meaningful)."""
+    from ..convert import profiles
+    from ..convert.plan import PlannedTensor
+
+    profile = profiles.load(profile_name)
+    facts = _facts(mf)
+    tensors = [replace(t, ggml_type=profile.choose(PlannedTensor(t.name, t.shape, "BF16", ()), facts).type)
+               for t in mf.tensors]
+    smaller = replace(mf, tensors=tensors)
+    return replace(smaller, size=_tensor_data(smaller))
+
+
+def _tensor_data(mf: ModelFile) -> int:
+    return sum(t.nbytes for t in mf.tensors)
+
+
+def _facts(mf: ModelFile):
+    """What profile rules condition on, from the GGUF's own metadata."""
+    from ..convert.profiles import ModelFacts
+
+    n_blocks = mf.arch_key("block_count", 0)
+    recurrent = list(mf.arch_key("attention.recurrent_layers", []))[:n_blocks - mf.arch_key("nextn_predict_layers", 0)]
+    heads, kv = mf.arch_key("attention.head_count", 1), mf.arch_key("attention.head_count_kv", 1)
+    heads, kv = (max(x) if isinstance(x, list) else x for x in (heads, kv))
+    return ModelFacts(n_blocks, tuple("linear_attention" if r else "full_attention" for r in recurrent),
+                      max(1, heads // max(1, kv)), mf.arch_key("expert_count", 0) or 0,
+                      all(t.name != "output.weight" for t in mf.tensors), tuple(t.name for t in mf.tensors))

@@ -202,11 +202,14 @@ class Sampling:
 
 class Sampler:
     """A native sampler chain in llama.cpp's default order (penalties → top-k → top-p → min-p →
-    temperature → draw). Stages that would do nothing are left out: each one walks the candidates."""
+    temperature → draw). Stages that would do nothing are left out: each one walks the candidates.
+    `constraints` (samplers such as a grammar, see constraints.py) go first; the chain owns them."""
 
-    def __init__(self, s: Sampling, n_vocab: int) -> None:
+    def __init__(self, s: Sampling, n_vocab: int, constraints=()) -> None:
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         add = lambda smpl: L.llama_sampler_chain_add(self._chain, smpl)  # noqa: E731
+        for constraint in constraints:
+            add(constraint)
         if s.repeat_penalty != 1.0 or s.presence_penalty != 0.0:
             add(L.llama_sampler_init_penalties(n_vocab, 64, s.repeat_penalty, 0.0, s.presence_penalty))
         if s.temp <= 0:
@@ -303,6 +306,10 @@ class Context:
         if not ptr:
             raise ChatError(f"llama.cpp has no logits for output {i} of the last decode")
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    def set_threads(self, threads: int) -> None:
+        """Threads of the next decodes (generation and prompt batches alike); takes effect at once."""
+        L.llama_set_n_threads(self._ctx, threads, threads)
 
     def trim(self, n_tokens: int) -> None:
         """Drop every position ≥ n_tokens. For the recurrent layers this only succeeds when the

@@ -1,11 +1,9 @@
 """Splitting a Qwen3.5 reply into reasoning and answer, spotting reasoning that goes in circles, and
-reading the template's XML tool calls out of the answer."""
+stopping at the caller's stop strings. (Tool calls are read out of the answer in tools.py.)"""
 
 from __future__ import annotations
 
 import codecs
-import json
-import re
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -14,11 +12,13 @@ REASONING, CONTENT = "reasoning", "content"
 
 @dataclass(frozen=True)
 class Piece:
-    """A bit of a streamed reply: `kind` is "reasoning", "content" or "notice" (a message from the
+    """A bit of a streamed reply: `kind` is "reasoning", "content", "tool_call" (`call` holds the
+    whole call: {"id", "type", "function": {"name", "arguments"}}) or "notice" (a message from the
     runtime itself, e.g. that the reasoning was cut short)."""
 
     kind: str
     text: str
+    call: dict | None = None
 
 
 class ReplySplitter:
@@ -27,12 +27,14 @@ class ReplySplitter:
     The template's generation prompt already opened `<think>` when thinking is on, so the reply
     starts in the reasoning; the `</think>` token switches to the answer. The blank lines the model
     puts around each part are the template's layout, not text, and are left out (as the template
-    itself strips them when it renders a past turn).
+    itself strips them when it renders a past turn). A `<tool_call>` token inside the reasoning
+    ends it too: a model that forgot `</think>` is calling a tool.
     """
 
-    def __init__(self, starts_in_reasoning: bool, think_open: int | None, think_close: int | None) -> None:
+    def __init__(self, starts_in_reasoning: bool, think_open: int | None, think_close: int | None,
+                 tool_call: int | None = None) -> None:
         self.kind = REASONING if starts_in_reasoning else CONTENT
-        self._open, self._close = think_open, think_close
+        self._open, self._close, self._tool_call = think_open, think_close, tool_call
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True  # still skipping the part's leading blank lines
         self.text = {REASONING: [], CONTENT: []}
@@ -44,6 +46,8 @@ class ReplySplitter:
         if token == self._open and self.kind == CONTENT and not self.text[CONTENT]:
             self._switch(REASONING)  # a model that opens its reasoning itself
             return None
+        if token == self._tool_call and self.kind == REASONING:
+            self._switch(CONTENT)
         text = self._decoder.decode(piece)
         if self._at_start:
             text = text.lstrip("\n")
@@ -95,20 +99,28 @@ class RepetitionGuard:
         self._seen.clear()
 
 
-_TOOL_CALL = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)</function>\s*</tool_call>", re.S)
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+class StopStrings:
+    """Ends the answer at the first of the caller's stop strings; text that might be the start of
+    one is held back until the next piece tells."""
 
+    def __init__(self, stops: list[str] | None) -> None:
+        self.stops = [s for s in stops or [] if s]
+        self._held = ""
 
-def split_tool_calls(content: str) -> tuple[str, list[dict]]:
-    """(content without tool calls, [{"name", "arguments"}]) from the template's XML call format.
-    Argument values that are JSON (numbers, lists, objects) are decoded, as the template encodes them."""
-    calls = []
-    for match in _TOOL_CALL.finditer(content):
-        arguments = {}
-        for name, value in _PARAMETER.findall(match.group(2)):
-            try:
-                arguments[name.strip()] = json.loads(value)
-            except ValueError:
-                arguments[name.strip()] = value
-        calls.append({"name": match.group(1).strip(), "arguments": arguments})
-    return (_TOOL_CALL.sub("", content).strip() if calls else content), calls
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text that is surely answer, whether a stop string was reached)."""
+        if not self.stops:
+            return text, False
+        text = self._held + text
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[:min(hits)], True
+        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if s.startswith(text[-n:])), default=0)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return text

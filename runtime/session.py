@@ -16,22 +16,28 @@ import hashlib
 import json
 import threading
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from . import native
+from . import constraints, native
+from .constraints import Constraint
 from .errors import ChatError, ContextFull
-from .memory import check_fits, estimate
+from .memory import check_fits, estimate, recurrent_state_bytes
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
+from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
-from .reasoning import REASONING, Piece, RepetitionGuard, ReplySplitter, split_tool_calls
-from .system import physical_cores
+from .repack import cpu_features
+from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
+from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache
+from .system import performance_cores
 from .template import ChatTemplate
+from .tools import ToolCallReader, check_tools, nfc, prepare_messages
 
 N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
-N_CHECKPOINTS = 1  # recurrent-state snapshots kept (the latest turn boundary is the one reused)
+# Checkpoints a chat keeps by default (a prefix, a turn boundary and a prompt end per turn; see
+# state_cache.py), in units of one recurrent state.
+N_CHECKPOINTS = 4
 
 # Used only when a (non-Qwen3.5) GGUF carries no template: plain ChatML, which Qwen models speak.
 _CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -45,40 +51,54 @@ _SESSION_VERSION = 1
 class Reply:
     reasoning: str
     content: str
-    tool_calls: list[dict]
+    tool_calls: list[dict]  # [{"id", "type": "function", "function": {"name", "arguments": {...}}}]
     finish_reason: str  # stop | length | context | loop | interrupted
     stats: dict
     notices: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
-class _Checkpoint:
-    tokens: tuple[int, ...]
-    state: bytearray
+class _Request:
+    """What one reply is asked for, besides the conversation."""
 
-
-def nfc(text: str) -> str:
-    """Qwen3.5's tokenizer normalizes to NFC before splitting; llama.cpp does not, so we do it."""
-    return unicodedata.normalize("NFC", text)
+    tools: list[dict]
+    think: bool | None
+    max_tokens: int | None
+    sampling: Sampling
+    constraint: Constraint | None = None
+    stop: tuple[str, ...] = ()
+    read_tool_calls: bool = True
 
 
 class ChatSession:
     """A conversation with one GGUF model.
 
-    `send(text)` returns a Reply; `stream(text)` yields Pieces as they are generated (reasoning and
-    content kept apart); `stats` describes the last turn; `save(path)`/`load(path)` persist the
-    conversation with the model state; `reset()` starts over. Sampling keywords (temp, top_k, top_p,
-    min_p, repeat_penalty, presence_penalty, max_tokens) default to the GGUF's recommended values.
+    `send(message)` returns a Reply; `stream(message)` yields Pieces as they are generated
+    (reasoning, content and tool calls kept apart). A message is the user's text, or a message dict
+    — e.g. a tool's result, {"role": "tool", "tool_call_id": …, "content": …} — or a list of them.
+    `tools` (OpenAI function schemas), given here or per call, are offered to the model; its calls
+    come back in `Reply.tool_calls`, with ids. `stats` describes the last turn; `save(path)`/
+    `load(path)` persist the conversation with the model state; `reset()` starts over. Sampling
+    keywords (temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, max_tokens) default to
+    the GGUF's recommended values.
+
+    `respond(messages)` answers a whole conversation given by the caller (the server's way: each
+    request re-sends the history) without recording it; the state cache (state_cache.py) makes it
+    evaluate only what no earlier prompt evaluated, for several interleaved conversations.
 
     With `prefill` (the default), after each reply the part of the next prompt that is already known
     (the answer as the template re-renders it, up to the next user message) is evaluated in a
     background thread while the user reads and types; it is counted in the next turn's
     prompt_tokens. Turn it off for one-shot use, where there is no next turn.
+
+    With `adapt_threads` (the default), generation runs on fewer threads while other programs keep
+    cores busy and returns to `threads` when they are free (adaptive_threads.py).
     """
 
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
-                 seed: int | None = None, *, system: str | None = None, force: bool = False,
-                 prefill: bool = True, verbose: bool = False, **sampling) -> None:
+                 seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
+                 cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
+                 adapt_threads: bool = True, **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -86,12 +106,17 @@ class ChatSession:
             self.warnings.append(f"{mf.path} is a '{mf.architecture or 'unnamed'}' model, not Qwen3.5: "
                                  "running it as is, without Qwen3.5's reasoning and template guarantees")
         self.template = ChatTemplate(mf.chat_template or _CHATML)
+        self.tools = check_tools(tools)
         self.max_tokens = sampling.pop("max_tokens", None)
         self._sampling = self._sampling_from(mf, seed, sampling)
 
-        self.threads = threads or physical_cores()
-        self.memory = estimate(mf, n_ctx, n_batch=N_BATCH, n_checkpoints=N_CHECKPOINTS, threads=self.threads)
-        problem = check_fits(self.memory)
+        self.threads = threads or performance_cores()
+        recurrent = max(recurrent_state_bytes(mf), 1)
+        cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
+        sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
+                     features=cpu_features())
+        self.memory = estimate(mf, n_ctx, **sizes)
+        problem = check_fits(mf, self.memory, **sizes)
         if problem and not force:
             raise ChatError(problem)
 
@@ -108,16 +133,20 @@ class ChatSession:
             self._model.close()
             raise
         self.n_ctx = self._ctx.n_ctx
+        # Between generated tokens, give cores back to other programs that take them (and take them
+        # again when they are free): see adaptive_threads.py.
+        self._governor = ThreadGovernor(self.threads, self._ctx.set_threads) if adapt_threads and self.threads > 1 \
+            else None
         self._think_open = self._model.single_token("<think>")
         self._think_close = self._model.single_token("</think>")
+        self._tool_call = self._model.single_token("<tool_call>")
 
         self.think = think  # None: the template's default
         self.system = nfc(system) if system else None
         self.messages: list[dict] = []
         self.stats: dict = {}
         self.last_reply: Reply | None = None
-        self._tokens: list[int] = []  # what the model state holds, in order
-        self._checkpoint: _Checkpoint | None = None
+        self.cache = StateCache(self._ctx, cache_bytes)
         self._stop = threading.Event()
         self._prefill_enabled = prefill
         self._prefill: threading.Thread | None = None
@@ -132,20 +161,32 @@ class ChatSession:
             return self.think
         return self.template.thinks_by_default()
 
-    def send(self, text: str, **overrides) -> Reply:
-        pieces = self.stream(text, **overrides)
-        for _ in pieces:
+    def send(self, message, **overrides) -> Reply:
+        for _ in self.stream(message, **overrides):
             pass
         return self.last_reply
 
-    def stream(self, text: str, **overrides) -> Iterator[Piece]:
+    def stream(self, message, **overrides) -> Iterator[Piece]:
         """Yield the reply as it is generated. Ends the turn cleanly if `interrupt()` is called (from
-        a signal handler, say) or if the caller stops iterating."""
-        think = overrides.pop("think", self.think)
-        max_tokens = overrides.pop("max_tokens", self.max_tokens)
-        sampling = self._with_overrides(overrides)
+        a signal handler, say) or if the caller stops iterating. Options: think, max_tokens, tools,
+        stop and the sampling keywords."""
+        new = prepare_messages([{"role": "user", "content": message}] if isinstance(message, str)
+                               else [message] if isinstance(message, dict) else message)
+        tools = overrides.pop("tools", None)
+        request = self._request(overrides, tools=self.tools if tools is None else check_tools(tools))
         self._stop.clear()
-        return self._turn_generator(nfc(text), think, max_tokens, sampling)
+        return self._turn_generator(self._conversation(), new, request, record=True)
+
+    def respond(self, messages: list[dict], *, tools: list[dict] | None = None, constraint: Constraint | None = None,
+                read_tool_calls: bool = True, **overrides) -> Iterator[Piece]:
+        """Yield the reply to a whole conversation (OpenAI-style messages, system prompt included),
+        without recording it in `messages`. `constraint` limits what the answer may be (see
+        constraints.py); `read_tool_calls=False` leaves call-like text in the content."""
+        conversation = prepare_messages(messages)
+        request = self._request(overrides, tools=check_tools(tools), constraint=constraint,
+                                read_tool_calls=read_tool_calls)
+        self._stop.clear()
+        return self._turn_generator(conversation[:-1], conversation[-1:], request, record=False)
 
     def interrupt(self) -> None:
         """Stop the reply being generated (safe to call from a signal handler or another thread)."""
@@ -155,9 +196,7 @@ class ChatSession:
         """Forget the conversation (the system prompt and settings stay)."""
         self._settle()
         self.messages = []
-        self._ctx.clear()
-        self._tokens = []
-        self._checkpoint = None
+        self.cache.forget()
         self._prefilled = (0, 0)
         self.stats = {}
 
@@ -189,27 +228,36 @@ class ChatSession:
     def context_tokens(self) -> list[int]:
         """The tokens the model state holds (for tests: it must equal the template's rendering)."""
         self._settle()
-        return list(self._tokens)
+        return list(self.cache.tokens)
 
     def render(self, *, add_generation_prompt: bool = True, think: bool | None = None) -> str:
         """The template's rendering of the conversation so far (+ the generation prompt)."""
         return self.template.render(self._conversation(), add_generation_prompt=add_generation_prompt,
-                                    think=self.think if think is None else think)
+                                    think=self.think if think is None else think, tools=self.tools)
 
     def tokenize(self, text: str) -> list[int]:
         return self._model.tokenize(nfc(text))
 
+    def set_threads(self, threads: int, *, adapt: bool = False) -> None:
+        """Run the next decodes on `threads` CPU threads (the model and its state stay loaded); with
+        `adapt`, at most that many, fewer while other programs take cores."""
+        self._settle()
+        self._ctx.set_threads(threads)
+        self.threads = threads
+        self._governor = ThreadGovernor(threads, self._ctx.set_threads) if adapt and threads > 1 else None
+
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
         self._settle()
-        ck = self._checkpoint
-        state = self._ctx.get_state(FULL) if self._tokens else b""
+        tokens = self.cache.tokens
+        ck = self.cache.deepest_held(TURN)
+        state = self._ctx.get_state(FULL) if tokens else b""
         checkpoint = ck.state if ck else b""
         header = {
             "version": _SESSION_VERSION,
             "model": _fingerprint(self.model_file),
-            "system": self.system, "think": self.think, "messages": self.messages,
-            "tokens": self._tokens, "prefilled": list(self._prefilled),
+            "system": self.system, "think": self.think, "messages": self.messages, "tools": self.tools,
+            "tokens": tokens, "prefilled": list(self._prefilled),
             "checkpoint_tokens": len(ck.tokens) if ck else 0,
             "state_bytes": len(state), "checkpoint_bytes": len(checkpoint),
         }
@@ -237,11 +285,13 @@ class ChatSession:
         self.reset()
         if state:
             self._ctx.set_state(state, FULL)
-        self._tokens = list(tokens)
+        self.cache.tokens = list(tokens)
         n = header["checkpoint_tokens"]
-        self._checkpoint = _Checkpoint(tuple(tokens[:n]), bytearray(checkpoint)) if checkpoint else None
+        if checkpoint:
+            self.cache.put(Checkpoint(tuple(tokens[:n]), bytearray(checkpoint), full=False, kind=TURN))
         self._prefilled = tuple(header["prefilled"])
         self.system, self.think, self.messages = header["system"], header["think"], header["messages"]
+        self.tools = header.get("tools") or []
 
     def close(self) -> None:
         if getattr(self, "_prefill", None):
@@ -261,101 +311,135 @@ class ChatSession:
 
     # --- one turn -------------------------------------------------------------------------------
 
-    def _turn_generator(self, text: str, think: bool | None, max_tokens: int | None,
-                        sampling: Sampling) -> Iterator[Piece]:
+    def _turn_generator(self, history: list[dict], new: list[dict], request: _Request,
+                        record: bool) -> Iterator[Piece]:
         start = time.perf_counter()
         self._settle()  # waiting for the prefill counts in the time to first token
-        conversation = self._conversation() + [{"role": "user", "content": text}]
-        prompt_text = self.template.render(conversation, add_generation_prompt=True, think=think)
+        conversation = history + new
+        tools = request.tools
+        prompt_text = self.template.render(conversation, add_generation_prompt=True, think=request.think,
+                                           tools=tools)
         prompt = self._model.tokenize(prompt_text)
-        boundary = self._stable_boundary(conversation, prompt)
         if len(prompt) >= self.n_ctx:
             raise ContextFull(f"the conversation ({len(prompt)} tokens) no longer fits the {self.n_ctx}-token "
                               f"context: /reset to start over, or raise --ctx-size")
+        in_reasoning = _opens_reasoning(prompt_text)
+        constraint_samplers = constraints.samplers(self._model, request.constraint, in_reasoning=in_reasoning)
+        # Where to keep the state (see state_cache.py); a turn boundary may be the prompt's end.
+        boundaries = {len(prompt) - 1: PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)},
+                      self._prefix_boundary(conversation, tools): PREFIX}
 
         reused = self._reuse(prompt)
         # Tokens the prefill evaluated for this prompt are work for it, not reuse.
         first, end = self._prefilled
         ahead = end - first if reused >= end > first else 0
         self._prefilled = (0, 0)
-        self.messages.append({"role": "user", "content": text})
+        if record:
+            self.messages.extend(new)
         stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
                  "gen_tokens": 0, "gen_tps": None}
-        splitter = ReplySplitter(_opens_reasoning(prompt_text), self._think_open, self._think_close)
+        splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, self._tool_call)
+        answer = ToolCallReader(tools, enabled=request.read_tool_calls)
+        stop = StopStrings(list(request.stop))
         notices: list[str] = []
         finish = "interrupted"
+        sampler = native.Sampler(request.sampling, self._model.n_vocab, constraint_samplers)
         try:
-            if boundary is not None and boundary > reused:
-                if not self._evaluate(prompt[reused:boundary], logits=False):
+            for n in sorted(b for b in boundaries if b > len(self.cache.tokens)):
+                if not self._evaluate(prompt[len(self.cache.tokens):n], logits=False):
                     return
-                self._checkpoint = _Checkpoint(tuple(self._tokens), self._ctx.get_state(PARTIAL_ONLY))
-            if not self._evaluate(prompt[len(self._tokens):], logits=True):
+                self.cache.snapshot(boundaries[n])
+            if not self._evaluate(prompt[len(self.cache.tokens):], logits=True):
                 return
             stats["prompt_tokens"] = len(prompt) - reused + ahead
             stats["prompt_s"] = time.perf_counter() - start
             stats["prompt_tps"] = (len(prompt) - reused) / stats["prompt_s"]
-            finish = yield from self._generate(sampling, max_tokens, splitter, stats, notices, start)
+            pieces = self._generate(sampler, request, splitter, stats, notices, start)
+            try:
+                while True:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as end_of_reply:
+                        finish = end_of_reply.value
+                        break
+                    if piece.kind != CONTENT:
+                        yield piece
+                        continue
+                    text, stopped = stop.feed(piece.text)
+                    yield from _answer_pieces(answer.feed(text))
+                    if stopped:
+                        finish = "stop"
+                        break
+            finally:
+                pieces.close()
+            yield from _answer_pieces(answer.feed(stop.flush()) + answer.finish())
         finally:
-            reasoning, content = splitter.result()
-            content, tool_calls = split_tool_calls(content)
+            sampler.close()
+            reasoning, _ = splitter.result()
+            answer.finish()
+            content, tool_calls = "".join(answer.content), answer.calls
             if stats["ttft_s"] is None:
-                self.messages.pop()  # interrupted before the reply started: the turn did not happen
-            else:
+                if record:
+                    del self.messages[len(self.messages) - len(new):]  # the turn did not happen
+            elif record:
                 message = {"role": "assistant", "content": content}
                 if reasoning:  # kept for the record; the template leaves it out of past turns
                     message["reasoning_content"] = reasoning
                 if tool_calls:
-                    message["tool_calls"] = [{"function": c} for c in tool_calls]
+                    message["tool_calls"] = tool_calls
                 self.messages.append(message)
-            stats.update(finish_reason=finish, context_tokens=len(self._tokens), total_s=time.perf_counter() - start)
+            stats.update(finish_reason=finish, context_tokens=len(self.cache.tokens),
+                         total_s=time.perf_counter() - start)
             self.stats = stats
             self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices)
-            if self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
+            if record and self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
                 self._start_prefill()
 
-    def _generate(self, sampling: Sampling, max_tokens: int | None, splitter: ReplySplitter,
+    def _generate(self, sampler: native.Sampler, request: _Request, splitter: ReplySplitter,
                   stats: dict, notices: list[str], start: float):
-        sampler = native.Sampler(sampling, self._model.n_vocab)
+        """The reply's pieces as they are sampled; returns why it ended."""
+        max_tokens = request.max_tokens
         guard = RepetitionGuard()
-        try:
+        token = sampler.sample(self._ctx)
+        first = time.perf_counter()
+        stats["ttft_s"] = first - start
+        n = 0
+        while True:
+            if self._model.is_eog(token):
+                return "stop"
+            n += 1
+            stats["gen_tokens"] = n
+            piece = splitter.feed(token, self._model.piece(token))
+            if piece:
+                yield piece
+            pending = [token]
+            if guard.looping(token):
+                # Close the reasoning as the model would have, and let it answer; but not under a
+                # grammar, which must see every token of the answer sampled.
+                if splitter.kind != REASONING or request.constraint is not None:
+                    notices.append("the reply kept repeating itself: stopped it")
+                    yield Piece("notice", notices[-1])
+                    return "loop"
+                notices.append("the reasoning kept repeating itself: closed it to answer")
+                yield Piece("notice", notices[-1])
+                splitter.close_reasoning()
+                guard.reset()
+                pending += self._model.tokenize("\n</think>\n\n")
+            if self._stop.is_set():
+                return "interrupted"
+            if max_tokens is not None and n >= max_tokens:
+                return "length"
+            if len(self.cache.tokens) + len(pending) >= self.n_ctx:
+                notices.append(f"context full ({self.n_ctx} tokens): /reset to start over, or raise --ctx-size")
+                yield Piece("notice", notices[-1])
+                return "context"
+            step = time.perf_counter()
+            self._evaluate(pending, logits=True)
             token = sampler.sample(self._ctx)
-            first = time.perf_counter()
-            stats["ttft_s"] = first - start
-            n = 0
-            while True:
-                if self._model.is_eog(token):
-                    return "stop"
-                n += 1
-                stats["gen_tokens"] = n
-                piece = splitter.feed(token, self._model.piece(token))
-                if piece:
-                    yield piece
-                pending = [token]
-                if guard.looping(token):
-                    if splitter.kind != REASONING:
-                        notices.append("the reply kept repeating itself: stopped it")
-                        yield Piece("notice", notices[-1])
-                        return "loop"
-                    # Close the reasoning as the model would have, and let it answer.
-                    notices.append("the reasoning kept repeating itself: closed it to answer")
-                    yield Piece("notice", notices[-1])
-                    splitter.close_reasoning()
-                    guard.reset()
-                    pending += self._model.tokenize("\n</think>\n\n")
-                if self._stop.is_set():
-                    return "interrupted"
-                if max_tokens is not None and n >= max_tokens:
-                    return "length"
-                if len(self._tokens) + len(pending) >= self.n_ctx:
-                    notices.append(f"context full ({self.n_ctx} tokens): /reset to start over, or raise --ctx-size")
-                    yield Piece("notice", notices[-1])
-                    return "context"
-                self._evaluate(pending, logits=True)
-                token = sampler.sample(self._ctx)
-                elapsed = time.perf_counter() - first
-                stats["gen_tps"] = n / elapsed if elapsed > 0 else None
-        finally:
-            sampler.close()
+            if self._governor and len(pending) == 1:
+                self._governor.token_done(time.perf_counter() - step)
+            elapsed = time.perf_counter() - first
+            stats["gen_tps"] = n / elapsed if elapsed > 0 else None
 
     # --- the model state ------------------------------------------------------------------------
 
@@ -364,7 +448,7 @@ class ChatSession:
         tokens every next message's rendering shares (found by rendering two different ones)."""
         conversation = self._conversation()
         a, b = (self._model.tokenize(self.template.render(conversation + [{"role": "user", "content": text}],
-                                                          add_generation_prompt=False, think=None))
+                                                          add_generation_prompt=False, think=None, tools=self.tools))
                 for text in ("A.", "B?"))
         known = a[:_common_prefix(a, b)]
         if not known or len(known) >= self.n_ctx - 1:
@@ -375,7 +459,7 @@ class ChatSession:
             try:
                 start = self._reuse(known, need_logits=False)
                 self._evaluate(known[start:], logits=False)  # stops early if interrupted
-                self._prefilled = (start, len(self._tokens))
+                self._prefilled = (start, len(self.cache.tokens))
             except ChatError:
                 pass  # the state stays consistent; the next turn evaluates what is missing
 
@@ -392,51 +476,59 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.messages
 
-    def _stable_boundary(self, conversation: list[dict], prompt: list[int]) -> int | None:
-        """How many of this prompt's tokens the next turn's prompt will start with: render the next
-        turn with a stand-in answer and message, and compare. For Qwen3.5 they agree up to
-        `<|im_start|>assistant\n` and part after it (the next rendering drops the `<think>` block).
-        A guess only: if the real answer renders differently, the next turn notices (the
+    def _prefix_boundary(self, conversation: list[dict], tools: list[dict]) -> int:
+        """How many tokens the system turn (with the tools) takes: what every conversation with the
+        same system prompt and tools starts with, found by rendering two different first messages."""
+        system = [m for m in conversation[:1] if m["role"] == "system"]
+        if not system and not tools:
+            return 0
+        a, b = (self._model.tokenize(self.template.render(system + [{"role": "user", "content": text}],
+                                                          add_generation_prompt=False, think=None, tools=tools))
+                for text in ("A.", "B?"))
+        return _common_prefix(a, b)
+
+    def _stable_boundaries(self, conversation: list[dict], tools: list[dict], prompt: list[int]) -> set[int]:
+        """How many of this prompt's tokens the next turn's prompt will start with, whether it
+        brings a new message or the results of the tools called: render the next turn with a
+        stand-in answer and a stand-in message (or tool result), and compare. For Qwen3.5 they agree
+        up to an `<|im_start|>assistant\n` (the next rendering drops or rewrites the `<think>`
+        block): after the last user message's for a new message, after this prompt's for a tool
+        result. A guess only: if the real answer renders differently, the next turn notices (the
         checkpoint is not a prefix of its prompt) and evaluates more, never something wrong."""
-        next_turn = conversation + [{"role": "assistant", "content": "Answer."}, {"role": "user", "content": "Next."}]
-        upcoming = self._model.tokenize(self.template.render(next_turn, add_generation_prompt=False, think=None))
-        n = _common_prefix(prompt, upcoming)
-        # At least the last prompt token is left to evaluate after the snapshot: its logits start the reply.
-        return min(n, len(prompt) - 1) or None
+        answer = {"role": "assistant", "content": "Answer."}
+        points = set()
+        for following in ({"role": "user", "content": "Next."}, {"role": "tool", "content": "Result."}):
+            upcoming = self._model.tokenize(self.template.render(conversation + [answer, following],
+                                                                 add_generation_prompt=False, think=None, tools=tools))
+            # At least the last prompt token is left to evaluate after the snapshot: its logits start the reply.
+            points.add(min(_common_prefix(prompt, upcoming), len(prompt) - 1))
+        return points
 
     def _reuse(self, prompt: list[int], *, need_logits: bool = True) -> int:
         """Bring the model state to the longest prefix of `prompt` it can reach without evaluating
         anything; returns that prefix's length. With `need_logits`, at least one prompt token is
         left to evaluate (its logits start the reply)."""
-        limit = len(prompt) - 1 if need_logits else len(prompt)
-        held = self._tokens
-        if len(held) <= limit and prompt[:len(held)] == held:
-            return len(held)  # the state is already there: just continue
-        ck = self._checkpoint
-        if ck and len(ck.tokens) <= limit and tuple(prompt[:len(ck.tokens)]) == ck.tokens \
-                and tuple(held[:len(ck.tokens)]) == ck.tokens:
-            # The attention cache still holds the checkpoint's tokens (they are a prefix of what it
-            # holds): restore only the recurrent state, then drop the attention entries past it.
-            self._ctx.set_state(ck.state, PARTIAL_ONLY)
-            self._ctx.trim(len(ck.tokens))
-            self._tokens = list(ck.tokens)
-            return len(ck.tokens)
-        self._ctx.clear()
-        self._tokens = []
-        self._checkpoint = None
-        return 0
+        return self.cache.restore(prompt, len(prompt) - 1 if need_logits else len(prompt))
 
     def _evaluate(self, tokens: list[int], *, logits: bool) -> bool:
         """Feed tokens in batches. Returns False if interrupted between batches; the state stays
-        consistent either way (`_tokens` lists exactly what has been evaluated)."""
+        consistent either way (`cache.tokens` lists exactly what has been evaluated)."""
         step = self._ctx.n_batch
+        held = self.cache.tokens
         for i in range(0, len(tokens), step):
             if i and self._stop.is_set():
                 return False
             chunk = tokens[i:i + step]
-            self._ctx.decode(chunk, len(self._tokens), logits_last=logits and i + step >= len(tokens))
-            self._tokens.extend(chunk)
+            self._ctx.decode(chunk, len(held), logits_last=logits and i + step >= len(tokens))
+            held.extend(chunk)
         return True
+
+    def _request(self, overrides: dict, **fields) -> _Request:
+        think = overrides.pop("think", self.think)
+        max_tokens = overrides.pop("max_tokens", self.max_tokens)
+        stop = overrides.pop("stop", None) or ()
+        return _Request(think=think, max_tokens=max_tokens, sampling=self._with_overrides(overrides),
+                        stop=tuple([stop] if isinstance(stop, str) else stop), **fields)
 
     # --- settings -------------------------------------------------------------------------------
 
@@ -457,6 +549,11 @@ class ChatSession:
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         return Sampling(**{**self._sampling.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _answer_pieces(events) -> Iterator[Piece]:
+    for kind, value in events:
+        yield Piece("tool_call", "", value) if kind == "call" else Piece(CONTENT, value)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

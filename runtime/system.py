@@ -1,31 +1,96 @@
-"""What the machine offers: physical cores, available RAM, peak memory of this process."""
+"""What the machine offers: CPU cores (and which of them are fast), available RAM, this process's memory.
+
+The CPU topology is read from Linux's sysfs (`/sys/devices/system/cpu`), under a root that tests
+replace with a fake tree: `cpuN/topology/core_cpus_list` (older kernels: `thread_siblings_list`)
+says which logical CPUs are hyper-threads of one core (not `core_id`: on ARM boards it restarts at 0
+in each cluster), `cpuN/cpu_capacity` (the scheduler's relative speed, 1024 = fastest; ARM
+and recent x86 kernels) or else `cpuN/cpufreq/cpuinfo_max_freq` says which cores are the fast ones
+on a CPU that mixes core types (RK3588: 4 Cortex-A76 + 4 Cortex-A55; Intel P- and E-cores).
+"""
 
 from __future__ import annotations
 
 import os
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 
+# Cores within this fraction of the fastest core's capacity count as performance cores. Binned
+# cores of one type differ by < 10% (RK3588's two A76 pairs: 2.4 vs 2.256 GHz); a little core is
+# ≥ 20% slower (A55 at 1.8 GHz vs A76 at 2.4: 0.75 by frequency, 0.52 by capacity; Intel E-cores
+# 0.74-0.8 of the P-cores' turbo frequency).
+PERFORMANCE_FRACTION = 0.85
 
-def physical_cores() -> int:
+
+@dataclass(frozen=True)
+class Cpu:
+    id: int
+    core: tuple[int, ...]  # the logical CPUs of its physical core (more than one: hyper-threads)
+    capacity: int | None  # cpu_capacity, else the maximum frequency in kHz; None if neither is known
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpu_list(text: str) -> list[int]:
+    """'0-3,6,8-9' -> [0, 1, 2, 3, 6, 8, 9] (the kernel's cpulist format)."""
+    cpus = []
+    for part in text.split(","):
+        if part.strip():
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def read_cpus(root: str | Path = "/", allowed: set[int] | None = None) -> list[Cpu]:
+    """The online logical CPUs this process may run on (`allowed`: default, its affinity)."""
+    base = Path(root) / "sys/devices/system/cpu"
+    online = _read(base / "online")
+    ids = _cpu_list(online) if online else sorted(
+        int(p.name[3:]) for p in base.glob("cpu[0-9]*") if p.name[3:].isdigit())
+    if allowed is None and Path(root) == Path("/") and hasattr(os, "sched_getaffinity"):
+        allowed = os.sched_getaffinity(0)
+    if allowed is not None:
+        ids = [i for i in ids if i in allowed]
+    by_capacity = all(_read(base / f"cpu{i}/cpu_capacity") for i in ids)
+    cpus = []
+    for i in ids:
+        d = base / f"cpu{i}"
+        raw = _read(d / "cpu_capacity") if by_capacity else _read(d / "cpufreq/cpuinfo_max_freq")
+        siblings = _read(d / "topology/core_cpus_list") or _read(d / "topology/thread_siblings_list")
+        core = tuple(_cpu_list(siblings)) if siblings else (i,)
+        cpus.append(Cpu(i, core, int(raw) if raw and raw.isdigit() else None))
+    return cpus
+
+
+def _fallback_count() -> int:
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(allowed))
+
+
+def physical_cores(root: str | Path = "/", allowed: set[int] | None = None) -> int:
     """Physical cores this process may run on (hyper-threads share a core's compute units, and
     llama.cpp generation gets slower, not faster, when it runs a thread on each of them)."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    try:
-        cores, cpu, package = set(), None, "0"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "processor":
-                cpu = int(value)
-            elif key == "physical id":
-                package = value
-            elif key == "core id" and cpu in allowed:
-                cores.add((package, value))
-        if cores:
-            return len(cores)
-    except (OSError, ValueError):
-        pass
-    return max(1, len(allowed))
+    cpus = read_cpus(root, allowed)
+    return len({c.core for c in cpus}) if cpus else _fallback_count()
+
+
+def performance_cores(root: str | Path = "/", allowed: set[int] | None = None) -> int:
+    """Physical cores of the fastest kind: the default thread count for generation. llama.cpp splits
+    each matrix evenly over its threads and waits for the slowest, so a thread on a little core
+    holds the big ones back; on a CPU of one core type this is physical_cores()."""
+    cpus = read_cpus(root, allowed)
+    if not cpus:
+        return _fallback_count()
+    known = [c.capacity for c in cpus if c.capacity]
+    if len(known) == len(cpus):
+        fastest = max(known)
+        cpus = [c for c in cpus if c.capacity >= PERFORMANCE_FRACTION * fastest]
+    return len({c.core for c in cpus})
 
 
 def available_ram() -> int:

@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,8 @@ import llama_cpp  # noqa: E402
 from qwen35.runtime import ChatError, ChatSession, ContextFull  # noqa: E402
 from qwen35.runtime import memory  # noqa: E402
 from qwen35.runtime.modelfile import read_model_file  # noqa: E402
-from qwen35.runtime.reasoning import RepetitionGuard, ReplySplitter, split_tool_calls  # noqa: E402
+from qwen35.runtime.reasoning import RepetitionGuard, ReplySplitter  # noqa: E402
+from qwen35.runtime.tools import split_tool_calls  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +48,7 @@ def build_tiny_gguf(qtype: str = "q8_0") -> Path:
     h = hashlib.sha256(json.dumps(demo_config(), sort_keys=True).encode())
     for source in sorted((REPO / "convert").glob("*.py")) + sorted((REPO / "convert").glob("*.jinja")):
         h.update(source.read_bytes())
+    h.update((REPO / "quant_profiles" / f"{qtype}.toml").read_bytes())
     target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / f"tiny-{qtype.upper()}.gguf"
     if target.is_file():
         return target
@@ -248,10 +251,11 @@ def test_context_full(tiny_gguf):
 # --- memory ---------------------------------------------------------------------------------------
 
 
-def test_memory_estimate_is_within_10_percent_of_measured_rss(tiny_gguf):
+@pytest.mark.parametrize("qtype", ["q8_0", "edge-arm"])  # edge-arm: its Q4_0 weights repack here (AVX2)
+def test_memory_estimate_is_within_10_percent_of_measured_rss(qtype):
     script = (
         "import sys; from qwen35.runtime import ChatSession; from qwen35.runtime.system import current_rss\n"
-        f"s = ChatSession({str(tiny_gguf)!r}, n_ctx=4096, threads=2, seed=1)\n"
+        f"s = ChatSession({str(build_tiny_gguf(qtype))!r}, n_ctx=4096, threads=2, seed=1)\n"
         "s.send('hello there ' * 200, max_tokens=16)\n"
         "print(s.memory.total, current_rss())\n"
     )
@@ -260,11 +264,35 @@ def test_memory_estimate_is_within_10_percent_of_measured_rss(tiny_gguf):
     assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
 
 
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "edge-arm"])
+def test_repack_predicate_matches_what_llama_cpp_repacks_here(qtype):
+    """Every loaded weight: the layout our predicate gives it is the one llama.cpp's load log names."""
+    from qwen35.runtime.memory import repacked_tensors
+    from qwen35.runtime.repack import cpu_features
+
+    gguf = build_tiny_gguf(qtype)
+    result = subprocess.run([sys.executable, "-m", "qwen35.cli", "run", str(gguf), "-p", "hi", "--max-tokens", "1",
+                             "--verbose"], capture_output=True, text=True, check=True, cwd=REPO.parent)
+    logged = dict(re.findall(r"repack: repack tensor (\S+) with (\S+)", result.stderr))
+    predicted = repacked_tensors(read_model_file(gguf), cpu_features())
+    assert predicted == logged
+
+
 def test_refuses_a_model_that_does_not_fit(tiny_gguf, monkeypatch):
-    est = memory.estimate(read_model_file(tiny_gguf), 4096, n_batch=512, n_checkpoints=1, threads=2)
-    assert memory.check_fits(est, available=est.to_load + 1) is None
-    message = memory.check_fits(est, available=est.to_load // 2)
-    assert "smaller quantization" in message and "--force" in message
+    mf = read_model_file(tiny_gguf)
+    sizes = dict(n_batch=512, n_checkpoints=1, threads=2)
+    est = memory.estimate(mf, 4096, **sizes)
+    assert memory.check_fits(mf, est, available=est.needed + 1, **sizes) is None
+    # Room for the Q4_K_M version of this model (its weights are smaller than Q8_0's), not this one.
+    q4 = memory.estimate(memory.as_profile(mf, "q4_k_m"), 4096, **sizes, process=est.process)
+    assert q4.weights < est.weights
+    message = memory.check_fits(mf, est, available=q4.needed + 1, **sizes)
+    assert "as Q4_K_M would need about" in message and "qwen35 convert CHECKPOINT -q q4_k_m" in message
+    assert "--force" in message
+    # A long context that does not fit: a shorter one is named.
+    long = memory.estimate(mf, 65536, **sizes, process=est.process)
+    message = memory.check_fits(mf, long, available=est.needed + 1, **sizes)
+    assert "--ctx-size 4096 would fit" in message
 
     monkeypatch.setattr(memory, "available_ram", lambda: 1024 ** 2)
     with pytest.raises(ChatError, match="only 0.00 GiB of RAM is available"):
@@ -386,5 +414,135 @@ def test_tool_calls_are_read_out_of_the_content():
         "Let me check.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
         "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
     assert content == "Let me check."
-    assert calls == [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]
+    assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]
     assert split_tool_calls("no calls") == ("no calls", [])
+
+
+# --- tools, and conversations given whole (the server's way) -------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "ping", "description": "Check the network"}},
+         {"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
+             "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+             "required": ["query"]}}}]
+
+
+def _rendered(session: ChatSession, messages: list[dict], tools, think=None) -> list[int]:
+    from qwen35.runtime.tools import prepare_messages
+
+    return session.tokenize(session.template.render(prepare_messages(messages), add_generation_prompt=True,
+                                                    think=think, tools=tools))
+
+
+def _first_context(pieces, session: ChatSession) -> list[int]:
+    seen = None
+    for _ in pieces:
+        if seen is None:
+            seen = session.context_tokens()
+    return seen
+
+
+def test_tool_results_continue_a_conversation_as_the_template_renders_it(fresh):
+    held = _context_while_replying(fresh, "Is the network up?", tools=TOOLS)
+    assert held == _prompt_tokens_with_tools(fresh, fresh.messages[:1])
+    # The model's turn, as a client would send it back: arguments as a JSON string.
+    fresh.messages[-1] = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"query": "status"}'}}]}
+    fresh.messages[:] = __import__("qwen35.runtime.tools", fromlist=["x"]).prepare_messages(fresh.messages)
+    held = _first_context(fresh.stream({"role": "tool", "tool_call_id": "call_1", "content": "all good"},
+                                       tools=TOOLS), fresh)
+    assert held == _prompt_tokens_with_tools(fresh, fresh.messages[:3])
+    assert fresh.tokenize("<tool_response>\nall good\n</tool_response>")[1:4] == held[-20:][5:8] or \
+        "all good" in fresh.render()
+
+
+def _prompt_tokens_with_tools(session: ChatSession, messages: list[dict]) -> list[int]:
+    return session.tokenize(session.template.render(messages, add_generation_prompt=True, think=None, tools=TOOLS))
+
+
+def test_interleaved_conversations_each_keep_their_reuse(tiny_gguf):
+    system = {"role": "system", "content": "You are a helpful agent. " * 20}
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=3, prefill=False, cache_ram=64 << 20) as s:
+        conversations = {name: [system, {"role": "user", "content": f"Conversation {name}: " + "tell me more. " * 30}]
+                         for name in "AB"}
+        first = {}
+        for round_ in range(3):
+            for name, messages in conversations.items():
+                held = _first_context(s.respond(messages, tools=TOOLS, temp=0, max_tokens=4), s)
+                assert held == _rendered(s, messages, TOOLS)  # exactly the template's rendering
+                first.setdefault(name, s.stats["prompt_tokens"])
+                if round_:
+                    # Only the re-rendered answer and the new message were evaluated.
+                    assert s.stats["prompt_tokens"] <= 0.5 * first[name], (name, round_, s.stats)
+                reply = s.last_reply
+                messages += [{"role": "assistant", "content": reply.content,
+                              "tool_calls": [{"id": "call_x", "type": "function",
+                                              "function": {"name": "search", "arguments": '{"query": "q"}'}}]},
+                             {"role": "tool", "tool_call_id": "call_x", "content": f"result {round_}"}]
+        # A new conversation with the same system prompt and tools starts after the tools block.
+        held = _first_context(s.respond([system, {"role": "user", "content": "C"}], tools=TOOLS, max_tokens=2), s)
+        assert s.stats["cached_tokens"] >= 0.9 * len(held) - 20
+
+
+def test_reused_state_of_an_interleaved_conversation_gives_the_same_logits(tiny_gguf):
+    a = [{"role": "user", "content": "first conversation " * 10}]
+    b = [{"role": "user", "content": "second conversation " * 10}]
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        for _ in s.respond(a, temp=0, max_tokens=3):
+            pass
+        a += [{"role": "assistant", "content": s.last_reply.content}, {"role": "user", "content": "more"}]
+        for _ in s.respond(b, temp=0, max_tokens=3):
+            pass
+        for _ in s.respond(a, temp=0, max_tokens=3):
+            reused = _last_logits(s)
+            break
+        assert s.stats["cached_tokens"] > 20
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as other:
+        for _ in other.respond(a, temp=0, max_tokens=3):
+            full = _last_logits(other)
+            break
+        assert other.stats["cached_tokens"] == 0
+    np.testing.assert_allclose(reused, full, atol=1e-3 * np.abs(full).max())
+
+
+def test_a_forced_tool_call_streams_as_a_call_with_an_id(fresh):
+    from qwen35.runtime.constraints import tool_call_constraint
+
+    pieces = list(fresh.respond([{"role": "user", "content": "ping it"}], tools=TOOLS, think=False, temp=0,
+                                max_tokens=40, constraint=tool_call_constraint(TOOLS, "ping", parallel=False)))
+    calls = [p.call for p in pieces if p.kind == "tool_call"]
+    assert [c["function"] for c in calls] == [{"name": "ping", "arguments": {}}]
+    reply = fresh.last_reply
+    assert reply.tool_calls == calls and reply.tool_calls[0]["id"].startswith("call_")
+    assert reply.content == "" and reply.finish_reason == "stop"
+    assert fresh.messages == []  # respond() does not record
+
+
+def test_json_schema_output_is_enforced(fresh):
+    import json as json_
+
+    from qwen35.runtime.constraints import json_constraint
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    fresh.send("Answer in JSON.", think=False, temp=0, max_tokens=80) if False else None
+    for _ in fresh.respond([{"role": "user", "content": "Answer in JSON."}], think=False, temp=0, max_tokens=80,
+                           constraint=json_constraint(schema)):
+        pass
+    value = json_.loads(fresh.last_reply.content)
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and isinstance(value["n"], int)
+    # While reasoning, the grammar waits for `</think>`: the reasoning itself is free text.
+    for _ in fresh.respond([{"role": "user", "content": "Answer in JSON."}], think=True, temp=0.8, max_tokens=30,
+                           constraint=json_constraint(schema)):
+        pass
+    assert fresh.last_reply.finish_reason in ("length", "stop", "loop")
+
+
+def test_stop_strings_end_the_answer(fresh):
+    reply = fresh.send("hello", think=False, temp=0, max_tokens=30)
+    if len(reply.content) < 4:
+        pytest.skip("the random model answered too little to cut")
+    fresh.reset()
+    cut = reply.content[2:4]
+    stopped = fresh.send("hello", think=False, temp=0, max_tokens=30, stop=[cut])
+    assert stopped.content == reply.content[:reply.content.find(cut)].strip()
+    assert stopped.finish_reason == "stop"

@@ -180,4 +180,19 @@ def test_bench_prints_a_table(tiny_gguf):  # noqa: F811
     assert result.returncode == 0, result.stderr
     assert "| pp32 |" in result.stdout and "| tg8 |" in result.stdout and "peak memory" in result.stdout
     data = json.loads(run_cli("bench", tiny_gguf, "-p", "32", "-n", "8", "-r", "1", "--json").stdout)
-    assert data["pp"]["tps"] > 0 and data["tg"]["tps"] > 0 and data["peak_rss_bytes"] > 0
+    run, = data["runs"]
+    assert run["pp"]["tps"] > 0 and run["tg"]["tps"] > 0 and data["peak_rss_bytes"] > 0
+
+
+def test_bench_sweeps_threads_and_names_the_fastest(tiny_gguf):  # noqa: F811
+    data = json.loads(run_cli("bench", tiny_gguf, "-p", "16", "-n", "4", "-r", "1", "-t", "1,2", "--json").stdout)
+    assert [r["threads"] for r in data["runs"]] == [1, 2]
+    assert all(r["tg"]["tps"] > 0 for r in data["runs"])
+    assert data["fastest_threads"] == max(data["runs"], key=lambda r: r["tg"]["tps"])["threads"]
+    table = run_cli("bench", tiny_gguf, "-p", "16", "-n", "4", "-r", "1", "-t", "1,2")
+    assert "fastest generation: " in table.stdout
+
+
+def test_bench_rejects_a_bad_thread_list(tiny_gguf):  # noqa: F811
+    result = run_cli("bench", tiny_gguf, "-t", "1,x")
+    assert result.returncode != 0 and "comma-separated" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,201 @@
+"""The model state of one llama.cpp context, and a memory-bounded cache of checkpoints of it.
+
+Qwen3.5 is hybrid: the full-attention layers keep a KV cache that can be trimmed back to any
+earlier token, the Gated DeltaNet layers keep a recurrent state that cannot. So a conversation can
+only resume from a prompt prefix whose recurrent state was saved when the model stood there. The
+checkpoints are taken at semantic boundaries, where later prompts of the same conversation are
+known to agree (ChatSession picks them): the end of the system + tools prefix, each turn's stable
+boundary (after `<|im_start|>assistant\\n`, before `<think>`, where the next turn's rendering
+diverges), and the end of the prompt. Checkpoints are keyed by their exact token prefix, and one
+is used only when it is a prefix of the new prompt: the state is never a guess.
+
+Two kinds, chosen by cost:
+
+- A **partial** checkpoint (`PARTIAL_ONLY`) holds only the recurrent state — a fixed size whatever
+  the position (Qwen3.5-0.8B: ~19 MiB; 4B: ~50 MiB) — and is valid only while the live context
+  still holds its prefix in the attention KV cache: restoring it is setting the recurrent state and
+  trimming the KV cache. This is the common case (one conversation carrying on), and it is cheap.
+- A **full** checkpoint (`FULL`) also holds the attention KV of its prefix (0.8B: 12 KiB a token,
+  4B: 32 KiB a token: 24 + 19 MiB for a 2000-token 0.8B prefix) and stays valid whatever the
+  context does next. Taking one for every boundary would multiply memory (each turn's copy holds
+  all earlier turns), so a partial checkpoint is promoted to full only when it would otherwise be
+  lost: when another prompt (another conversation on the same server) is about to replace the live
+  state, the live conversation's deepest checkpoint is read out in full first. Its shallower
+  checkpoints stay partial and usable: restoring one loads the full checkpoint that extends it,
+  then its recurrent state, and trims the KV cache. One copy of the live prefix per switch — a
+  memcpy (tens of ms for thousands of tokens) against the seconds its re-evaluation would take.
+
+Eviction is least-recently-used under a byte budget (`--cache-ram`). Several llama.cpp sequences
+(one per conversation) would avoid the copy on a switch but split the context size between
+conversations and multiply the recurrent state kept live; one sequence plus full checkpoints keeps
+the whole context for whichever conversation runs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .native import FULL, PARTIAL_ONLY, Context
+
+PREFIX, TURN, PROMPT = "prefix", "turn", "prompt"  # where a checkpoint was taken
+
+
+@dataclass
+class Checkpoint:
+    tokens: tuple[int, ...]
+    state: bytearray
+    full: bool
+    kind: str
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.state) + 4 * len(self.tokens)
+
+
+class StateCache:
+    """The live state of one context (`tokens`: exactly what it holds, in order) and the checkpoints
+    that let a later prompt skip what was evaluated before."""
+
+    def __init__(self, ctx: Context, max_bytes: int) -> None:
+        self._ctx = ctx
+        self.max_bytes = max_bytes
+        self.tokens: list[int] = []
+        self._entries: OrderedDict[tuple[int, ...], Checkpoint] = OrderedDict()
+
+    # --- what the cache holds -------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Least recently used first."""
+        return list(self._entries.values())
+
+    def has(self, n_tokens: int) -> bool:
+        """Whether a checkpoint exists at the live state's first `n_tokens` tokens."""
+        return tuple(self.tokens[:n_tokens]) in self._entries
+
+    def deepest_held(self, kind: str) -> Checkpoint | None:
+        """The longest checkpoint of `kind` that the live state extends."""
+        held = [c for c in self._entries.values() if c.kind == kind and self._holds(c.tokens)]
+        return max(held, key=lambda c: len(c.tokens), default=None)
+
+    # --- changing the state ---------------------------------------------------------------------
+
+    def snapshot(self, kind: str) -> None:
+        """Keep the live state at its current position (a partial checkpoint)."""
+        key = tuple(self.tokens)
+        if not key or key in self._entries:
+            if key:
+                self._entries.move_to_end(key)
+            return
+        self._put(Checkpoint(key, self._ctx.get_state(PARTIAL_ONLY), full=False, kind=kind))
+
+    def put(self, checkpoint: Checkpoint) -> None:
+        """Add a checkpoint read from elsewhere (a saved session)."""
+        self._put(checkpoint)
+
+    def restore(self, prompt: list[int], limit: int) -> int:
+        """Bring the live state to the longest prefix of `prompt` (at most `limit` tokens) it can
+        reach without evaluating anything; returns that prefix's length."""
+        held = self.tokens
+        live = len(held) if len(held) <= limit and prompt[:len(held)] == held else -1
+        best = None
+        for c in self._entries.values():
+            n = len(c.tokens)
+            if live < n <= limit and (best is None or n > len(best.tokens)) and tuple(prompt[:n]) == c.tokens \
+                    and self._reachable(c):
+                best = c
+        if best is None:
+            if live >= 0:
+                return live  # the state is already there: just continue
+            self._keep_live(())
+            self.clear()
+            return 0
+        self._keep_live(best.tokens)
+        if best.tokens in self._entries:  # (keeping the live state may have evicted it: it is restored all the same)
+            self._entries.move_to_end(best.tokens)
+        if best.full:
+            self._ctx.set_state(best.state, FULL)
+        else:
+            if not self._holds(best.tokens):
+                # The attention KV of its prefix is in a full checkpoint that extends it: load that first.
+                base = min((c for c in self._entries.values() if c.full and c.tokens[:len(best.tokens)] == best.tokens),
+                           key=lambda c: len(c.tokens), default=None)
+                if base is None:  # evicted just now, while keeping the live state
+                    self.clear()
+                    return 0
+                self._ctx.set_state(base.state, FULL)
+                self.tokens = list(base.tokens)
+            # The attention cache holds the checkpoint's tokens: restore the recurrent state, then
+            # drop the attention entries past it.
+            self._ctx.set_state(best.state, PARTIAL_ONLY)
+            self._ctx.trim(len(best.tokens))
+        self.tokens = list(best.tokens)
+        self._drop_stale()
+        return len(best.tokens)
+
+    def clear(self) -> None:
+        """Empty the live state (full checkpoints stay usable, partial ones go)."""
+        self._ctx.clear()
+        self.tokens = []
+        self._drop_stale()
+
+    def forget(self) -> None:
+        """Empty the live state and drop every checkpoint."""
+        self._ctx.clear()
+        self.tokens = []
+        self._entries.clear()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _holds(self, tokens: tuple[int, ...]) -> bool:
+        return len(tokens) <= len(self.tokens) and tuple(self.tokens[:len(tokens)]) == tokens
+
+    def _reachable(self, c: Checkpoint) -> bool:
+        """A full checkpoint always is; a partial one while the live state holds its prefix, or a
+        full checkpoint does (restored first)."""
+        return c.full or self._holds(c.tokens) or any(
+            f.full and len(f.tokens) > len(c.tokens) and f.tokens[:len(c.tokens)] == c.tokens
+            for f in self._entries.values())
+
+    def _keep_live(self, target: tuple[int, ...]) -> None:
+        """The live state is about to become `target`: if it holds checkpoints that would then be
+        lost, read the deepest of them out in full first (the shallower ones stay reachable through
+        it), so that conversation can resume later."""
+        doomed = [c for c in self._entries.values()
+                  if not c.full and self._holds(c.tokens) and c.tokens != target[:len(c.tokens)]
+                  and not any(f.full and f.tokens[:len(c.tokens)] == c.tokens and len(f.tokens) > len(c.tokens)
+                              for f in self._entries.values())]
+        if not doomed:
+            return
+        deepest = max(doomed, key=lambda c: len(c.tokens))
+        self._ctx.set_state(deepest.state, PARTIAL_ONLY)
+        self._ctx.trim(len(deepest.tokens))
+        self.tokens = list(deepest.tokens)
+        self._entries.pop(deepest.tokens, None)
+        self._put(Checkpoint(deepest.tokens, self._ctx.get_state(FULL), full=True, kind=deepest.kind))
+
+    def _drop_stale(self) -> None:
+        """Partial checkpoints that can no longer be reached are useless: drop them."""
+        for key in [k for k, c in self._entries.items() if not self._reachable(c)]:
+            del self._entries[key]
+
+    def _put(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.nbytes > self.max_bytes:
+            return  # larger than the whole budget: keeping it would evict everything else
+        self._entries[checkpoint.tokens] = checkpoint
+        self._entries.move_to_end(checkpoint.tokens)
+        total = self.nbytes
+        evicted_full = False
+        while total > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            total -= evicted.nbytes
+            evicted_full |= evicted.full
+        if evicted_full:
+            self._drop_stale()

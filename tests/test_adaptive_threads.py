@@ -1,0 +1,113 @@
+"""The thread governor against a simulated 2-core machine (per-token times as measured on this
+project's machines: 2 threads 0.050 s quiet; with one busy process 0.233 s with 2 threads, 0.088 s
+with 1), with a fake clock and a fake /proc/stat idle counter."""
+
+from __future__ import annotations
+
+from qwen35.runtime.adaptive_threads import MAX_WAIT, ThreadGovernor, idle_core_seconds
+
+
+class Machine:
+    CORES = 2
+
+    def __init__(self) -> None:
+        self.busy = 0  # cores other programs keep busy
+        self.now = 0.0
+        self.idle = 0.0
+        self.threads = 2
+
+    def token_time(self) -> float:
+        if self.busy == 0:
+            return {1: 0.085, 2: 0.050}[self.threads]
+        return {1: 0.088, 2: 0.233}[self.threads]
+
+    def step(self, governor: ThreadGovernor) -> float:
+        t = self.token_time()
+        self.now += t
+        # llama.cpp's threads spin while they wait: a core is idle only if nobody runs on it.
+        self.idle += max(0, self.CORES - self.threads - self.busy) * t
+        governor.token_done(t)
+        return t
+
+
+def governed(machine: Machine) -> ThreadGovernor:
+    def apply(n):
+        machine.threads = n
+    return ThreadGovernor(2, apply, idle=lambda: machine.idle, clock=lambda: machine.now)
+
+
+def run(machine, governor, tokens):
+    return sum(machine.step(governor) for _ in range(tokens))
+
+
+def test_quiet_machine_keeps_every_thread_after_one_try():
+    m = Machine()
+    g = governed(m)
+    elapsed = run(m, g, 1000)
+    assert g.changes == [1, 2] and m.threads == 2
+    assert 1000 * 0.050 / elapsed >= 0.98  # the one window at 1 thread costs < 2%
+
+
+def test_busy_from_the_start_is_noticed():
+    m = Machine()
+    m.busy = 1
+    g = governed(m)
+    elapsed = run(m, g, 500)
+    assert m.threads == 1 and g.changes == [1]
+    assert 500 * 0.088 / elapsed >= 0.95
+
+
+def test_busy_core_drops_a_thread_and_keeps_it():
+    m = Machine()
+    g = governed(m)
+    run(m, g, 40)
+    m.busy = 1
+    elapsed = run(m, g, 500)
+    assert m.threads == 1
+    # Nearly all tokens at the best fixed count's speed: one slow window to notice, no probing up
+    # while no core is idle.
+    assert 500 * 0.088 / elapsed >= 0.95
+    assert g.changes == [1, 2, 1]
+
+
+def test_back_to_all_threads_when_the_machine_frees():
+    m = Machine()
+    g = governed(m)
+    run(m, g, 40)
+    m.busy = 1
+    run(m, g, 200)
+    m.busy = 0
+    run(m, g, 40)
+    assert m.threads == 2 and g.changes == [1, 2, 1, 2]
+
+
+def test_a_slow_phase_that_fewer_threads_do_not_help_backs_off():
+    """Slower for another reason (say, memory bandwidth): fewer threads are no faster, so the
+    governor goes back, and waits ever longer between tries."""
+    m = Machine()
+    g = governed(m)
+    run(m, g, 40)
+    m.token_time = lambda: 0.2 if m.threads == 2 else 0.4
+    run(m, g, 2000)
+    assert m.threads == 2
+    tries = g.changes.count(1)
+    assert 2 <= tries <= 8  # 16, 32, 64, … tokens apart
+
+
+def test_without_proc_stat_it_still_probes_up_now_and_then():
+    m = Machine()
+    g = ThreadGovernor(2, lambda n: setattr(m, "threads", n), idle=lambda: None, clock=lambda: m.now)
+    run(m, g, 40)
+    m.busy = 1
+    run(m, g, 200)
+    m.busy = 0
+    run(m, g, MAX_WAIT)
+    assert m.threads == 2
+
+
+def test_idle_core_seconds_reads_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 1000 200 0 0 0 0 0\ncpu0 50 0 25 500 100 0 0 0 0 0\n")
+    import os
+    assert idle_core_seconds(stat) == 1200 / os.sysconf("SC_CLK_TCK")
+    assert idle_core_seconds(tmp_path / "missing") is None

