@@ -76,12 +76,14 @@ def init(verbose: bool = False) -> None:
         _initialized = True
 
 
-def model_params(*, vocab_only: bool = False):
+def model_params(*, vocab_only: bool = False, load_mtp: bool = False):
     """llama.cpp's model parameters for every model qwen35 loads: the one place they are chosen.
     (Where the weights go — the AMX and CPU_REPACK buffer types — is decided by runtime.cpu
-    before the load, and reported by Model.placement after it.)"""
+    before the load, and reported by Model.placement after it.) `load_mtp` also loads the
+    multi-token-prediction block, which llama.cpp otherwise skips; speculative decoding needs it."""
     params = L.llama_model_default_params()
     params.vocab_only = vocab_only
+    params.load_mtp = load_mtp and not vocab_only
     return params
 
 
@@ -92,7 +94,7 @@ class Model:
     that informs it loads models with `placement=False`, having chosen the buffer types itself.
     """
 
-    def __init__(self, path: str, *, vocab_only: bool = False, placement: bool = True) -> None:
+    def __init__(self, path: str, *, vocab_only: bool = False, placement: bool = True, load_mtp: bool = False) -> None:
         from . import cpu
 
         init(log.verbose)
@@ -100,7 +102,8 @@ class Model:
         if placement and not vocab_only:
             self.amx = cpu.place_weights(path)
         log.clear()
-        self._model = L.llama_model_load_from_file(str(path).encode(), model_params(vocab_only=vocab_only))
+        self._model = L.llama_model_load_from_file(str(path).encode(),
+                                                   model_params(vocab_only=vocab_only, load_mtp=load_mtp))
         if not self._model:
             reason = (log.find("unknown model architecture", "error loading model", "failed to")
                       or "llama.cpp gave no reason")
@@ -108,6 +111,8 @@ class Model:
         self.placement = _placement(log.buffer_lines)
         self.vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = L.llama_model_n_embd_out(self._model)
+        self.mtp_loaded = load_mtp and not vocab_only and L.llama_model_n_layer_nextn(self._model) > 0
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -219,9 +224,9 @@ class Sampler:
         add(L.llama_sampler_init_temp(s.temp))
         add(L.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
 
-    def sample(self, ctx: "Context") -> int:
-        """Sample (and accept) a token from the logits of the last decoded token."""
-        return L.llama_sampler_sample(self._chain, ctx.ptr, -1)
+    def sample(self, ctx: "Context", i: int = -1) -> int:
+        """Sample (and accept) a token from the logits of output `i` of the last decode (-1: the last)."""
+        return L.llama_sampler_sample(self._chain, ctx.ptr, i)
 
     def close(self) -> None:
         if self._chain:
@@ -233,15 +238,23 @@ class Context:
     """A llama.cpp context holding one sequence: decode tokens, trim, and snapshot its state."""
 
     def __init__(self, model: Model, n_ctx: int, threads: int, n_batch: int = 512, *,
-                 all_logits: bool = False, exact: bool = False) -> None:
+                 all_logits: bool = False, exact: bool = False, n_outputs: int = 1, n_rollback: int = 0,
+                 mtp: bool = False) -> None:
         """`all_logits` gives every decoded token logits (for tests that compare whole prompts);
         `exact` keeps keys and values in f32 and attention off flash attention, which both round
-        through f16 — for comparisons against a float32 reference."""
+        through f16 — for comparisons against a float32 reference.
+
+        For speculative decoding: `n_outputs` tokens of one decode may have logits (the verified
+        draft), `n_rollback` recurrent-state snapshots let `trim` drop up to that many tokens of
+        the last decode, and `mtp` makes this the context that runs the model's MTP block."""
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = threads
-        params.n_outputs_max = n_batch if all_logits else 1
+        params.n_outputs_max = n_batch if all_logits else n_outputs
+        params.n_rs_seq = n_rollback
+        if mtp:
+            params.ctx_type = L.LLAMA_CONTEXT_TYPE_MTP
         if exact:
             params.type_k = params.type_v = L.GGML_TYPE_F32
             params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -254,6 +267,7 @@ class Context:
             raise ChatError(f"llama.cpp could not create a {n_ctx}-token context: {reason}")
         self.n_ctx = L.llama_n_ctx(self._ctx)  # llama.cpp rounds the size up to a multiple of 256
         self.n_batch = L.llama_n_batch(self._ctx)  # and never makes a batch larger than the context
+        self.n_rollback = L.llama_n_rs_seq(self._ctx)  # 0 where the architecture cannot roll back
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(n_batch, 0, 1)
 
@@ -261,8 +275,9 @@ class Context:
     def ptr(self):
         return self._ctx
 
-    def decode(self, tokens: list[int], pos: int, *, logits_last: bool = True) -> None:
-        """Evaluate `tokens` at positions pos, pos+1, …; only the last one gets logits (if asked).
+    def decode(self, tokens: list[int], pos: int, *, logits_last: bool = True, logits_all: bool = False) -> None:
+        """Evaluate `tokens` at positions pos, pos+1, …; only the last one gets logits (if asked),
+        or every one (`logits_all`, at most n_outputs of them: a draft being verified).
         Callers feed at most n_batch tokens at a time, so they can stop between batches."""
         n = len(tokens)
         assert 0 < n <= self.n_batch
@@ -275,7 +290,7 @@ class Context:
             b.pos[i] = pos + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
-            b.logits[i] = 1 if self._all_logits else 0
+            b.logits[i] = 1 if self._all_logits or logits_all else 0
         b.logits[n - 1] = 1 if logits_last or self._all_logits else 0
         rc = L.llama_decode(self._ctx, b)
         if rc == 1:
@@ -298,7 +313,8 @@ class Context:
 
     def trim(self, n_tokens: int) -> None:
         """Drop every position ≥ n_tokens. For the recurrent layers this only succeeds when the
-        state is already at n_tokens (restored from a checkpoint): they cannot be rolled back."""
+        state is already at n_tokens (restored from a checkpoint), or, in a context made with
+        `n_rollback`, when it drops at most that many tokens — and not all — of the last decode."""
         if not L.llama_memory_seq_rm(self._mem, SEQ, n_tokens, -1):
             raise ChatError(f"llama.cpp cannot roll the model state back to {n_tokens} tokens")
 

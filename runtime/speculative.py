@@ -1,0 +1,224 @@
+"""Speculative decoding with the model's own multi-token-prediction (MTP) head.
+
+Every Qwen3.5 release ships one MTP block: given a token and the target model's hidden state at the
+token before it, it predicts the token after. llama.cpp runs it in a second context of type
+LLAMA_CONTEXT_TYPE_MTP over the same weights; the draft/verify loop itself is in llama.cpp's C++
+`common/` library, which the Python bindings do not export, so it is written here.
+
+One step, with p tokens in the model state and x the last sampled token (not yet evaluated):
+1. draft: the MTP context evaluates x at p with the target's hidden state of token p-1, takes the
+   most likely token d1, evaluates d1 at p+1 with its own hidden state, … up to d_n; those
+   positions are then dropped from the MTP context again;
+2. verify: the target evaluates [x, d1..d_n] in one decode with logits for every row, and the
+   caller's sampler chain samples row after row while the sample equals the draft: y_0 (always),
+   y_1 if y_0 == d1, …. Each emitted token is drawn from the target's own distribution at its
+   position, so the output is the target's, greedy or sampled (the draft only decides how many
+   rows are looked at);
+3. keep: the caller keeps [x, y_0..y_{k-1}] (k+1 tokens, at least x): the target drops the rest of
+   the decode with the recurrent-state snapshots of `n_rollback` (never the whole decode, which
+   llama.cpp cannot restore: upstream bug #26695), and the MTP context follows.
+
+After every target decode — prompt, plain step or verify — the MTP context evaluates the same
+tokens, each paired with the target's hidden state of the token before it (`feed`), so its KV cache
+and the pending hidden state always describe exactly what the target holds.
+
+The hidden-state functions are outside llama.cpp's stable API (llama-ext.h, bound by mangled
+name in llama_cpp.llama_cpp_ext); `open_speculator` checks for them and says why it falls back to
+plain decoding when they or the MTP block are missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+import llama_cpp as L
+
+from . import native
+from .errors import ChatError
+
+# The stable-API part of what the loop needs (llama.h's extended batch: a token with a hidden state).
+_BATCH_API = ("llama_batch_ext_init", "llama_batch_ext_free", "llama_batch_ext_clear", "llama_batch_ext_add_token",
+              "llama_batch_ext_set_pos", "llama_batch_ext_set_embd_token", "llama_batch_ext_set_output_logits",
+              "llama_process", "llama_embd", "LLAMA_CONTEXT_TYPE_MTP")
+
+
+def staging_api():
+    """(llama_cpp_ext, None) when this llama-cpp-python has what MTP needs, else (None, reason)."""
+    missing = [name for name in _BATCH_API if not hasattr(L, name)]
+    if missing:
+        return None, f"this llama-cpp-python lacks {', '.join(missing)}"
+    try:
+        # Binding happens at import: a missing symbol raises AttributeError there.
+        from llama_cpp import llama_cpp_ext
+    except (ImportError, AttributeError) as e:
+        return None, f"this llama-cpp-python does not export llama.cpp's hidden-state functions ({e})"
+    return llama_cpp_ext, None
+
+
+def mtp_block_count(model_file) -> int:
+    """MTP blocks in a GGUF (from its header, before anything is loaded)."""
+    return int(model_file.arch_key("nextn_predict_layers", 0) or 0)
+
+
+class Speculator:
+    """The MTP draft provider for one target context: `feed` after every target decode, then
+    `step` (draft + verify) and `keep` (accept, roll back the rest)."""
+
+    def __init__(self, model: native.Model, target: native.Context, n_draft: int, threads: int) -> None:
+        ext, reason = staging_api()
+        if ext is None:
+            raise ChatError(reason)
+        if not model.mtp_loaded:
+            raise ChatError("the model was loaded without its MTP block")
+        if not 1 <= n_draft <= target.n_rollback:
+            raise ChatError(f"{n_draft} draft tokens need {n_draft} recurrent-state snapshots; "
+                            f"the context keeps {target.n_rollback}")
+        self._ext = ext
+        self.n_draft = n_draft
+        self._target = target
+        self._n_embd = model.n_embd
+        self._n_vocab = model.n_vocab
+        self._ctx = native.Context(model, target.n_ctx, threads, target.n_batch, mtp=True)
+        # The target gives a hidden row for every token it decodes (not only those with logits);
+        # the MTP context only for its output rows (the drafts).
+        ext.llama_set_embeddings_nextn(target.ptr, True, False)
+        ext.llama_set_embeddings_nextn(self._ctx.ptr, True, True)
+        self._batch = L.llama_batch_ext_init(self._ctx.ptr)
+        self._pos = (L.llama_pos * 1)()
+        self._pending = np.zeros(self._n_embd, np.float32)  # target hidden state of the last token held
+        self._rows = np.zeros((0, self._n_embd), np.float32)  # target hidden rows of the last decode
+        self._rows_pos = 0
+        self.drafted = 0
+        self.accepted = 0
+
+    # --- keeping the MTP context in step with the target ----------------------------------------
+
+    def feed(self, tokens: list[int], pos: int) -> None:
+        """The target has just decoded `tokens` at `pos`: evaluate them in the MTP context, token k
+        with the target's hidden state of token k-1 (the first with the pending one)."""
+        n = len(tokens)
+        ptr = self._ext.llama_get_embeddings_nextn(self._target.ptr)
+        if not ptr:
+            raise ChatError("llama.cpp returned no hidden state for the MTP head")
+        rows = np.ctypeslib.as_array(ptr, shape=(n, self._n_embd)).copy()
+        self._trim(pos)
+        self._clear_batch()
+        for k, token in enumerate(tokens):
+            self._add(token, pos + k, self._pending if k == 0 else rows[k - 1], output=False)
+        self._process()
+        self._rows, self._rows_pos = rows, pos
+        self._pending = rows[-1].copy()
+
+    def keep(self, n_tokens: int) -> None:
+        """Keep the first `n_tokens` positions of the state (some of the last decode at least):
+        the target rolls back the rest of its last decode, the MTP context follows."""
+        last_end = self._rows_pos + len(self._rows)
+        if n_tokens == last_end:
+            return
+        if not self._rows_pos < n_tokens < last_end:
+            raise ChatError(f"cannot roll back to {n_tokens} tokens: the last decode covered "
+                            f"{self._rows_pos}..{last_end}")  # a bug of ours: never a native abort
+        self._target.trim(n_tokens)
+        self._trim(n_tokens)
+        self._pending = self._rows[n_tokens - self._rows_pos - 1].copy()
+        self._rows = self._rows[:n_tokens - self._rows_pos]
+
+    def hidden_state(self) -> np.ndarray:
+        """The pending hidden state: what the next draft starts from, saved with the model state."""
+        return self._pending.copy()
+
+    def restore(self, n_tokens: int, hidden: np.ndarray | None) -> None:
+        """The target state was set to `n_tokens` tokens (a checkpoint, a loaded conversation):
+        keep as many positions of the MTP context and take up the hidden state saved with it."""
+        self._trim(n_tokens)
+        self._rows = np.zeros((0, self._n_embd), np.float32)
+        self._rows_pos = n_tokens
+        self._pending = (np.zeros(self._n_embd, np.float32) if hidden is None
+                         else np.asarray(hidden, np.float32).reshape(self._n_embd).copy())
+
+    def clear(self) -> None:
+        self._ctx.clear()
+        self.restore(0, None)
+
+    # --- one speculative step -------------------------------------------------------------------
+
+    def draft(self, last: int, pos: int, n: int) -> list[int]:
+        """Up to `n` tokens the MTP head expects after `last` (to be evaluated at `pos`)."""
+        drafts: list[int] = []
+        hidden = self._pending
+        token = last
+        for i in range(n):
+            self._clear_batch()
+            self._add(token, pos + i, hidden, output=True)
+            self._process()
+            token = int(np.argmax(self._ctx.logits(0)))
+            drafts.append(token)
+            if i + 1 < n:
+                ptr = self._ext.llama_get_embeddings_nextn_ith(self._ctx.ptr, 0)
+                if not ptr:
+                    raise ChatError("llama.cpp returned no hidden state from the MTP head")
+                hidden = np.ctypeslib.as_array(ptr, shape=(self._n_embd,)).copy()
+        # The drafts are evaluated again by `feed` after the verify, with the target's hidden rows.
+        self._trim(pos)
+        return drafts
+
+    def step(self, last: int, pos: int, sampler: native.Sampler, n_draft: int, is_eog) -> tuple[list[int], list[int]]:
+        """Draft, verify: (the tokens evaluated at `pos`, the tokens sampled from them). The
+        sampled ones y_0..y_k follow the target's distribution; y_i == draft i+1 for i < k. Call
+        `keep` next with how many evaluated tokens the reply keeps."""
+        drafts = self.draft(last, pos, n_draft) if n_draft > 0 else []
+        batch = [last] + drafts
+        self._target.decode(batch, pos, logits_all=True)
+        self.feed(batch, pos)
+        sampled: list[int] = []
+        for i in range(len(batch)):
+            y = sampler.sample(self._target, i)
+            sampled.append(y)
+            if i == len(drafts) or y != drafts[i] or is_eog(y):
+                break
+        self.drafted += len(drafts)
+        self.accepted += len(sampled) - 1
+        return batch, sampled
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _trim(self, n_tokens: int) -> None:
+        # A plain KV cache over the MTP layer: any suffix can be dropped.
+        self._ctx.trim(n_tokens)
+
+    def _clear_batch(self) -> None:
+        L.llama_batch_ext_clear(self._batch)
+
+    def _add(self, token: int, pos: int, hidden: np.ndarray, *, output: bool) -> None:
+        idx = L.llama_batch_ext_add_token(self._batch, native.SEQ, token)
+        if idx < 0:
+            raise ChatError(f"llama.cpp refused token {token} in an MTP batch (code {idx})")
+        self._pos[0] = pos
+        row = L.llama_embd(hidden.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, self._n_embd)
+        if not (L.llama_batch_ext_set_pos(self._batch, idx, self._pos)
+                and L.llama_batch_ext_set_embd_token(self._batch, idx, row)
+                and L.llama_batch_ext_set_output_logits(self._batch, idx, output)):
+            raise ChatError("llama.cpp refused a hidden state in an MTP batch")
+
+    def _process(self) -> None:
+        rc = L.llama_process(self._ctx.ptr, L.LLAMA_PROCESS_TYPE_DECODE, self._batch)
+        if rc != 0:
+            raise ChatError(f"the MTP head failed (llama_process code {rc}): "
+                            f"{native.log.find('error', 'failed') or 'no reason given'}")
+
+    def close(self) -> None:
+        if self._batch:
+            L.llama_batch_ext_free(self._batch)
+            self._batch = None
+        self._ctx.close()
+
+
+def open_speculator(model: native.Model, target: native.Context, n_draft: int,
+                    threads: int) -> tuple[Speculator | None, str | None]:
+    """A Speculator, or None and the notice that says why decoding stays plain."""
+    try:
+        return Speculator(model, target, n_draft, threads), None
+    except ChatError as e:
+        return None, f"speculative decoding off: {e}"
