@@ -171,7 +171,7 @@ def compare_with_llama_bench(model: Path, args) -> None:
     mine, theirs = {"pp": [], "tg": []}, {"pp": [], "tg": []}
     peak = 0
     placements = None
-    for _ in range(args.rounds):
+    for round_number in range(1, args.rounds + 1):
         ours_round = ours(model, args.threads, args.reps)
         peak = max(peak, ours_round["peak_rss_bytes"])
         # llama-bench can offer all of the extra buffer types or none: all, unless qwen35 held AMX
@@ -182,6 +182,9 @@ def compare_with_llama_bench(model: Path, args) -> None:
         for name in ("pp", "tg"):
             mine[name].append(ours_round["runs"][0][name]["tps"])
             theirs[name].append(native_round[name]["tps"])
+        # As it goes: a bench cut short still says what it measured.
+        print(f"round {round_number}: " + ", ".join(f"{name} qwen35 {mine[name][-1]:.2f} / llama-bench "
+                                                    f"{theirs[name][-1]:.2f} t/s" for name in ("pp", "tg")), flush=True)
     print(f"{args.rounds} interleaved rounds of {args.reps} repetitions each; tokens/s per round:")
     for name in ("pp", "tg"):
         print(f"  {name} qwen35 {[round(x, 2) for x in mine[name]]}  llama-bench {[round(x, 2) for x in theirs[name]]}")
