@@ -390,7 +390,7 @@ def report(results: dict, servers: list[Server]) -> bool:
         cols = []
         for n in names:
             if s[n]["errors"] and s[n]["ttft_s"] is None:
-                cols.append(f"error ({len(s[n]['errors'])}/{s[n]['n']}): {s[n]["errors"][0][:80]}")
+                cols.append(f"error ({len(s[n]['errors'])}/{s[n]['n']}): {s[n]['errors'][0][:80]}")
             else:
                 bad = f" ({len(s[n]['errors'])} errors)" if s[n]["errors"] else ""
                 cols.append(f"{fmt(s[n]['evaluated'], '.0f')} / {fmt(s[n]['ttft_s'], '.2f')} / "
