@@ -125,18 +125,30 @@ def demo(workdir):
 @click.option("--adapt-threads", is_flag=True,
               help="Generate on fewer threads while other programs keep cores busy (experimental).")
 @click.option("--resume", is_flag=True, help="Take up the last conversation with this model (kept on disk as it goes).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=str),
+              help="Show the model this image (JPEG, PNG, WebP, BMP, GIF) with the prompt (the first message, "
+                   "interactive). Repeatable.")
+@click.option("--mmproj", type=click.Path(path_type=str),
+              help="The vision tower's GGUF. Default: <name>-mmproj-<TYPE>.gguf beside MODEL, as `qwen35 convert` "
+                   "writes it.")
+@click.option("--image-max-tokens", type=click.IntRange(min=8),
+              help="Most tokens an image becomes (larger ones are scaled down): detail against time on a CPU. "
+                   "Default: 1024.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
-        presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, verbose):
+        presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, mmproj,
+        image_max_tokens, verbose):
     """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
     from .runtime.run import run as run_chat
 
     options = dict(n_ctx=ctx_size, threads=threads, think=think, seed=seed, system=system, force=force,
                    adapt_threads=adapt_threads,
                    verbose=verbose, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                   presence_penalty=presence_penalty, max_tokens=max_tokens)
+                   presence_penalty=presence_penalty, max_tokens=max_tokens, mmproj=mmproj)
+    if image_max_tokens is not None:
+        options["image_max_tokens"] = image_max_tokens
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
-                      resume=resume))
+                      resume=resume, images=list(images)))
 
 
 def _thread_counts(value: str | None) -> list[int] | None:
