@@ -176,8 +176,12 @@ def _thread_counts(value: str | None) -> list[int] | None:
               help="Requests that may wait for the model; more are answered 429.")
 @click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
+@click.option("--mmproj", type=click.Path(path_type=str),
+              help="The vision tower's GGUF, for image_url parts. Default: <name>-mmproj-<TYPE>.gguf beside MODEL.")
+@click.option("--image-max-tokens", type=click.IntRange(min=8), help="Most tokens an image becomes. Default: 1024.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, force, verbose):
+def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, force, mmproj, image_max_tokens,
+          verbose):
     """Serve a GGUF MODEL over an OpenAI-compatible HTTP API (needs `pip install 'qwen35[serve]'`)."""
     try:
         import starlette  # noqa: F401
@@ -186,7 +190,10 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
         raise ChatError("qwen35 serve needs starlette and uvicorn: pip install 'qwen35[serve]'") from None
     from .runtime.server import serve as run_server
 
-    options = dict(n_ctx=ctx_size, threads=threads, cache_ram=cache_ram << 20, force=force, verbose=verbose)
+    options = dict(n_ctx=ctx_size, threads=threads, cache_ram=cache_ram << 20, force=force, verbose=verbose,
+                   mmproj=mmproj)
+    if image_max_tokens is not None:
+        options["image_max_tokens"] = image_max_tokens
     run_server(model, host=host, port=port, api_key=api_key, session_options=options, queue_size=queue_size)
 
 

@@ -216,12 +216,14 @@ class ChatSession:
         self._stop.clear()
         return self._turn_generator(self._conversation(), new, request, record=True)
 
-    def respond(self, messages: list[dict], *, tools: list[dict] | None = None, constraint: Constraint | None = None,
-                read_tool_calls: bool = True, **overrides) -> Iterator[Piece]:
+    def respond(self, messages: list[dict], *, images=(), tools: list[dict] | None = None,
+                constraint: Constraint | None = None, read_tool_calls: bool = True, **overrides) -> Iterator[Piece]:
         """Yield the reply to a whole conversation (OpenAI-style messages, system prompt included),
-        without recording it in `messages`. `constraint` limits what the answer may be (see
-        constraints.py); `read_tool_calls=False` leaves call-like text in the content."""
+        without recording it in `messages`. `images`: the encoded files that the messages' image
+        parts ({"type": "image", "image": <SHA-256>}) name. `constraint` limits what the answer may
+        be (see constraints.py); `read_tool_calls=False` leaves call-like text in the content."""
         conversation = prepare_messages(messages)
+        self._hold_images(conversation, images)
         request = self._request(overrides, tools=check_tools(tools), constraint=constraint,
                                 read_tool_calls=read_tool_calls)
         self._stop.clear()
@@ -703,6 +705,17 @@ class ChatSession:
             chunks.close()
         self._image_work[0] += image.n_tokens
         self._image_work[1] += time.perf_counter() - start
+
+    def _hold_images(self, conversation: list[dict], images) -> None:
+        """Keep `images` and forget those neither `conversation` nor the recorded one shows: a
+        server sees a stream of images and must not keep them all (each request re-sends its own)."""
+        self._settle()
+        given = {hashlib.sha256(data).hexdigest(): bytes(data) for data in images}
+        shown = {part["image"] for m in conversation + self.messages if isinstance(m.get("content"), list)
+                 for part in m["content"] if part.get("type") == "image"}
+        self._images = {i: d for i, d in {**self._images, **given}.items() if i in shown}
+        self._image_cells = {i: c for i, c in self._image_cells.items() if i in shown}
+        self._image_at = {k: i for k, i in self._image_at.items() if i in shown}
 
     def _free_tokenized(self) -> None:
         for chunks in self._tokenized.values():

@@ -239,3 +239,53 @@ def test_repl_attaches_images_to_the_next_message(model, fixture, tmp_path):
     assert "images:" not in term.expect(">>> ")
     term.send("/exit\n")
     assert term.wait() == 0
+
+
+# --- through the server ---------------------------------------------------------------------------
+
+
+def test_server_takes_image_url_parts_and_reuses_them(model, fixture):
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        httpx = pytest.importorskip("httpx")
+    import base64
+
+    from qwen35.runtime.server import Server, http_port, listen
+
+    url = "data:image/png;base64," + base64.b64encode(fixture.image.read_bytes()).decode()
+    with _session(model, prefill=False, cache_ram=64 << 20) as session:
+        srv = Server(session, model_name="tiny")
+        http = listen(srv, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{http_port(http)}/v1/chat/completions"
+
+        def post(messages):
+            return httpx.post(base, json={"messages": messages, "temperature": 0, "max_tokens": 3}, timeout=120)
+
+        try:
+            first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": "What is it?"}]}]
+            r = post(first)
+            assert r.status_code == 200, r.text
+            assert session.stats["image_tokens"] == N_IMAGE_TOKENS
+            answer = r.json()["choices"][0]["message"]
+            history = first + [{"role": "assistant", "content": answer["content"] or ""},
+                               {"role": "user", "content": "And its colours?"}]
+            r = post(history)
+            assert r.status_code == 200, r.text
+            assert session.stats["image_tokens"] == 0  # the image came from the checkpoint
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > N_IMAGE_TOKENS
+            for bad, message in [("https://example.com/cat.png", "fetches nothing from the network"),
+                                 ("data:image/png;base64,@@@", "not valid base64"),
+                                 ("data:image/png;base64," + base64.b64encode(b"no picture").decode(),
+                                  "is not an image")]:
+                r = post([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bad}}]}])
+                assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+            assert post(history).status_code == 200  # and it keeps serving
+            assert len(session._images) == 1  # only the images of the last request are kept
+        finally:
+            http.should_exit = True
+            http.thread.join(10)
+            srv.close()
