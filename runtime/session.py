@@ -233,13 +233,20 @@ class ChatSession:
         """Check an image (a path or encoded bytes: it must decode, and fit the context) and keep it
         for the conversation; returns the content part that shows it in a message,
         {"type": "image", "image": <SHA-256 of the bytes>, "path": …}. `stream(images=…)` calls it."""
+        self._settle()  # (the prefill may be using the projector)
         data, name = read_image(source)
         image_id = hashlib.sha256(data).hexdigest()
-        self._images.setdefault(image_id, data)
         part = {"type": "image", "image": image_id}
         if not isinstance(source, (bytes, bytearray)):
             part["path"] = str(Path(source).resolve())
-        self._cells_of_image(part, name)
+        new = image_id not in self._images
+        self._images[image_id] = data
+        try:
+            self._cells_of_image(part, name)
+        except ChatError:
+            if new:
+                del self._images[image_id]
+            raise
         return part
 
     def image_tokens(self, part: dict) -> int:

@@ -289,3 +289,43 @@ def test_server_takes_image_url_parts_and_reuses_them(model, fixture):
             http.should_exit = True
             http.thread.join(10)
             srv.close()
+
+
+def test_an_image_split_over_batches_gives_the_same_logits(model, fixture, tmp_path):
+    """n_batch below the image's token count (VISION.md §5.6): mtmd feeds the image in pieces, and
+    the M-RoPE positions of every piece must be those of the whole."""
+    from qwen35.runtime import native
+    from qwen35.runtime.vision import Projector
+
+    write_png(tmp_path / "wide.png", np.random.default_rng(1).integers(0, 256, (96, 256, 3), dtype=np.uint8))
+    mmproj = next(model.parent.glob("*-mmproj-F16.gguf"))
+    native.init()
+    weights = native.Model(str(model))
+    projector = Projector(mmproj, weights, native.L.llama_model_n_embd(weights.ptr), threads=2)
+    text = weights.tokenize("<|im_start|>user\n")
+    after = weights.tokenize("What is it?<|im_end|>\n<|im_start|>assistant\n")
+    logits = []
+    try:
+        for n_batch in (8, 64):
+            ctx = native.Context(weights, 256, 2, n_batch=n_batch, exact=True)
+            image = projector.image(tmp_path / "wide.png")
+            chunks = projector.tokenize(projector.marker, [image])
+            image.close()
+            start, picture, end = chunks.items
+            assert picture.n_tokens == 24 > 8 and picture.n_pos == 8  # 8 × 3 merged patches
+            cells = text + list(start.tokens)
+            ctx.decode(cells, 0)
+            pos = projector.eval(ctx, picture, len(cells), logits_last=False)
+            assert pos == len(cells) + picture.n_pos
+            cells_held = len(cells) + picture.n_tokens
+            for t in list(end.tokens) + after:
+                ctx.decode([t], pos, cells=cells_held)
+                pos, cells_held = pos + 1, cells_held + 1
+            logits.append(ctx.logits(-1))
+            assert ctx.n_past() == pos
+            chunks.close()
+            ctx.close()
+    finally:
+        projector.close()
+        weights.close()
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-4 * np.abs(logits[1]).max())
