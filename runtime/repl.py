@@ -120,6 +120,7 @@ class Repl:
         self._record(pending=text)  # before anything can go wrong: the message is on disk
         kind = None  # what the last piece shown was
         images, self.images = self.images, []
+        recorded = len(self.session.messages)
         try:
             with self._ctrl_c_stops_reply():
                 for piece in self.session.stream(text, images):
@@ -127,6 +128,8 @@ class Repl:
                     kind = piece.kind
         except ChatError as e:
             self._print(f"{RESET}error: {e}")
+            if len(self.session.messages) == recorded:
+                self.images = images  # the message was not taken: its images stay attached for the next
             self._record()
             return
         self._record()

@@ -329,3 +329,29 @@ def test_an_image_split_over_batches_gives_the_same_logits(model, fixture, tmp_p
         projector.close()
         weights.close()
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-4 * np.abs(logits[1]).max())
+
+
+def test_run_image_goes_with_the_first_message_of_the_chat(model, fixture):
+    term = Terminal("run", model, "--image", fixture.image, "--max-tokens", "3", "--ctx-size", "1024")
+    term.expect(">>> ")
+    term.send("What is it?\n")
+    term.expect(">>> ")
+    term.send("/stats\n")
+    assert f"images: {N_IMAGE_TOKENS} tokens" in term.expect(">>> ")
+    term.send("/exit\n")
+    assert term.wait() == 0
+
+
+def test_repl_keeps_the_images_of_a_message_that_did_not_fit(model, fixture):
+    term = Terminal("run", model, "--max-tokens", "3", "--ctx-size", "256")
+    term.expect(">>> ")
+    term.send(f"/image {fixture.image}\n")
+    term.expect(">>> ")
+    term.send("word " * 300 + "\n")
+    assert "no longer fits" in term.expect(">>> ")
+    term.send("Short, then.\n")
+    term.expect(">>> ")
+    term.send("/stats\n")
+    assert f"images: {N_IMAGE_TOKENS} tokens" in term.expect(">>> ")
+    term.send("/exit\n")
+    assert term.wait() == 0
