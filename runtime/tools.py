@@ -113,7 +113,8 @@ def _content(content, where: str) -> str | list[dict]:
             elif isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str):
                 parts.append({k: part[k] for k in ("type", "image", "path") if k in part})
             elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
-                raise ChatError(f"{where}: this model takes no images")
+                raise ChatError(f"{where}: an image here must be {{\"type\": \"image\", \"image\": <its SHA-256>}} "
+                                "as ChatSession.add_image returns it (qwen35 serve reads image_url parts)")
             else:
                 raise ChatError(f"{where} must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts")
         if all(p["type"] == "text" for p in parts):

@@ -24,9 +24,8 @@ from .errors import ChatError, ContextFull
 from .modelfile import ModelFile, read_gguf
 
 MIN_IMAGE_TOKENS = 8  # clip.cpp's floor for the Qwen-VL projectors
-# The default bound on an image's tokens: its cost on a CPU (encoding is quadratic in them beyond a
-# few hundred) against detail; llama.cpp's own 4096 takes minutes per photo on a laptop, and fine
-# grounding wants at least 1024 (clip.cpp warns below that).
+# The default bound on an image's tokens (llama.cpp's own is 4096): the cost of encoding on a CPU
+# against detail; grounding wants at least 1024 (clip.cpp warns below that). VISION.md §2.
 DEFAULT_IMAGE_MAX_TOKENS = 1024
 IMAGE_FORMATS = "JPEG, PNG, WebP, BMP or GIF"
 
@@ -117,7 +116,7 @@ def find_mmproj(model_file: ModelFile) -> tuple[Path | None, Path]:
     from ..convert.qwen35_vision import MMPROJ_TYPES
 
     name = str(model_file.metadata.get("general.name") or model_file.path.stem)
-    candidates = [model_file.path.parent / mmproj_file_name(name, t) for t in ["f16", *MMPROJ_TYPES]]
+    candidates = [model_file.path.parent / mmproj_file_name(name, t) for t in dict.fromkeys(["f16", *MMPROJ_TYPES])]
     return next((p for p in candidates if p.is_file()), None), candidates[0]
 
 
