@@ -275,13 +275,16 @@ class Context:
     def ptr(self):
         return self._ctx
 
-    def decode(self, tokens: list[int], pos: int, *, logits_last: bool = True, logits_all: bool = False) -> None:
+    def decode(self, tokens: list[int], pos: int, *, cells: int | None = None, logits_last: bool = True,
+               logits_all: bool = False) -> None:
         """Evaluate `tokens` at positions pos, pos+1, …; only the last one gets logits (if asked),
         or every one (`logits_all`, at most n_outputs of them: a draft being verified).
+        `cells`: how many KV cells the context holds already — more than `pos` after an image,
+        which fills more cells than it advances positions (M-RoPE); it is what fills the context.
         Callers feed at most n_batch tokens at a time, so they can stop between batches."""
         n = len(tokens)
         assert 0 < n <= self.n_batch
-        if pos + n > self.n_ctx:
+        if (pos if cells is None else cells) + n > self.n_ctx:
             raise ContextFull(f"context full ({self.n_ctx} tokens)")
         b = self._batch
         b.n_tokens = n
@@ -311,17 +314,19 @@ class Context:
         """Threads of the next decodes (generation and prompt batches alike); takes effect at once."""
         L.llama_set_n_threads(self._ctx, threads, threads)
 
-    def trim(self, n_tokens: int) -> None:
-        """Drop every position ≥ n_tokens. For the recurrent layers this only succeeds when the
-        state is already at n_tokens (restored from a checkpoint), or, in a context made with
-        `n_rollback`, when it drops at most that many tokens — and not all — of the last decode."""
-        if not L.llama_memory_seq_rm(self._mem, SEQ, n_tokens, -1):
-            raise ChatError(f"llama.cpp cannot roll the model state back to {n_tokens} tokens")
+    def trim(self, pos: int) -> None:
+        """Drop every cell at a position ≥ pos (the token count, in a text-only context). For the
+        recurrent layers this only succeeds when the state is already at pos (restored from a
+        checkpoint), or, in a context made with `n_rollback`, when it drops at most that many
+        tokens — and not all — of the last decode."""
+        if not L.llama_memory_seq_rm(self._mem, SEQ, pos, -1):
+            raise ChatError(f"llama.cpp cannot roll the model state back to position {pos}")
 
     def clear(self) -> None:
         L.llama_memory_clear(self._mem, True)
 
     def n_past(self) -> int:
+        """The next position (not the cell count, after an image)."""
         return L.llama_memory_seq_pos_max(self._mem, SEQ) + 1
 
     def get_state(self, flags: int) -> bytearray:

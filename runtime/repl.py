@@ -19,6 +19,7 @@ Type a message and press Enter. For several lines, end a line with \\ or wrap th
   /reset           forget the conversation
   /save FILE       save the conversation, model state included
   /load FILE       resume a saved conversation
+  /image PATH      show the model an image with your next message (repeat for several)
   /stats           numbers for the last reply
   /retry           send again the message the last session did not answer
   /exit            leave (or Ctrl-D); Ctrl-C stops a reply
@@ -30,8 +31,10 @@ class Repl:
     is a message a previous process received but did not answer (after a crash)."""
 
     def __init__(self, session: ChatSession, *, hide_thinking: bool, journal: Journal | None = None,
-                 resumed: str | None = None, pending: str | None = None, out=sys.stdout) -> None:
+                 resumed: str | None = None, pending: str | None = None, images: list[str] = (),
+                 out=sys.stdout) -> None:
         self.session = session
+        self.images = list(images)  # attached to the next message
         self.hide_thinking = hide_thinking
         self.journal = journal
         self.resumed = resumed
@@ -71,6 +74,8 @@ class Repl:
         self._print(f"{DIM}Resumed a conversation of {len(messages)} messages ({self.resumed}).{RESET}")
         for message in messages[-2:]:
             text = message.get("content") or ""
+            if isinstance(text, list):  # a message with images
+                text = "".join(p["text"] if p["type"] == "text" else "[image] " for p in text)
             self._print(f"{DIM}{message['role']}: {text[:300]}{'…' if len(text) > 300 else ''}{RESET}")
         if self.pending:
             self._print(f"{DIM}Your last message was not answered (the process ended): /retry sends it again.{RESET}")
@@ -114,13 +119,17 @@ class Repl:
         self.pending = None
         self._record(pending=text)  # before anything can go wrong: the message is on disk
         kind = None  # what the last piece shown was
+        images, self.images = self.images, []
+        recorded = len(self.session.messages)
         try:
             with self._ctrl_c_stops_reply():
-                for piece in self.session.stream(text):
+                for piece in self.session.stream(text, images):
                     self._show(piece, kind)
                     kind = piece.kind
         except ChatError as e:
             self._print(f"{RESET}error: {e}")
+            if len(self.session.messages) == recorded:
+                self.images = images  # the message was not taken: its images stay attached for the next
             self._record()
             return
         self._record()
@@ -202,6 +211,13 @@ class Repl:
                     s.load(arg)
                     self._record()
                     self._print(f"loaded {len(s.messages)} messages from {arg}")
+            elif name == "/image":
+                if not arg:
+                    self._print("usage: /image PATH")
+                else:
+                    part = s.add_image(arg)  # checked now: a bad file is said before the message is typed
+                    self.images.append(arg)
+                    self._print(f"{arg} ({s.image_tokens(part)} tokens) goes with your next message")
             elif name == "/stats":
                 self._print(format_stats(s.stats) if s.stats else "no reply yet")
             else:
@@ -226,4 +242,6 @@ def format_stats(stats: dict) -> str:
     return (f"prompt: {num('prompt_tokens', 'd')} tokens evaluated ({num('prefilled_tokens', 'd')} of them while "
             f"you typed), {num('cached_tokens', 'd')} reused; first token after {num('ttft_s', '.3f')} s\n"
             f"reply: {num('gen_tokens', 'd')} tokens at {num('gen_tps', '.1f')} tokens/s "
-            f"({stats.get('finish_reason', '-')}); context: {num('context_tokens', 'd')} tokens")
+            f"({stats.get('finish_reason', '-')}); context: {num('context_tokens', 'd')} tokens"
+            + (f"\nimages: {num('image_tokens', 'd')} tokens encoded and evaluated in {num('image_encode_s', '.3f')} s"
+               if stats.get("image_tokens") else ""))

@@ -12,8 +12,9 @@ from .session import ChatSession
 
 
 def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, session_options: dict,
-        resume: bool = False) -> int:
-    """Returns the exit status: 0, or ContextFull.exit_code when a one-shot reply ran out of context."""
+        resume: bool = False, images: list[str] = ()) -> int:
+    """Returns the exit status: 0, or ContextFull.exit_code when a one-shot reply ran out of context.
+    `images` go with the prompt (interactive: with the first message)."""
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():
@@ -22,6 +23,8 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
         raise ChatError("--json answers one prompt: give it with -p PROMPT or on stdin")
     if prompt is not None and resume:
         raise ChatError("--resume takes up the interactive chat: leave out -p and stdin")
+    if images and resume:
+        raise ChatError("--image starts a conversation; --resume takes one up: use /image PATH in it instead")
 
     interactive = prompt is None
     if interactive:
@@ -33,14 +36,16 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
         if session_options.get("verbose"):
             print(session.describe_placement(), file=sys.stderr)
         if interactive:
-            _chat(session, hide_thinking, resume)
+            for image in images:  # checked before the chat starts (a one-shot prompt checks them as it is sent)
+                session.add_image(image)
+            _chat(session, hide_thinking, resume, images)
             return 0
         if as_json:
-            return _answer_json(session, prompt)
-        return _answer(session, prompt, hide_thinking)
+            return _answer_json(session, prompt, images)
+        return _answer(session, prompt, hide_thinking, images)
 
 
-def _chat(session: ChatSession, hide_thinking: bool, resume: bool) -> None:
+def _chat(session: ChatSession, hide_thinking: bool, resume: bool, images: list[str]) -> None:
     fingerprint = session.model_fingerprint
     found = journals.latest(fingerprint) if resume else None
     if resume and found is None:
@@ -50,16 +55,16 @@ def _chat(session: ChatSession, hide_thinking: bool, resume: bool) -> None:
         how = journals.resume(session, journal, entry)
         Repl(session, hide_thinking=hide_thinking, journal=journal, resumed=how, pending=entry.get("pending")).run()
     else:
-        Repl(session, hide_thinking=hide_thinking, journal=journals.Journal.new(session.model_file.path.name,
-                                                                                 fingerprint)).run()
+        Repl(session, hide_thinking=hide_thinking, images=images,
+             journal=journals.Journal.new(session.model_file.path.name, fingerprint)).run()
 
 
-def _answer(session: ChatSession, prompt: str, hide_thinking: bool) -> int:
+def _answer(session: ChatSession, prompt: str, hide_thinking: bool, images: list[str]) -> int:
     """The answer on stdout as it is generated; reasoning (dimmed on a terminal) and notices on
     stderr, so `qwen35 run -p … > answer.txt` holds only the answer."""
     dim, reset = (DIM, RESET) if sys.stderr.isatty() else ("", "")
     reasoning_shown = False
-    for piece in session.stream(prompt):
+    for piece in session.stream(prompt, images):
         if piece.kind == "content":
             sys.stdout.write(piece.text)
             sys.stdout.flush()
@@ -75,8 +80,8 @@ def _answer(session: ChatSession, prompt: str, hide_thinking: bool) -> int:
     return ContextFull.exit_code if session.stats["finish_reason"] == "context" else 0
 
 
-def _answer_json(session: ChatSession, prompt: str) -> int:
-    reply = session.send(prompt)
+def _answer_json(session: ChatSession, prompt: str, images: list[str]) -> int:
+    reply = session.send(prompt, images)
     out = {"reasoning": reply.reasoning, "content": reply.content}
     if reply.tool_calls:
         out["tool_calls"] = reply.tool_calls

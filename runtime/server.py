@@ -12,6 +12,9 @@ connection is noticed then too). Every error is OpenAI-shaped: {"error": {"messa
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -227,8 +230,9 @@ class Server:
         """The session's arguments and the reply's options, or BadRequest."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
+        messages, images = _images_of(body.get("messages"))
         try:
-            messages = prepare_messages(body.get("messages"))
+            messages = prepare_messages(messages)
             tools = check_tools(body.get("tools"))
         except ChatError as e:
             raise BadRequest(str(e), param="messages" if "messages" in str(e) else "tools") from None
@@ -236,7 +240,7 @@ class Server:
             raise BadRequest("only n=1 is supported", param="n")
         if body.get("logprobs"):
             raise BadRequest("logprobs are not supported", param="logprobs")
-        kwargs: dict = {"messages": messages, "tools": tools}
+        kwargs: dict = {"messages": messages, "images": images, "tools": tools}
 
         think = None
         effort = body.get("reasoning_effort")
@@ -390,6 +394,45 @@ class _Completion:
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": self.finish_reason(reply)}],
                 "usage": self.usage(reply)}
+
+
+def _images_of(messages) -> tuple[list, list[bytes]]:
+    """The messages with each OpenAI image part ({"type": "image_url", "image_url": {"url": "data:…"}},
+    or the Responses API's "input_image") made the session's {"type": "image", "image": <SHA-256>},
+    and the images' bytes. Only data: URLs: the server never fetches anything from the network."""
+    if not isinstance(messages, list):
+        return messages, []
+    images: list[bytes] = []
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                data = _data_url(url, f"messages[{i}].content[{j}]")
+                images.append(data)
+                part = {"type": "image", "image": hashlib.sha256(data).hexdigest()}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out, images
+
+
+def _data_url(url, where: str) -> bytes:
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise BadRequest(f"{where}: send the image in a data: URL (data:image/png;base64,…); this server "
+                         "fetches nothing from the network", param="messages")
+    head, comma, payload = url.partition(",")
+    if not comma or not head.endswith(";base64"):
+        raise BadRequest(f"{where}: the image's data: URL must be base64 (data:image/png;base64,…)", param="messages")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise BadRequest(f"{where}: the image's data: URL is not valid base64", param="messages") from None
 
 
 def _arguments(call: dict) -> str:

@@ -8,6 +8,11 @@ the recurrent state at the last point that every later rendering shares — the 
 the user's message, before `<think>` — and the next turn restores it, trims the attention cache to
 the same point, and evaluates only what follows: the answer as the template re-renders it, and the
 new message. The model's context is always exactly the template's rendering of the conversation.
+
+Images (`send(text, images=[...])`, with the model's mmproj) are encoded once: the checkpoint after
+the user message that holds one already contains it, so later turns restore it and evaluate only
+their new text. In the state cache an image is a run of stand-in cells (state_cache.py); positions
+and cells part ways after it (M-RoPE), and the context-full checks count cells.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
 from .repack import cpu_features
 from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
-from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache
+from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
 from .system import performance_cores
 from .template import ChatTemplate
 from .tools import ToolCallReader, check_tools, nfc, prepare_messages
+from .vision import DEFAULT_IMAGE_MAX_TOKENS, Chunks, Projector, find_mmproj, read_image
 
 N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
 # Checkpoints a chat keeps by default (a prefix, a turn boundary and a prompt end per turn; see
@@ -44,7 +50,17 @@ _CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im
            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 _SESSION_MAGIC = b"QWEN35-CHAT\n"
-_SESSION_VERSION = 1
+_SESSION_VERSION = 2  # 2: the conversation's images follow the states
+_IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"  # the template's image; mtmd writes the start and end itself
+
+
+@dataclass(frozen=True)
+class _ImageCells:
+    """How one image sits in the context: <|vision_start|>, its stand-ins, <|vision_end|>."""
+
+    cells: tuple[int, ...]
+    n_tokens: int  # the image's own cells
+    n_pos: int  # positions it advances
 
 
 @dataclass
@@ -82,6 +98,10 @@ class ChatSession:
     keywords (temp, top_k, top_p, min_p, repeat_penalty, presence_penalty, max_tokens) default to
     the GGUF's recommended values.
 
+    `send(text, images=[path or bytes, …])` shows the model images with the message (placed before
+    the text, as Qwen's examples place them); they need the model's mmproj, found beside it as
+    `qwen35 convert` names it or given as `mmproj`; `image_max_tokens` bounds each image's tokens.
+
     `respond(messages)` answers a whole conversation given by the caller (the server's way: each
     request re-sends the history) without recording it; the state cache (state_cache.py) makes it
     evaluate only what no earlier prompt evaluated, for several interleaved conversations.
@@ -99,7 +119,8 @@ class ChatSession:
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
-                 adapt_threads: bool = False, **sampling) -> None:
+                 adapt_threads: bool = False, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
+                 **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -153,6 +174,17 @@ class ChatSession:
         self._prefill: threading.Thread | None = None
         self._prefilled = (0, 0)  # positions of the tokens the last prefill evaluated
 
+        self._mmproj = mmproj
+        self._image_max_tokens = image_max_tokens
+        self._projector: Projector | None = None
+        self._images: dict[str, bytes] = {}  # SHA-256 → encoded file: what the conversation's image parts name
+        self._image_cells: dict[str, _ImageCells] = {}
+        self._image_at: dict[int, str] = {}  # first stand-in → image, for evaluating a run of cells
+        self._tokenized: dict[str, Chunks] = {}  # images tokenized for the turn under way (freed after it)
+        self._image_work = [0, 0.0]  # image tokens evaluated and seconds taken, this turn
+        if mmproj is not None:
+            self._vision()  # a file named by the user is checked now, not at the first image
+
     # --- public API -----------------------------------------------------------------------------
 
     @property
@@ -162,15 +194,21 @@ class ChatSession:
             return self.think
         return self.template.thinks_by_default()
 
-    def send(self, message, **overrides) -> Reply:
-        for _ in self.stream(message, **overrides):
+    def send(self, message, images=None, **overrides) -> Reply:
+        for _ in self.stream(message, images, **overrides):
             pass
         return self.last_reply
 
-    def stream(self, message, **overrides) -> Iterator[Piece]:
+    def stream(self, message, images=None, **overrides) -> Iterator[Piece]:
         """Yield the reply as it is generated. Ends the turn cleanly if `interrupt()` is called (from
-        a signal handler, say) or if the caller stops iterating. Options: think, max_tokens, tools,
-        stop and the sampling keywords."""
+        a signal handler, say) or if the caller stops iterating. `images` (paths or encoded bytes)
+        go with a text message; they are checked here, before anything is evaluated. Options:
+        think, max_tokens, tools, stop and the sampling keywords."""
+        if images:
+            if not isinstance(message, str):
+                raise ChatError("images go with a text message")
+            parts = [self.add_image(image) for image in images]
+            message = {"role": "user", "content": parts + ([{"type": "text", "text": message}] if message else [])}
         new = prepare_messages([{"role": "user", "content": message}] if isinstance(message, str)
                                else [message] if isinstance(message, dict) else message)
         tools = overrides.pop("tools", None)
@@ -178,16 +216,42 @@ class ChatSession:
         self._stop.clear()
         return self._turn_generator(self._conversation(), new, request, record=True)
 
-    def respond(self, messages: list[dict], *, tools: list[dict] | None = None, constraint: Constraint | None = None,
-                read_tool_calls: bool = True, **overrides) -> Iterator[Piece]:
+    def respond(self, messages: list[dict], *, images=(), tools: list[dict] | None = None,
+                constraint: Constraint | None = None, read_tool_calls: bool = True, **overrides) -> Iterator[Piece]:
         """Yield the reply to a whole conversation (OpenAI-style messages, system prompt included),
-        without recording it in `messages`. `constraint` limits what the answer may be (see
-        constraints.py); `read_tool_calls=False` leaves call-like text in the content."""
+        without recording it in `messages`. `images`: the encoded files that the messages' image
+        parts ({"type": "image", "image": <SHA-256>}) name. `constraint` limits what the answer may
+        be (see constraints.py); `read_tool_calls=False` leaves call-like text in the content."""
         conversation = prepare_messages(messages)
+        self._hold_images(conversation, images)
         request = self._request(overrides, tools=check_tools(tools), constraint=constraint,
                                 read_tool_calls=read_tool_calls)
         self._stop.clear()
         return self._turn_generator(conversation[:-1], conversation[-1:], request, record=False)
+
+    def add_image(self, source) -> dict:
+        """Check an image (a path or encoded bytes: it must decode, and fit the context) and keep it
+        for the conversation; returns the content part that shows it in a message,
+        {"type": "image", "image": <SHA-256 of the bytes>, "path": …}. `stream(images=…)` calls it."""
+        self._settle()  # (the prefill may be using the projector)
+        data, name = read_image(source)
+        image_id = hashlib.sha256(data).hexdigest()
+        part = {"type": "image", "image": image_id}
+        if not isinstance(source, (bytes, bytearray)):
+            part["path"] = str(Path(source).resolve())
+        new = image_id not in self._images
+        self._images[image_id] = data
+        try:
+            self._cells_of_image(part, name)
+        except ChatError:
+            if new:
+                del self._images[image_id]
+            raise
+        return part
+
+    def image_tokens(self, part: dict) -> int:
+        """The context cells an image part (from `add_image`) takes, its start and end marks included."""
+        return len(self._cells_of_image(part).cells)
 
     def interrupt(self) -> None:
         """Stop the reply being generated (safe to call from a signal handler or another thread)."""
@@ -200,6 +264,8 @@ class ChatSession:
         self.cache.forget()
         self._prefilled = (0, 0)
         self.stats = {}
+        self._images = {}
+        self._free_tokenized()
 
     def set_system(self, text: str | None) -> None:
         """A new system prompt changes the start of the prompt: the conversation starts over."""
@@ -261,13 +327,15 @@ class ChatSession:
             "tokens": tokens, "prefilled": list(self._prefilled),
             "checkpoint_tokens": len(ck.tokens) if ck else 0,
             "state_bytes": len(state), "checkpoint_bytes": len(checkpoint),
+            "images": [[image_id, len(data)] for image_id, data in self._images.items()],
         }
         data = json.dumps(header, ensure_ascii=False).encode()
         path = Path(path)
         tmp = path.with_name(path.name + ".part")
         try:
             with open(tmp, "wb") as f:
-                for part in (_SESSION_MAGIC, len(data).to_bytes(8, "little"), data, state, checkpoint):
+                for part in (_SESSION_MAGIC, len(data).to_bytes(8, "little"), data, state, checkpoint,
+                             *self._images.values()):
                     f.write(part)
             tmp.replace(path)
         except OSError as e:
@@ -275,7 +343,7 @@ class ChatSession:
 
     def load(self, path) -> None:
         """Resume a conversation written by `save` (with the same model file), model state included."""
-        header, state, checkpoint = _read_session(Path(path))
+        header, state, checkpoint, images = _read_session(Path(path))
         if header["model"] != _fingerprint(self.model_file):
             raise ChatError(f"{path} was saved with a different model ({header['model'].get('name')}); "
                             f"load it with that model")
@@ -293,10 +361,16 @@ class ChatSession:
         self._prefilled = tuple(header["prefilled"])
         self.system, self.think, self.messages = header["system"], header["think"], header["messages"]
         self.tools = header.get("tools") or []
+        self._images = images
 
     def close(self) -> None:
         if getattr(self, "_prefill", None):
             self._settle()
+        if getattr(self, "_tokenized", None):
+            self._free_tokenized()
+        if getattr(self, "_projector", None):
+            self._projector.close()
+            self._projector = None
         if getattr(self, "_ctx", None):
             self._ctx.close()
             self._ctx = None
@@ -320,7 +394,7 @@ class ChatSession:
         tools = request.tools
         prompt_text = self.template.render(conversation, add_generation_prompt=True, think=request.think,
                                            tools=tools)
-        prompt = self._model.tokenize(prompt_text)
+        prompt = self._cells(prompt_text, conversation)
         if len(prompt) >= self.n_ctx:
             raise ContextFull(f"the conversation ({len(prompt)} tokens) no longer fits the {self.n_ctx}-token "
                               f"context: /reset to start over, or raise --ctx-size")
@@ -338,7 +412,8 @@ class ChatSession:
         if record:
             self.messages.extend(new)
         stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
-                 "gen_tokens": 0, "gen_tps": None}
+                 "gen_tokens": 0, "gen_tps": None, "image_tokens": 0, "image_encode_s": None}
+        self._image_work = [0, 0.0]
         splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, self._tool_call)
         answer = ToolCallReader(tools, enabled=request.read_tool_calls)
         stop = StopStrings(list(request.stop))
@@ -353,6 +428,8 @@ class ChatSession:
             if not self._evaluate(prompt[len(self.cache.tokens):], logits=True):
                 return
             stats["prompt_tokens"] = len(prompt) - reused + ahead
+            if self._image_work[0]:
+                stats["image_tokens"], stats["image_encode_s"] = self._image_work
             stats["prompt_s"] = time.perf_counter() - start
             stats["prompt_tps"] = (len(prompt) - reused) / stats["prompt_s"]
             pieces = self._generate(sampler, request, splitter, stats, notices, start)
@@ -376,6 +453,7 @@ class ChatSession:
             yield from _answer_pieces(answer.feed(stop.flush()) + answer.finish())
         finally:
             sampler.close()
+            self._free_tokenized()
             reasoning, _ = splitter.result()
             answer.finish()
             content, tool_calls = "".join(answer.content), answer.calls
@@ -448,9 +526,12 @@ class ChatSession:
         """Evaluate, in the background, the start of the next prompt that is already known: the
         tokens every next message's rendering shares (found by rendering two different ones)."""
         conversation = self._conversation()
-        a, b = (self._model.tokenize(self.template.render(conversation + [{"role": "user", "content": text}],
-                                                          add_generation_prompt=False, think=None, tools=self.tools))
-                for text in ("A.", "B?"))
+        try:
+            a, b = (self._render_cells(conversation + [{"role": "user", "content": text}], add_generation_prompt=False,
+                                       think=None, tools=self.tools)
+                    for text in ("A.", "B?"))
+        except ChatError:
+            return  # (an image it cannot show: the next turn says so)
         known = a[:_common_prefix(a, b)]
         if not known or len(known) >= self.n_ctx - 1:
             return
@@ -499,8 +580,8 @@ class ChatSession:
         answer = {"role": "assistant", "content": "Answer."}
         points = set()
         for following in ({"role": "user", "content": "Next."}, {"role": "tool", "content": "Result."}):
-            upcoming = self._model.tokenize(self.template.render(conversation + [answer, following],
-                                                                 add_generation_prompt=False, think=None, tools=tools))
+            upcoming = self._render_cells(conversation + [answer, following], add_generation_prompt=False, think=None,
+                                          tools=tools)
             # At least the last prompt token is left to evaluate after the snapshot: its logits start the reply.
             points.add(min(_common_prefix(prompt, upcoming), len(prompt) - 1))
         return points
@@ -512,17 +593,141 @@ class ChatSession:
         return self.cache.restore(prompt, len(prompt) - 1 if need_logits else len(prompt))
 
     def _evaluate(self, tokens: list[int], *, logits: bool) -> bool:
-        """Feed tokens in batches. Returns False if interrupted between batches; the state stays
-        consistent either way (`cache.tokens` lists exactly what has been evaluated)."""
+        """Feed cells (`_cells`: tokens, and images' stand-ins) in batches. Returns False if
+        interrupted between batches; the state stays consistent either way (`cache.tokens` lists
+        exactly what has been evaluated)."""
         step = self._ctx.n_batch
         held = self.cache.tokens
-        for i in range(0, len(tokens), step):
+        i = 0
+        while i < len(tokens):
             if i and self._stop.is_set():
                 return False
-            chunk = tokens[i:i + step]
-            self._ctx.decode(chunk, len(held), logits_last=logits and i + step >= len(tokens))
+            if tokens[i] < 0:  # an image starts here
+                image = self._image_cells[self._image_at[tokens[i]]]
+                self._evaluate_image(self._image_at[tokens[i]], image)
+                held.extend(tokens[i:i + image.n_tokens])
+                i += image.n_tokens
+                continue
+            end = min(i + step, len(tokens))
+            end = next((j for j in range(i, end) if tokens[j] < 0), end)
+            chunk = tokens[i:end]
+            self._ctx.decode(chunk, position(held), cells=len(held), logits_last=logits and end == len(tokens))
             held.extend(chunk)
+            i = end
         return True
+
+    # --- images ---------------------------------------------------------------------------------
+
+    def _vision(self) -> Projector:
+        """The model's mmproj, loaded on first use: a text-only chat never pays for it."""
+        if self._projector is None:
+            path = self._mmproj
+            if path is None:
+                path, expected = find_mmproj(self.model_file)
+                if path is None:
+                    raise ChatError(f"{self.model_file.path.name} has no vision tower beside it: images need "
+                                    f"{expected} (written by `qwen35 convert`), or give its mmproj with --mmproj FILE")
+            self._projector = Projector(path, self._model, native.L.llama_model_n_embd(self._model.ptr),
+                                        threads=self.threads, image_max_tokens=self._image_max_tokens)
+        return self._projector
+
+    def _cells(self, text: str, conversation: list[dict]) -> list[int]:
+        """The context cells of `text`, a rendering of `conversation`: its tokens, and where the
+        template put an image, the cells mtmd gives it (the image's parts, in order)."""
+        pieces = text.split(_IMAGE_SLOT)
+        if len(pieces) == 1:
+            return self._model.tokenize(text)
+        images = [part for m in conversation if isinstance(m.get("content"), list)
+                  for part in m["content"] if part.get("type") == "image"]
+        if len(images) != len(pieces) - 1:
+            raise ChatError(f"the conversation holds {len(images)} images but its text {len(pieces) - 1} image "
+                            f"slots ({_IMAGE_SLOT} typed in a message?)")
+        cells = self._model.tokenize(pieces[0])
+        for part, after in zip(images, pieces[1:]):
+            cells += self._cells_of_image(part).cells
+            cells += self._model.tokenize(after)
+        return cells
+
+    def _render_cells(self, conversation: list[dict], **how) -> list[int]:
+        return self._cells(self.template.render(conversation, **how), conversation)
+
+    def _cells_of_image(self, part: dict, name: str | None = None) -> _ImageCells:
+        image_id = part["image"]
+        found = self._image_cells.get(image_id)
+        if found is not None:
+            return found
+        if image_id not in self._images:  # a conversation taken up from the journal: the file may still be there
+            data = read_image(part["path"])[0] if part.get("path") else b""
+            if hashlib.sha256(data).hexdigest() != image_id:
+                raise ChatError(f"the conversation shows an image this session does not hold"
+                                f"{' (' + part['path'] + ' changed or is gone)' if part.get('path') else ''}")
+            self._images[image_id] = data
+        chunks = self._tokenize_image(image_id, name or part.get("path"))
+        (image,) = [c for c in chunks.items if c.is_image]
+        marks = [c.tokens for c in chunks.items if not c.is_image]
+        if image.n_tokens + 2 >= self.n_ctx:
+            chunks.close()
+            raise ChatError(f"{name or 'the image'} takes {image.n_tokens} tokens, more than the {self.n_ctx}-token "
+                            f"context holds: lower --image-max-tokens or raise --ctx-size")
+        stand_ins = image_cells(bytes.fromhex(image_id), image.n_tokens, image.n_pos)
+        cells = _ImageCells(tuple(marks[0]) + stand_ins + tuple(marks[1]), image.n_tokens, image.n_pos)
+        self._image_cells[image_id] = cells
+        self._image_at[stand_ins[0]] = image_id
+        self._tokenized[image_id] = chunks  # evaluated by this turn, most likely
+        return cells
+
+    def _tokenize_image(self, image_id: str, name: str | None = None) -> Chunks:
+        projector = self._vision()
+        image = projector.image(self._images[image_id], name=name)
+        try:
+            chunks = projector.tokenize(projector.marker, [image])
+        finally:
+            image.close()
+        kinds = [c.is_image for c in chunks.items]
+        if kinds != [False, True, False]:  # <|vision_start|>, the image, <|vision_end|>
+            chunks.close()
+            raise ChatError(f"llama.cpp laid the image out as {kinds}, not start, image, end")
+        return chunks
+
+    def _evaluate_image(self, image_id: str, image: _ImageCells) -> None:
+        chunks = self._tokenized.pop(image_id, None) or self._tokenize_image(image_id)
+        held = self.cache.tokens
+        pos = position(held)
+        start = time.perf_counter()
+        try:
+            chunk = chunks.items[1]
+            if (chunk.n_tokens, chunk.n_pos) != (image.n_tokens, image.n_pos):
+                raise ChatError("the image tokenized differently from before")
+            try:
+                end = self._projector.eval(self._ctx, chunk, pos, logits_last=False, cells=len(held))
+            except ChatError:
+                self.cache.clear()  # part of the image may be in the context: start from a known state
+                raise
+            # A wrong position raises nothing in llama.cpp (M-RoPE only needs positions to grow): check it.
+            if end != pos + image.n_pos:
+                self.cache.clear()
+                raise ChatError(f"llama.cpp moved the position from {pos} to {end} over an image of "
+                                f"{image.n_pos} positions")
+        finally:
+            chunks.close()
+        self._image_work[0] += image.n_tokens
+        self._image_work[1] += time.perf_counter() - start
+
+    def _hold_images(self, conversation: list[dict], images) -> None:
+        """Keep `images` and forget those neither `conversation` nor the recorded one shows: a
+        server sees a stream of images and must not keep them all (each request re-sends its own)."""
+        self._settle()
+        given = {hashlib.sha256(data).hexdigest(): bytes(data) for data in images}
+        shown = {part["image"] for m in conversation + self.messages if isinstance(m.get("content"), list)
+                 for part in m["content"] if part.get("type") == "image"}
+        self._images = {i: d for i, d in {**self._images, **given}.items() if i in shown}
+        self._image_cells = {i: c for i, c in self._image_cells.items() if i in shown}
+        self._image_at = {k: i for k, i in self._image_at.items() if i in shown}
+
+    def _free_tokenized(self) -> None:
+        for chunks in self._tokenized.values():
+            chunks.close()
+        self._tokenized = {}
 
     def _request(self, overrides: dict, **fields) -> _Request:
         think = overrides.pop("think", self.think)
@@ -582,7 +787,7 @@ def _fingerprint(mf: ModelFile) -> dict:
     return {"name": mf.path.name, "size": mf.size, "sha256": h.hexdigest()}
 
 
-def _read_session(path: Path) -> tuple[dict, bytes, bytes]:
+def _read_session(path: Path) -> tuple[dict, bytes, bytes, dict[str, bytes]]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -597,13 +802,20 @@ def _read_session(path: Path) -> tuple[dict, bytes, bytes]:
         header = json.loads(data[start:start + n])
         start += n
         state = data[start:start + header["state_bytes"]]
-        checkpoint = data[start + header["state_bytes"]:]
-        if header.get("version") != _SESSION_VERSION or len(state) != header["state_bytes"] \
-                or len(checkpoint) != header["checkpoint_bytes"]:
+        start += header["state_bytes"]
+        checkpoint = data[start:start + header["checkpoint_bytes"]]
+        start += header["checkpoint_bytes"]
+        images = {}
+        for image_id, n in header.get("images", []):  # (version 1 had none)
+            images[image_id] = data[start:start + n]
+            start += n
+        if header.get("version") not in (1, _SESSION_VERSION) or len(state) != header["state_bytes"] \
+                or len(checkpoint) != header["checkpoint_bytes"] or start != len(data) \
+                or any(hashlib.sha256(d).hexdigest() != i for i, d in images.items()):
             raise ValueError
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         raise ChatError(f"{path} is damaged or was written by another version of qwen35") from None
-    return header, state, checkpoint
+    return header, state, checkpoint, images
 
 
 __all__ = ["ChatSession", "Reply", "nfc"]

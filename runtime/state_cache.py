@@ -25,6 +25,15 @@ Two kinds, chosen by cost:
   then its recurrent state, and trims the KV cache. One copy of the live prefix per switch — a
   memcpy (tens of ms for thousands of tokens) against the seconds its re-evaluation would take.
 
+Images: a key is a list of KV cells, not only of tokens. An image fills n_tokens cells but (M-RoPE)
+advances the position by only n_pos, and has no token ids; so in a key it is n_tokens negative
+stand-ins (`image_cells`): n_pos of them carry bits of the image's SHA-256 (a prefix holding an
+image matches only the same image, at the same token budget) and the rest are HELD_POSITION, which
+does not advance the position. A key's length is its cell count (what the context-full checks
+count) and `position(key)` its next position (what llama.cpp's trims and decodes take). Keys end
+only at text, never inside an image; across an image only snapshot restore is safe (the recurrent
+layers cannot roll back past it), which is all this cache does anyway.
+
 Eviction is least-recently-used under a byte budget (`--cache-ram`). Several llama.cpp sequences
 (one per conversation) would avoid the copy on a switch but split the context size between
 conversations and multiply the recurrent state kept live; one sequence plus full checkpoints keeps
@@ -40,6 +49,23 @@ from .native import FULL, PARTIAL_ONLY, Context
 
 PREFIX, TURN, PROMPT = "prefix", "turn", "prompt"  # where a checkpoint was taken
 
+HELD_POSITION = -1  # an image cell that does not advance the position
+
+
+def image_cells(digest: bytes, n_tokens: int, n_pos: int) -> tuple[int, ...]:
+    """The stand-ins of an image's n_tokens cells in a key: n_pos that advance the position, each
+    carrying 30 bits of `digest` (negative, never a token id nor HELD_POSITION), then HELD_POSITION."""
+    if not 0 < n_pos <= n_tokens:
+        raise ValueError(f"an image of {n_tokens} cells cannot advance {n_pos} positions")
+    words = [int.from_bytes(digest[i:i + 4], "little") & 0x3FFFFFFF for i in range(0, len(digest) - 3, 4)]
+    return tuple(-2 - words[j % len(words)] for j in range(n_pos)) + (HELD_POSITION,) * (n_tokens - n_pos)
+
+
+def position(cells) -> int:
+    """The position that follows `cells` (a key or the live state): cells minus image cells that
+    share a position."""
+    return len(cells) - cells.count(HELD_POSITION)
+
 
 @dataclass
 class Checkpoint:
@@ -54,7 +80,8 @@ class Checkpoint:
 
 
 class StateCache:
-    """The live state of one context (`tokens`: exactly what it holds, in order) and the checkpoints
+    """The live state of one context (`tokens`: exactly the cells it holds, in order: token ids and
+    image stand-ins) and the checkpoints
     that let a later prompt skip what was evaluated before."""
 
     def __init__(self, ctx: Context, max_bytes: int) -> None:
@@ -135,7 +162,7 @@ class StateCache:
             # The attention cache holds the checkpoint's tokens: restore the recurrent state, then
             # drop the attention entries past it.
             self._ctx.set_state(best.state, PARTIAL_ONLY)
-            self._ctx.trim(len(best.tokens))
+            self._ctx.trim(position(best.tokens))
         self.tokens = list(best.tokens)
         self._drop_stale()
         return len(best.tokens)
@@ -176,7 +203,7 @@ class StateCache:
             return
         deepest = max(doomed, key=lambda c: len(c.tokens))
         self._ctx.set_state(deepest.state, PARTIAL_ONLY)
-        self._ctx.trim(len(deepest.tokens))
+        self._ctx.trim(position(deepest.tokens))
         self.tokens = list(deepest.tokens)
         self._entries.pop(deepest.tokens, None)
         self._put(Checkpoint(deepest.tokens, self._ctx.get_state(FULL), full=True, kind=deepest.kind))

@@ -81,7 +81,7 @@ def prepare_messages(messages) -> list[dict]:
         role = "system" if role == "developer" else role
         if role not in ROLES:
             raise ChatError(f"{where}.role must be one of {', '.join(ROLES)} (got {role!r})")
-        out = {"role": role, "content": _text(message.get("content"), f"{where}.content")}
+        out = {"role": role, "content": _content(message.get("content"), f"{where}.content")}
         if role == "assistant":
             reasoning = message.get("reasoning_content", message.get("reasoning"))
             if isinstance(reasoning, str) and reasoning:
@@ -97,21 +97,29 @@ def prepare_messages(messages) -> list[dict]:
     return prepared
 
 
-def _text(content, where: str) -> str:
+def _content(content, where: str) -> str | list[dict]:
+    """Text; or, when the message holds images, its parts in order: {"type": "text", "text"} and
+    {"type": "image", "image": <SHA-256 of the image file>} (a ChatSession's image; "path" kept
+    when it came from a file), which the template renders as <|vision_start|><|image_pad|><|vision_end|>."""
     if content is None:
         return ""
     if isinstance(content, str):
         return nfc(content)
     if isinstance(content, list):
-        texts = []
+        parts = []
         for part in content:
             if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                parts.append({"type": "text", "text": nfc(part["text"])})
+            elif isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str):
+                parts.append({k: part[k] for k in ("type", "image", "path") if k in part})
             elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
-                raise ChatError(f"{where}: this model takes no images")
+                raise ChatError(f"{where}: an image here must be {{\"type\": \"image\", \"image\": <its SHA-256>}} "
+                                "as ChatSession.add_image returns it (qwen35 serve reads image_url parts)")
             else:
                 raise ChatError(f"{where} must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts")
-        return nfc("".join(texts))
+        if all(p["type"] == "text" for p in parts):
+            return nfc("".join(p["text"] for p in parts))
+        return parts
     raise ChatError(f"{where} must be a string, a list of text parts, or null")
 
 

@@ -20,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from . import native
-from .errors import ChatError
-from .modelfile import read_gguf
+from .errors import ChatError, ContextFull
+from .modelfile import ModelFile, read_gguf
 
 MIN_IMAGE_TOKENS = 8  # clip.cpp's floor for the Qwen-VL projectors
+# The default bound on an image's tokens (llama.cpp's own is 4096): the cost of encoding on a CPU
+# against detail; grounding wants at least 1024 (clip.cpp warns below that). VISION.md §2.
+DEFAULT_IMAGE_MAX_TOKENS = 1024
 IMAGE_FORMATS = "JPEG, PNG, WebP, BMP or GIF"
 
 
@@ -88,6 +91,35 @@ class Image:
             self.ptr = None
 
 
+def read_image(source) -> tuple[bytes, str]:
+    """The encoded bytes of an image given as a path or as bytes, and how to name it in errors."""
+    if isinstance(source, (bytes, bytearray)):
+        data, name = bytes(source), "the image bytes"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ChatError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ChatError(f"cannot read {path}: {e.strerror}") from None
+    if not data:
+        raise ChatError(f"{name} is empty")
+    return data, name
+
+
+def find_mmproj(model_file: ModelFile) -> tuple[Path | None, Path]:
+    """The mmproj beside a model, named as `qwen35 convert` writes it (<general.name>-mmproj-<TYPE>.gguf,
+    F16 first: the converter's default); or None, and the name of the file it looked for."""
+    from ..convert.pipeline import mmproj_file_name
+    from ..convert.qwen35_vision import MMPROJ_TYPES
+
+    name = str(model_file.metadata.get("general.name") or model_file.path.stem)
+    candidates = [model_file.path.parent / mmproj_file_name(name, t) for t in dict.fromkeys(["f16", *MMPROJ_TYPES])]
+    return next((p for p in candidates if p.is_file()), None), candidates[0]
+
+
 class Projector:
     """An mmproj file loaded for one text model."""
 
@@ -127,21 +159,11 @@ class Projector:
         self.marker = m.mtmd_default_marker().decode()
         self.uses_mrope = bool(m.mtmd_decode_use_mrope(self._ctx))
 
-    def image(self, source) -> Image:
-        """An image from a path or from its encoded bytes (JPEG, PNG, WebP, BMP, GIF)."""
-        if isinstance(source, (bytes, bytearray)):
-            data, name = bytes(source), "the image bytes"
-        else:
-            path = Path(source)
-            name = str(path)
-            if not path.is_file():
-                raise ChatError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise ChatError(f"cannot read {path}: {e.strerror}") from None
-        if not data:
-            raise ChatError(f"{name} is empty")
+    def image(self, source, *, name: str | None = None) -> Image:
+        """An image from a path or from its encoded bytes (JPEG, PNG, WebP, BMP, GIF); `name` says
+        which, in errors, when the bytes came from a file."""
+        data, read_name = read_image(source)
+        name = name or read_name
         m = _mtmd()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         ptr = m.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(data), False)
@@ -174,8 +196,11 @@ class Projector:
         out = m.mtmd_get_output_embd(self._ctx)
         return np.ctypeslib.as_array(out, shape=(chunk.n_tokens * self.n_embd,)).reshape(chunk.n_tokens, -1).copy()
 
-    def eval(self, ctx: native.Context, chunk: Chunk, pos: int, *, logits_last: bool) -> int:
-        """Encode (for an image) and decode `chunk` at position `pos`; returns the next position."""
+    def eval(self, ctx: native.Context, chunk: Chunk, pos: int, *, logits_last: bool, cells: int | None = None) -> int:
+        """Encode (for an image) and decode `chunk` at position `pos`, into a context holding
+        `cells` KV cells (default: `pos`); returns the next position."""
+        if (pos if cells is None else cells) + chunk.n_tokens > ctx.n_ctx:
+            raise ContextFull(f"context full ({ctx.n_ctx} tokens): the image takes {chunk.n_tokens}")
         m = _mtmd()
         new_pos = native.L.llama_pos(0)
         native.log.clear()

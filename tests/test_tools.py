@@ -166,7 +166,7 @@ def test_arguments_sent_as_json_strings_are_decoded_for_the_template():
     ([{"role": "robot", "content": "x"}], "role must be one of"),
     (["hello"], "must be an object"),
     ([{"role": "user", "content": 3}], "must be a string"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "takes no images"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "ChatSession.add_image"),
     ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}], "not valid JSON"),
     ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}], "a JSON object"),
     ([{"role": "assistant", "tool_calls": [{"type": "function"}]}], "must be"),
