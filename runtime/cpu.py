@@ -52,11 +52,7 @@ class _ExtraBuffers:
     """
 
     def __init__(self) -> None:
-        import llama_cpp  # noqa: F401  (loads libggml and libggml-base before we bind them)
-
-        lib_dir = Path(sys.modules["llama_cpp"].__file__).parent / "lib"
-        ggml = ctypes.CDLL(str(_shared_library(lib_dir, "ggml")))
-        base = ctypes.CDLL(str(_shared_library(lib_dir, "ggml-base")))
+        ggml, base = _library("ggml"), _library("ggml-base")
         ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
         ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
         ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
@@ -105,11 +101,12 @@ class _ExtraBuffers:
             self._array[i] = kept[i] if i < len(kept) else None
 
 
-def _shared_library(lib_dir: Path, name: str) -> Path:
-    for candidate in (f"lib{name}.so", f"lib{name}.dylib", f"{name}.dll"):
-        if (lib_dir / candidate).exists():
-            return lib_dir / candidate
-    raise OSError(f"llama-cpp-python's {name} library is not in {lib_dir}")
+def _library(name: str) -> ctypes.CDLL:
+    """One of the ggml libraries llama-cpp-python ships (already loaded by the process: the same one)."""
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    return load_shared_library(name, Path(llama_cpp.__file__).parent / "lib")
 
 
 _extra: _ExtraBuffers | None = None
@@ -190,10 +187,7 @@ def verdict_key(amx_weights: list[str]) -> str:
                     break
     except OSError:
         pass
-    import llama_cpp
-
-    lib = _shared_library(Path(llama_cpp.__file__).parent / "lib", "ggml-cpu")
-    h.update(lib.read_bytes())
+    h.update(Path(_library("ggml-cpu")._name).read_bytes())
     h.update(",".join(sorted(amx_weights)).encode())
     return h.hexdigest()[:32]
 
