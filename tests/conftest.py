@@ -28,3 +28,13 @@ def qwen35_fixture():
     pytest.importorskip("transformers")
     root = _fixture_cache_root()
     return lambda name: cached_fixture(FIXTURES[name], root)
+
+
+@pytest.fixture(scope="session")
+def vision_fixture():
+    """The tiny vision-language checkpoint of tests/vision_fixture.py (built by transformers, cached)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.vision_fixture import cached_vision_fixture
+
+    return cached_vision_fixture(_fixture_cache_root())

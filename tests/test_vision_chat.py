@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.test_runtime_cli import Terminal, run_cli
-from tests.vision_fixture import N_IMAGE_TOKENS, cached_vision_fixture, write_png
+from tests.vision_fixture import N_IMAGE_TOKENS, write_png
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")
@@ -24,10 +24,8 @@ N_POS = 4  # the fixture's image: 4 × 3 merged patches, M-RoPE advances max(4, 
 
 
 @pytest.fixture(scope="module")
-def fixture():
-    from tests.conftest import _fixture_cache_root
-
-    return cached_vision_fixture(_fixture_cache_root())
+def fixture(vision_fixture):
+    return vision_fixture
 
 
 @pytest.fixture(scope="module")

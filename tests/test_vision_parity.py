@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_mmproj import reference_mmproj
 from tests.test_parity import kl_and_top1
-from tests.vision_fixture import N_IMAGE_TOKENS, cached_vision_fixture
+from tests.vision_fixture import N_IMAGE_TOKENS
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")
@@ -25,10 +25,8 @@ MIN_COSINE = 0.999
 
 
 @pytest.fixture(scope="module")
-def fixture():
-    from tests.conftest import _fixture_cache_root
-
-    return cached_vision_fixture(_fixture_cache_root())
+def fixture(vision_fixture):
+    return vision_fixture
 
 
 @pytest.fixture(scope="module")
