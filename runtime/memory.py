@@ -2,7 +2,7 @@
 
 The parts, as llama.cpp allocates them on the CPU (sizes checked against its own log):
 - weights: the tensors it loads, memory-mapped from the file (the multi-token-prediction layer is
-  skipped at load time);
+  skipped at load time, unless speculative decoding loads it);
 - repacked weights: on CPUs where llama.cpp rearranges a type into interleaved blocks at load time
   (CPU_REPACK: Q4_0/Q8_0/K-quants with ARM dotprod or i8mm, Q4_0/Q4_K/IQ4_NL with x86 AVX2; see
   repack.py), an anonymous copy of each such weight. Its mapped original stays resident after
@@ -16,6 +16,10 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
 - saved checkpoints: copies of that recurrent state kept at turn boundaries;
 - compute and output buffers for a prompt batch, and the context's own bookkeeping (graph and
   scheduler metadata, the thread pool and its malloc arenas: 13-30 MiB measured at 2 threads);
+- with speculative decoding (`draft_tokens` N > 0): the MTP layer's weights, a second context
+  over them (a KV cache of one attention layer, its compute buffer, one row of logits), N more
+  recurrent states in the model's context (the snapshots a rejected draft is rolled back to),
+  logits for the N+1 rows of a verify, and the hidden state of every token of a batch;
 - and what this process already holds (Python, the libraries).
 """
 
@@ -49,12 +53,13 @@ class MemoryEstimate:
     buffers: int
     process: int
     n_ctx: int
+    drafting: int = 0  # speculative decoding's share (see the module docstring)
 
     @property
     def total(self) -> int:
         """Resident memory of the process once loaded and running: its peak."""
         return (self.weights + self.repacked + self.vocab + self.kv_cache + self.recurrent + self.checkpoints
-                + self.buffers + self.process)
+                + self.buffers + self.drafting + self.process)
 
     @property
     def to_load(self) -> int:
@@ -73,6 +78,8 @@ class MemoryEstimate:
         parts = weights + [("vocabulary", self.vocab),
                  (f"KV cache for {self.n_ctx} tokens", self.kv_cache),
                  ("recurrent state + checkpoints", self.recurrent + self.checkpoints), ("buffers", self.buffers)]
+        if self.drafting:
+            parts.append(("MTP head + rollback snapshots", self.drafting))
         return ", ".join(f"{name} {_gib(size)}" for name, size in parts)
 
 
@@ -91,12 +98,21 @@ def recurrent_state_bytes(mf: ModelFile) -> int:
     return n_linear * (conv + d_state * d_inner * F32)
 
 
-def loaded_tensors(mf: ModelFile) -> dict[str, TensorInfo]:
-    """The tensors llama.cpp loads: all but the multi-token-prediction layers."""
+def _block(name: str) -> str:
+    return name[:name.find(".", 4) + 1]
+
+
+def mtp_tensors(mf: ModelFile) -> dict[str, TensorInfo]:
+    """The multi-token-prediction layers' tensors (loaded only for speculative decoding)."""
     n_layer = mf.arch_key("block_count", 0)
-    main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
-    skipped = {f"blk.{i}." for i in range(main_layers, n_layer)}
-    return {t.name: t for t in mf.tensors if t.name[:t.name.find(".", 4) + 1] not in skipped}
+    mtp = {f"blk.{i}." for i in range(n_layer - mf.arch_key("nextn_predict_layers", 0), n_layer)}
+    return {t.name: t for t in mf.tensors if _block(t.name) in mtp}
+
+
+def loaded_tensors(mf: ModelFile) -> dict[str, TensorInfo]:
+    """The tensors llama.cpp loads by default: all but the multi-token-prediction layers."""
+    skipped = mtp_tensors(mf)
+    return {t.name: t for t in mf.tensors if t.name not in skipped}
 
 
 def layout(features: frozenset[str], name: str, t: TensorInfo) -> str | None:
@@ -128,9 +144,10 @@ def weight_bytes(mf: ModelFile, features: frozenset[str]) -> tuple[int, int, int
 
 
 def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int,
-             features: frozenset[str] | None = None, process: int | None = None) -> MemoryEstimate:
+             features: frozenset[str] | None = None, process: int | None = None, draft_tokens: int = 0) -> MemoryEstimate:
     """`features`: the CPU features llama.cpp reports (default: this machine's); `process`: what
-    the process holds before loading (default: this one's resident memory now)."""
+    the process holds before loading (default: this one's resident memory now); `draft_tokens`:
+    speculative decoding's drafts per step (0: off)."""
     features = cpu_features() if features is None else features
     n_layer = mf.arch_key("block_count", 0)
     main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
@@ -156,11 +173,21 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     compute = n_batch * F32 * (int(2.5 * channels) + n_ff + 2 * n_embd) + n_ctx_cells * n_batch * F16
     output = mf.n_tokens * F32  # logits of the one token we sample from
     overhead = CONTEXT_OVERHEAD + threads * THREAD_OVERHEAD
+    drafting = 0
+    if draft_tokens:
+        mtp_kv = n_ctx_cells * kv_width * F16 * mf.arch_key("nextn_predict_layers", 0)
+        # The MTP context's batch runs one attention layer and its FFN: the same per-token
+        # widths as a layer of the model, without the linear-attention channels.
+        mtp_compute = n_batch * F32 * (n_ff + 2 * n_embd) + n_ctx_cells * n_batch * F16
+        drafting = (sum(t.nbytes for t in mtp_tensors(mf).values()) + mtp_kv + draft_tokens * recurrent
+                    + draft_tokens * mf.n_tokens * F32  # the verify's further rows of logits
+                    + n_batch * n_embd * F32  # the model's hidden state of each token of a batch
+                    + mtp_compute + mf.n_tokens * F32 + overhead)
     return MemoryEstimate(
         weights=weights, repacked=copies, weights_idle=idle, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN,
         kv_cache=kv_cache, recurrent=recurrent,
         checkpoints=n_checkpoints * recurrent, buffers=compute + output + overhead,
-        process=current_rss() if process is None else process, n_ctx=n_ctx)
+        process=current_rss() if process is None else process, n_ctx=n_ctx, drafting=drafting)
 
 
 # Profiles to suggest when a model does not fit, best quality first.
@@ -169,7 +196,7 @@ SMALLER_CONTEXTS = (65536, 32768, 16384, 8192, 4096, 2048)
 
 
 def check_fits(mf: ModelFile, est: MemoryEstimate, available: int | None = None, *, n_batch: int, n_checkpoints: int,
-               threads: int, features: frozenset[str] | None = None) -> str | None:
+               threads: int, features: frozenset[str] | None = None, draft_tokens: int = 0) -> str | None:
     """None if the model fits in available RAM, else the reason and what would fit: the
     best-quality profile of this model that fits at this context, or the largest context that fits."""
     available = available_ram() if available is None else available
@@ -177,7 +204,7 @@ def check_fits(mf: ModelFile, est: MemoryEstimate, available: int | None = None,
         return None
     features = cpu_features() if features is None else features
     again = dict(n_batch=n_batch, n_checkpoints=n_checkpoints, threads=threads, features=features,
-                 process=est.process)
+                 process=est.process, draft_tokens=draft_tokens)
     advice = []
     for n_ctx in SMALLER_CONTEXTS:
         if n_ctx < est.n_ctx and estimate(mf, n_ctx, **again).needed <= available:

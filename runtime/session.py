@@ -33,6 +33,8 @@ from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
 from .repack import cpu_features
+from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, mtp_block_count, open_speculator,
+                          split_state)
 from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
 from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
 from .system import performance_cores
@@ -44,6 +46,7 @@ N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
 # Checkpoints a chat keeps by default (a prefix, a turn boundary and a prompt end per turn; see
 # state_cache.py), in units of one recurrent state.
 N_CHECKPOINTS = 4
+MAX_DRAFT_TOKENS = 8  # each draft token costs one more recurrent-state snapshot in the context
 
 # Used only when a (non-Qwen3.5) GGUF carries no template: plain ChatML, which Qwen models speak.
 _CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -61,6 +64,28 @@ class _ImageCells:
     cells: tuple[int, ...]
     n_tokens: int  # the image's own cells
     n_pos: int  # positions it advances
+
+
+@dataclass
+class _Verified:
+    """A speculative step: the tokens evaluated at `pos` ([last token, drafts…]) and those sampled
+    from them; `index`: the sampled token being looked at, whose predecessors are kept."""
+
+    batch: list[int]
+    sampled: list[int]
+    pos: int
+    index: int = -1
+
+    @property
+    def kept(self) -> int:
+        return self.index + 1
+
+    def more(self) -> bool:
+        return self.index + 1 < len(self.sampled)
+
+    def next(self) -> int:
+        self.index += 1
+        return self.sampled[self.index]
 
 
 @dataclass
@@ -114,13 +139,21 @@ class ChatSession:
     With `adapt_threads`, generation runs on fewer threads while other programs keep cores busy and
     returns to `threads` when they are free (adaptive_threads.py). It is off by default until
     bench/bench_busy.py has shown, on an idle machine, that it costs nothing when the machine is quiet.
+
+    `speculative` ("auto", "mtp" or "off") decodes with the model's own multi-token-prediction head
+    (speculative.py): it drafts `draft_tokens` tokens and the model checks them in one pass, so a
+    step can emit several tokens; the tokens are the model's own, as without it (greedy: the same
+    tokens). "auto" uses it when the GGUF has an MTP block and as long as it measures faster than
+    plain decoding (speculative.DraftPolicy); "mtp" always (an error for a GGUF without one).
+    Either way, a llama-cpp-python without the hidden-state functions it needs gives a warning
+    and plain decoding.
     """
 
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
                  adapt_threads: bool = False, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
-                 **sampling) -> None:
+                 speculative: str = AUTO, draft_tokens: int = 2, **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -133,31 +166,50 @@ class ChatSession:
         self._sampling = self._sampling_from(mf, seed, sampling)
 
         self.threads = threads or performance_cores()
+        drafting = self._drafting_possible(mf, speculative, draft_tokens)
         recurrent = max(recurrent_state_bytes(mf), 1)
         cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
         sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
                      features=cpu_features())
-        self.memory = estimate(mf, n_ctx, **sizes)
-        problem = check_fits(mf, self.memory, **sizes)
+        self.memory = estimate(mf, n_ctx, **sizes, draft_tokens=draft_tokens if drafting else 0)
+        problem = check_fits(mf, self.memory, **sizes, draft_tokens=draft_tokens if drafting else 0)
+        if problem and drafting and speculative == AUTO:
+            plain = estimate(mf, n_ctx, **sizes)
+            if not check_fits(mf, plain, **sizes):  # it fits without the MTP head: leave it out
+                self.warnings.append("speculative decoding off: the MTP head would not fit in memory")
+                drafting, self.memory, problem = False, plain, None
         if problem and not force:
             raise ChatError(problem)
 
         try:
-            self._model = native.Model(str(mf.path))
+            self._model = native.Model(str(mf.path), load_mtp=drafting)
         except ChatError as e:
             if "unknown model architecture" in str(e):
                 raise ChatError(f"{mf.path} is a '{mf.architecture}' model, an architecture the llama.cpp bundled "
                                 f"with llama-cpp-python 0.3.36 cannot run") from None
             raise
+        self._spec: Speculator | None = None
         try:
-            self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH)
+            # Verifying a draft needs logits for each of its tokens and the recurrent-state
+            # snapshots to roll back the rejected ones.
+            self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH,
+                                       n_outputs=draft_tokens + 1 if drafting else 1,
+                                       n_rollback=draft_tokens if drafting else 0)
+            if drafting:
+                self._spec, notice = open_speculator(self._model, self._ctx, draft_tokens, self.threads)
+                if notice:
+                    self.warnings.append(notice)
         except ChatError:
+            if getattr(self, "_ctx", None):
+                self._ctx.close()
             self._model.close()
             raise
         self.n_ctx = self._ctx.n_ctx
+        self.draft_tokens = draft_tokens if self._spec else 0
+        self._policy = DraftPolicy(speculative if self._spec else OFF)
         # Between generated tokens, give cores back to other programs that take them (and take them
         # again when they are free): see adaptive_threads.py.
-        self._governor = ThreadGovernor(self.threads, self._ctx.set_threads) if adapt_threads and self.threads > 1 \
+        self._governor = ThreadGovernor(self.threads, self._set_threads) if adapt_threads and self.threads > 1 \
             else None
         self._think_open = self._model.single_token("<think>")
         self._think_close = self._model.single_token("</think>")
@@ -168,7 +220,9 @@ class ChatSession:
         self.messages: list[dict] = []
         self.stats: dict = {}
         self.last_reply: Reply | None = None
-        self.cache = StateCache(self._ctx, cache_bytes)
+        # The state the cache checkpoints: the model's, and with speculation the MTP head's too.
+        self._model_state = DraftedState(self._ctx, self._spec) if self._spec else self._ctx
+        self.cache = StateCache(self._model_state, cache_bytes)
         self._stop = threading.Event()
         self._prefill_enabled = prefill
         self._prefill: threading.Thread | None = None
@@ -309,16 +363,34 @@ class ChatSession:
         """Run the next decodes on `threads` CPU threads (the model and its state stay loaded); with
         `adapt`, at most that many, fewer while other programs take cores."""
         self._settle()
-        self._ctx.set_threads(threads)
+        self._set_threads(threads)
         self.threads = threads
-        self._governor = ThreadGovernor(threads, self._ctx.set_threads) if adapt and threads > 1 else None
+        self._governor = ThreadGovernor(threads, self._set_threads) if adapt and threads > 1 else None
+
+    @property
+    def speculative(self) -> str:
+        """How the session decodes: "auto", "mtp" or "off" (always "off" without an MTP head)."""
+        return self._policy.mode
+
+    def set_speculative(self, mode: str) -> None:
+        """Switch between "auto", "mtp" and "off" (e.g. to measure both ways on one loaded model);
+        "auto" and "mtp" need the session to have been opened with its MTP head."""
+        if mode != OFF and self._spec is None:
+            raise ChatError("this session decodes without an MTP head: open it with speculative='mtp'")
+        self._settle()
+        self._policy = DraftPolicy(mode)
+
+    def _set_threads(self, threads: int) -> None:
+        self._ctx.set_threads(threads)
+        if self._spec:
+            self._spec.set_threads(threads)
 
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
         self._settle()
         tokens = self.cache.tokens
         ck = self.cache.deepest_held(TURN)
-        state = self._ctx.get_state(FULL) if tokens else b""
+        state = self._model_state.get_state(FULL) if tokens else b""
         checkpoint = ck.state if ck else b""
         header = {
             "version": _SESSION_VERSION,
@@ -352,8 +424,10 @@ class ChatSession:
             raise ChatError(f"{path} holds {len(tokens)} tokens, more than this context ({self.n_ctx}): "
                             f"raise --ctx-size")
         self.reset()
+        if self._spec is None:  # saved with speculation on, loaded without: the model's part only
+            state, checkpoint = split_state(state)[0], split_state(checkpoint)[0]
         if state:
-            self._ctx.set_state(state, FULL)
+            self._model_state.set_state(state, FULL)
         self.cache.tokens = list(tokens)
         n = header["checkpoint_tokens"]
         if checkpoint:
@@ -371,6 +445,9 @@ class ChatSession:
         if getattr(self, "_projector", None):
             self._projector.close()
             self._projector = None
+        if getattr(self, "_spec", None):
+            self._spec.close()
+            self._spec = None
         if getattr(self, "_ctx", None):
             self._ctx.close()
             self._ctx = None
@@ -476,49 +553,89 @@ class ChatSession:
 
     def _generate(self, sampler: native.Sampler, request: _Request, splitter: ReplySplitter,
                   stats: dict, notices: list[str], start: float):
-        """The reply's pieces as they are sampled; returns why it ended."""
+        """The reply's pieces as they are sampled; returns why it ended.
+
+        With speculation, one step evaluates the last token and the MTP head's drafts and samples
+        every row while the samples match the drafts (Speculator.step); those tokens then go
+        through the same checks, one at a time, as plainly decoded ones. The model keeps what a
+        plain decoding would hold at the token being looked at (`_keep`): the reply may end
+        at any of them (end of generation, max_tokens, a stop string, an interrupt, a loop)."""
         max_tokens = request.max_tokens
         guard = RepetitionGuard()
         token = sampler.sample(self._ctx)
         first = time.perf_counter()
         stats["ttft_s"] = first - start
         n = 0
-        while True:
-            if self._model.is_eog(token):
-                return "stop"
-            n += 1
-            stats["gen_tokens"] = n
-            piece = splitter.feed(token, self._model.piece(token))
-            if piece:
-                yield piece
-            pending = [token]
-            if guard.looping(token):
-                # Close the reasoning as the model would have, and let it answer; but not under a
-                # grammar, which must see every token of the answer sampled.
-                if splitter.kind != REASONING or request.constraint is not None:
-                    notices.append("the reply kept repeating itself: stopped it")
+        verified: _Verified | None = None  # the last speculative step, while its tokens are looked at
+        drafted, accepted = (self._spec.drafted, self._spec.accepted) if self._spec else (0, 0)
+        try:
+            while True:
+                if self._model.is_eog(token):
+                    return "stop"
+                n += 1
+                stats["gen_tokens"] = n
+                piece = splitter.feed(token, self._model.piece(token))
+                if piece:
+                    yield piece
+                pending = [token]
+                if guard.looping(token):
+                    # Close the reasoning as the model would have, and let it answer; but not under a
+                    # grammar, which must see every token of the answer sampled.
+                    if splitter.kind != REASONING or request.constraint is not None:
+                        notices.append("the reply kept repeating itself: stopped it")
+                        yield Piece("notice", notices[-1])
+                        return "loop"
+                    notices.append("the reasoning kept repeating itself: closed it to answer")
                     yield Piece("notice", notices[-1])
-                    return "loop"
-                notices.append("the reasoning kept repeating itself: closed it to answer")
-                yield Piece("notice", notices[-1])
-                splitter.close_reasoning()
-                guard.reset()
-                pending += self._model.tokenize("\n</think>\n\n")
-            if self._stop.is_set():
-                return "interrupted"
-            if max_tokens is not None and n >= max_tokens:
-                return "length"
-            if len(self.cache.tokens) + len(pending) >= self.n_ctx:
-                notices.append(f"context full ({self.n_ctx} tokens): /reset to start over, or raise --ctx-size")
-                yield Piece("notice", notices[-1])
-                return "context"
-            step = time.perf_counter()
-            self._evaluate(pending, logits=True)
-            token = sampler.sample(self._ctx)
-            if self._governor and len(pending) == 1:
-                self._governor.token_done(time.perf_counter() - step)
-            elapsed = time.perf_counter() - first
-            stats["gen_tps"] = n / elapsed if elapsed > 0 else None
+                    splitter.close_reasoning()
+                    guard.reset()
+                    pending += self._model.tokenize("\n</think>\n\n")
+                if self._stop.is_set():
+                    return "interrupted"
+                if max_tokens is not None and n >= max_tokens:
+                    return "length"
+                held = len(self.cache.tokens) + (verified.kept if verified else 0)
+                if held + len(pending) >= self.n_ctx:
+                    notices.append(f"context full ({self.n_ctx} tokens): /reset to start over, or raise --ctx-size")
+                    yield Piece("notice", notices[-1])
+                    return "context"
+                if verified and len(pending) == 1 and verified.more():
+                    token = verified.next()  # sampled after the tokens before it, all evaluated
+                    continue
+                verified = self._keep(verified)
+                step = time.perf_counter()
+                n_draft = min(self.draft_tokens, self.n_ctx - held - 1,
+                              (max_tokens - n - 1) if max_tokens is not None else self.draft_tokens)
+                if len(pending) == 1 and n_draft > 0 and self._policy.drafts():
+                    tokens = self.cache.tokens
+                    batch, sampled = self._spec.step(token, position(tokens), sampler, n_draft, self._model.is_eog,
+                                                     cells=len(tokens))
+                    verified = _Verified(batch, sampled, position(tokens))
+                    token = verified.next()
+                    self._policy.record(True, time.perf_counter() - step, len(sampled))
+                else:
+                    self._evaluate(pending, logits=True)
+                    token = sampler.sample(self._ctx)
+                    if len(pending) == 1:
+                        if self._governor:
+                            self._governor.token_done(time.perf_counter() - step)
+                        if self._spec:
+                            self._policy.record(False, time.perf_counter() - step, 1)
+                elapsed = time.perf_counter() - first
+                stats["gen_tps"] = n / elapsed if elapsed > 0 else None
+        finally:
+            self._keep(verified)
+            if self._spec:
+                stats["drafted_tokens"] = self._spec.drafted - drafted
+                stats["accepted_tokens"] = self._spec.accepted - accepted
+
+    def _keep(self, verified: "_Verified | None") -> None:
+        """The model keeps, of a speculative step, the tokens before the one being looked at (as
+        plain decoding would hold them); the MTP head follows. Returns None (no step pending)."""
+        if verified is not None:
+            self._spec.keep(verified.pos + verified.kept)
+            self.cache.tokens.extend(verified.batch[:verified.kept])
+        return None
 
     # --- the model state ------------------------------------------------------------------------
 
@@ -606,14 +723,42 @@ class ChatSession:
                 image = self._image_cells[self._image_at[tokens[i]]]
                 self._evaluate_image(self._image_at[tokens[i]], image)
                 held.extend(tokens[i:i + image.n_tokens])
+                if self._spec:
+                    self._spec.skip(position(held))
                 i += image.n_tokens
                 continue
             end = min(i + step, len(tokens))
             end = next((j for j in range(i, end) if tokens[j] < 0), end)
             chunk = tokens[i:end]
-            self._ctx.decode(chunk, position(held), cells=len(held), logits_last=logits and end == len(tokens))
+            pos = position(held)
+            self._ctx.decode(chunk, pos, cells=len(held), logits_last=logits and end == len(tokens))
+            if self._spec:
+                self._track(chunk, pos)
             held.extend(chunk)
             i = end
+        return True
+
+    def _track(self, tokens: list[int], pos: int) -> None:
+        """Keep the MTP head in step with what the model just evaluated: all of it while drafting,
+        only the last hidden state while decoding plainly (see Speculator.note)."""
+        if self._policy.drafts():
+            self._spec.feed(tokens, pos)
+        else:
+            self._spec.note(len(tokens), pos)
+
+    @staticmethod
+    def _drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:
+        """Whether to load the MTP head; a missing one is an error only when asked for ("mtp")."""
+        DraftPolicy(mode)  # checks the mode
+        if mode == OFF:
+            return False
+        if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ChatError(f"draft_tokens must be 1 to {MAX_DRAFT_TOKENS}, not {draft_tokens!r}")
+        if mtp_block_count(mf) == 0 or mf.architecture not in QWEN35_ARCHS:
+            if mode == MTP:
+                raise ChatError(f"{mf.path.name} has no multi-token-prediction head (converted with --no-mtp?): "
+                                f"leave out --mtp")
+            return False
         return True
 
     # --- images ---------------------------------------------------------------------------------

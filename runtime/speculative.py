@@ -30,6 +30,8 @@ plain decoding when they or the MTP block are missing.
 from __future__ import annotations
 
 import ctypes
+import struct
+from collections import deque
 
 import numpy as np
 
@@ -111,6 +113,25 @@ class Speculator:
         self._rows, self._rows_pos = rows, pos
         self._pending = rows[-1].copy()
 
+    def note(self, n_tokens: int, pos: int) -> None:
+        """The target has just decoded `n_tokens` tokens at `pos`, and the MTP context is not kept
+        in step (plain decoding under `auto`: evaluating them there would cost time that only
+        drafting repays). Only the pending hidden state is taken; the MTP context misses those
+        positions, which M-RoPE allows (positions may jump forward). Drafts after a gap are
+        somewhat less often right; the tokens stay the target's."""
+        ptr = self._ext.llama_get_embeddings_nextn(self._target.ptr)
+        if not ptr:
+            raise ChatError("llama.cpp returned no hidden state for the MTP head")
+        rows = np.ctypeslib.as_array(ptr, shape=(n_tokens, self._n_embd))
+        self._trim(pos)
+        self._pending = rows[-1].copy()
+        self._rows, self._rows_pos = rows.copy() if n_tokens > 1 else rows[-1:].copy(), pos
+
+    def skip(self, pos: int) -> None:
+        """The target has evaluated cells without tokens (an image) up to position `pos`: the MTP
+        head, which reads token embeddings, does not see them."""
+        self.restore(pos, None)
+
     def keep(self, n_tokens: int) -> None:
         """Keep the first `n_tokens` positions of the state (some of the last decode at least):
         the target rolls back the rest of its last decode, the MTP context follows."""
@@ -142,6 +163,32 @@ class Speculator:
         self._ctx.clear()
         self.restore(0, None)
 
+    def trim(self, n_tokens: int) -> None:
+        self.restore(n_tokens, self._pending)
+
+    def set_threads(self, threads: int) -> None:
+        self._ctx.set_threads(threads)
+
+    def get_state(self, flags: int) -> bytes:
+        """What a checkpoint of the target keeps of the drafting side: the pending hidden state,
+        and with a FULL checkpoint the MTP context's KV cache too (a PARTIAL one is only used while
+        the live state holds its prefix, and the MTP context is trimmed along with the target)."""
+        hidden = self._pending.astype(np.float32).tobytes()
+        return hidden + (bytes(self._ctx.get_state(native.FULL)) if flags == native.FULL else b"")
+
+    def set_state(self, data: bytes | None, flags: int) -> None:
+        """Take up a checkpoint's drafting side (None: the checkpoint has none, e.g. saved with
+        speculation off: the MTP context then starts empty and fills as decoding goes)."""
+        size = 4 * self._n_embd
+        hidden = None if not data else np.frombuffer(bytes(data[:size]), np.float32)
+        if flags == native.FULL:
+            if data and len(data) > size:
+                self._ctx.set_state(bytearray(data[size:]), native.FULL)
+            else:
+                self._ctx.clear()
+        self._rows = np.zeros((0, self._n_embd), np.float32)
+        self._pending = np.zeros(self._n_embd, np.float32) if hidden is None else hidden.copy()
+
     # --- one speculative step -------------------------------------------------------------------
 
     def draft(self, last: int, pos: int, n: int) -> list[int]:
@@ -164,13 +211,15 @@ class Speculator:
         self._trim(pos)
         return drafts
 
-    def step(self, last: int, pos: int, sampler: native.Sampler, n_draft: int, is_eog) -> tuple[list[int], list[int]]:
+    def step(self, last: int, pos: int, sampler: native.Sampler, n_draft: int, is_eog,
+             cells: int | None = None) -> tuple[list[int], list[int]]:
         """Draft, verify: (the tokens evaluated at `pos`, the tokens sampled from them). The
         sampled ones y_0..y_k follow the target's distribution; y_i == draft i+1 for i < k. Call
-        `keep` next with how many evaluated tokens the reply keeps."""
+        `keep` next with how many evaluated tokens the reply keeps. `cells`: as for
+        Context.decode (more than `pos` after an image)."""
         drafts = self.draft(last, pos, n_draft) if n_draft > 0 else []
         batch = [last] + drafts
-        self._target.decode(batch, pos, logits_all=True)
+        self._target.decode(batch, pos, cells=cells, logits_all=True)
         self.feed(batch, pos)
         sampled: list[int] = []
         for i in range(len(batch)):
@@ -222,3 +271,116 @@ def open_speculator(model: native.Model, target: native.Context, n_draft: int,
         return Speculator(model, target, n_draft, threads), None
     except ChatError as e:
         return None, f"speculative decoding off: {e}"
+
+
+# A model state with its drafting side: target bytes, drafting bytes, their length and this mark.
+_STATE_MARK = b"QWEN35-MTP-STATE"
+
+
+def join_state(target: bytes | bytearray, drafting: bytes) -> bytearray:
+    out = bytearray(target)
+    out += drafting
+    out += struct.pack("<Q", len(drafting)) + _STATE_MARK
+    return out
+
+
+def split_state(data: bytes | bytearray) -> tuple[bytes | bytearray, bytes | None]:
+    """(the target's state, the drafting side or None) of a state `join_state` may have written."""
+    tail = len(_STATE_MARK) + 8
+    if len(data) < tail or bytes(data[-len(_STATE_MARK):]) != _STATE_MARK:
+        return data, None
+    (n,) = struct.unpack("<Q", bytes(data[-tail:-len(_STATE_MARK)]))
+    end = len(data) - tail
+    if n > end:
+        return data, None
+    return data[:end - n], bytes(data[end - n:end])
+
+
+class DraftedState:
+    """The target context and its Speculator as one model state, for the state cache: every
+    checkpoint, restore and trim of the target carries the drafting side along, so a conversation
+    taken up from a checkpoint or a saved file drafts as well as if it had never stopped."""
+
+    def __init__(self, target: native.Context, speculator: Speculator) -> None:
+        self._target = target
+        self._spec = speculator
+
+    def get_state(self, flags: int) -> bytearray:
+        return join_state(self._target.get_state(flags), self._spec.get_state(flags))
+
+    def set_state(self, data: bytes | bytearray, flags: int) -> None:
+        target, drafting = split_state(data)
+        self._target.set_state(target if isinstance(target, bytearray) else bytes(target), flags)
+        self._spec.set_state(drafting, flags)
+
+    def trim(self, pos: int) -> None:
+        self._target.trim(pos)
+        self._spec.trim(pos)
+
+    def clear(self) -> None:
+        self._target.clear()
+        self._spec.clear()
+
+
+# --- when drafting pays ---------------------------------------------------------------------------
+
+OFF, MTP, AUTO = "off", "mtp", "auto"
+MODES = (AUTO, MTP, OFF)
+
+
+class DraftPolicy:
+    """Whether the next step drafts. `mtp`: always; `off`: never; `auto`: whichever way has cost
+    less engine time per emitted token, measured as decoding goes.
+
+    `auto` starts drafting (the MTP head of a real release is right 60-85% of the time); after a
+    few tokens it probes plain decoding for PROBE_STEPS steps and settles on the cheaper way; then
+    it probes the other way again after `interval` tokens — twice as long each time a probe
+    confirms the choice (up to MAX_INTERVAL), so when drafting does not pay, its probes cost a
+    small and shrinking share of the time. The costs carry over from reply to reply."""
+
+    PROBE_STEPS = 4
+    FIRST_INTERVAL = 64
+    MAX_INTERVAL = 4096
+    WINDOW = 16  # steps in the running cost of each way
+
+    def __init__(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ChatError(f"speculative must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self._costs = {True: deque(maxlen=self.WINDOW), False: deque(maxlen=self.WINDOW)}
+        self._settled = True  # the way in use between probes
+        self._probe = 0  # steps left in a probe of the other way
+        self._interval = 2 * self.PROBE_STEPS  # tokens until the next probe (first: soon)
+        self._since = 0
+
+    def drafts(self) -> bool:
+        if self.mode != AUTO:
+            return self.mode == MTP
+        return self._settled != bool(self._probe)
+
+    def cost(self, drafting: bool) -> float | None:
+        """Seconds per emitted token of that way over its last steps (None: not measured)."""
+        window = self._costs[drafting]
+        tokens = sum(n for _, n in window)
+        return sum(s for s, _ in window) / tokens if tokens else None
+
+    def record(self, drafting: bool, seconds: float, tokens: int) -> None:
+        if self.mode != AUTO or drafting != self.drafts():
+            self._costs[drafting].append((seconds, tokens))
+            return
+        self._costs[drafting].append((seconds, tokens))
+        if self._probe:
+            self._probe -= 1
+            if not self._probe:  # the probe is over: keep the cheaper way
+                mine, other = self.cost(self._settled), self.cost(not self._settled)
+                if mine is not None and other < mine:
+                    self._settled = not self._settled
+                    self._interval = self.FIRST_INTERVAL
+                else:
+                    self._interval = max(self.FIRST_INTERVAL, min(2 * self._interval, self.MAX_INTERVAL))
+                self._since = 0
+            return
+        self._since += tokens
+        if self._since >= self._interval:
+            self._probe = self.PROBE_STEPS
+            self._costs[not self._settled].clear()
