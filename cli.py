@@ -33,6 +33,19 @@ def main():
     """Qwen3.5 checkpoints to GGUF, and offline chat over llama.cpp."""
 
 
+def _speculative_options(fn):
+    """--mtp/--no-mtp and --draft N: speculative decoding with the model's own MTP head."""
+    fn = click.option("--draft", "draft_tokens", type=click.IntRange(1, 8), default=2, show_default=True,
+                      help="Tokens the MTP head drafts per step.")(fn)
+    return click.option("--mtp/--no-mtp", "mtp", default=None,
+                        help="Speculative decoding with the model's MTP head: always (--mtp) or never (--no-mtp). "
+                             "Default: when the GGUF has one and it measures faster than plain decoding.")(fn)
+
+
+def _speculative(mtp: bool | None) -> str:
+    return "auto" if mtp is None else "mtp" if mtp else "off"
+
+
 @main.command()
 @click.argument("checkpoint_dir", type=click.Path(path_type=str))
 @click.option("-q", "--type", "qtypes", multiple=True, default=["bf16"], show_default=True,
@@ -134,17 +147,19 @@ def demo(workdir):
 @click.option("--image-max-tokens", type=click.IntRange(min=8),
               help="Most tokens an image becomes (larger ones are scaled down): detail against time on a CPU. "
                    "Default: 1024.")
+@_speculative_options
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
         presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, mmproj,
-        image_max_tokens, verbose):
+        image_max_tokens, mtp, draft_tokens, verbose):
     """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
     from .runtime.run import run as run_chat
 
     options = dict(n_ctx=ctx_size, threads=threads, think=think, seed=seed, system=system, force=force,
                    adapt_threads=adapt_threads,
                    verbose=verbose, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                   presence_penalty=presence_penalty, max_tokens=max_tokens, mmproj=mmproj)
+                   presence_penalty=presence_penalty, max_tokens=max_tokens, mmproj=mmproj,
+                   speculative=_speculative(mtp), draft_tokens=draft_tokens)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
@@ -179,9 +194,10 @@ def _thread_counts(value: str | None) -> list[int] | None:
 @click.option("--mmproj", type=click.Path(path_type=str),
               help="The vision tower's GGUF, for image_url parts. Default: <name>-mmproj-<TYPE>.gguf beside MODEL.")
 @click.option("--image-max-tokens", type=click.IntRange(min=8), help="Most tokens an image becomes. Default: 1024.")
+@_speculative_options
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, force, mmproj, image_max_tokens,
-          verbose):
+          mtp, draft_tokens, verbose):
     """Serve a GGUF MODEL over an OpenAI-compatible HTTP API (needs `pip install 'qwen35[serve]'`)."""
     try:
         import starlette  # noqa: F401
@@ -191,7 +207,7 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
     from .runtime.server import serve as run_server
 
     options = dict(n_ctx=ctx_size, threads=threads, cache_ram=cache_ram << 20, force=force, verbose=verbose,
-                   mmproj=mmproj)
+                   mmproj=mmproj, speculative=_speculative(mtp), draft_tokens=draft_tokens)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     run_server(model, host=host, port=port, api_key=api_key, session_options=options, queue_size=queue_size)
@@ -209,11 +225,14 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
                    "Default: performance cores.")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a markdown table.")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
-def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force):
-    """Prompt-processing and generation speed of the chat runtime on MODEL, and its peak memory."""
+@_speculative_options
+def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, draft_tokens):
+    """Prompt-processing and generation speed of the chat runtime on MODEL, and its peak memory; with an
+    MTP head (unless --no-mtp), generation with and without speculative decoding, and its acceptance."""
     from .runtime.bench import bench as run_bench, format_json, format_markdown
 
-    result = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads, force=force)
+    result = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads, force=force,
+                       speculative=_speculative(mtp), draft_tokens=draft_tokens)
     click.echo(format_json(result) if as_json else format_markdown(result))
 
 

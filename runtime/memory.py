@@ -16,7 +16,8 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
 - saved checkpoints: copies of that recurrent state kept at turn boundaries;
 - compute and output buffers for a prompt batch, and the context's own bookkeeping (graph and
   scheduler metadata, the thread pool and its malloc arenas: 13-30 MiB measured at 2 threads);
-- with speculative decoding (`draft_tokens` N > 0): the MTP layer's weights, a second context
+- with speculative decoding (`draft_tokens` N > 0): the MTP layer's weights (counted with the
+  weights), a second context
   over them (a KV cache of one attention layer, its compute buffer, one row of logits), N more
   recurrent states in the model's context (the snapshots a rejected draft is rolled back to),
   logits for the N+1 rows of a verify, and the hidden state of every token of a batch;
@@ -109,9 +110,9 @@ def mtp_tensors(mf: ModelFile) -> dict[str, TensorInfo]:
     return {t.name: t for t in mf.tensors if _block(t.name) in mtp}
 
 
-def loaded_tensors(mf: ModelFile) -> dict[str, TensorInfo]:
-    """The tensors llama.cpp loads by default: all but the multi-token-prediction layers."""
-    skipped = mtp_tensors(mf)
+def loaded_tensors(mf: ModelFile, mtp: bool = False) -> dict[str, TensorInfo]:
+    """The tensors llama.cpp loads: all but the multi-token-prediction layers, unless `mtp`."""
+    skipped = {} if mtp else mtp_tensors(mf)
     return {t.name: t for t in mf.tensors if t.name not in skipped}
 
 
@@ -120,11 +121,12 @@ def layout(features: frozenset[str], name: str, t: TensorInfo) -> str | None:
     return repacked(features, name, t.ggml_type.name, tuple(reversed(t.shape)))
 
 
-def repacked_tensors(mf: ModelFile, features: frozenset[str]) -> dict[str, str]:
+def repacked_tensors(mf: ModelFile, features: frozenset[str], mtp: bool = False) -> dict[str, str]:
     """The weights llama.cpp repacks and their layouts, named as its load log names them: a tied
     output projection (the embedding's data loaded a second time, as a MUL_MAT weight) goes by the
-    embedding's name, which is otherwise never repacked (it is read with GET_ROWS)."""
-    tensors = loaded_tensors(mf)
+    embedding's name, which is otherwise never repacked (it is read with GET_ROWS). `mtp`: with the
+    multi-token-prediction layers loaded."""
+    tensors = loaded_tensors(mf, mtp)
     found = {name: layout(features, name, t) for name, t in tensors.items()}
     embd = tensors.get("token_embd.weight")
     if "output.weight" not in tensors and embd:
@@ -132,12 +134,12 @@ def repacked_tensors(mf: ModelFile, features: frozenset[str]) -> dict[str, str]:
     return {name: found_layout for name, found_layout in found.items() if found_layout}
 
 
-def weight_bytes(mf: ModelFile, features: frozenset[str]) -> tuple[int, int, int]:
+def weight_bytes(mf: ModelFile, features: frozenset[str], mtp: bool = False) -> tuple[int, int, int]:
     """(mapped, repacked, idle): bytes of the loaded tensors, of the copies CPU_REPACK makes of
     them, and of the mapped originals only read to make those copies (not the tied embedding's:
     the token lookup keeps reading it)."""
-    tensors = loaded_tensors(mf)
-    copies = repacked_tensors(mf, features)
+    tensors = loaded_tensors(mf, mtp)
+    copies = repacked_tensors(mf, features, mtp)
     repacked_bytes = sum(tensors[name].nbytes for name in copies)
     idle = sum(tensors[name].nbytes for name in copies if name != "token_embd.weight")
     return sum(t.nbytes for t in tensors.values()), repacked_bytes, idle
@@ -151,7 +153,8 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     features = cpu_features() if features is None else features
     n_layer = mf.arch_key("block_count", 0)
     main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
-    weights, copies, idle = weight_bytes(mf, features)
+    # With speculative decoding the MTP layer's weights are loaded (and repacked) like the others.
+    weights, copies, idle = weight_bytes(mf, features, mtp=draft_tokens > 0)
 
     recurrent_flags = list(mf.arch_key("attention.recurrent_layers", [False] * n_layer))[:main_layers]
     n_full = recurrent_flags.count(False)
@@ -179,7 +182,7 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
         # The MTP context's batch runs one attention layer and its FFN: the same per-token
         # widths as a layer of the model, without the linear-attention channels.
         mtp_compute = n_batch * F32 * (n_ff + 2 * n_embd) + n_ctx_cells * n_batch * F16
-        drafting = (sum(t.nbytes for t in mtp_tensors(mf).values()) + mtp_kv + draft_tokens * recurrent
+        drafting = (mtp_kv + draft_tokens * recurrent
                     + draft_tokens * mf.n_tokens * F32  # the verify's further rows of logits
                     + n_batch * n_embd * F32  # the model's hidden state of each token of a batch
                     + mtp_compute + mf.n_tokens * F32 + overhead)

@@ -271,10 +271,11 @@ def test_repack_predicate_matches_what_llama_cpp_repacks_here(qtype):
     from qwen35.runtime.repack import cpu_features
 
     gguf = build_tiny_gguf(qtype)
+    # With the MTP head loaded (speculative decoding), whose layer is repacked like the others.
     result = subprocess.run([sys.executable, "-m", "qwen35.cli", "run", str(gguf), "-p", "hi", "--max-tokens", "1",
-                             "--verbose"], capture_output=True, text=True, check=True, cwd=REPO.parent)
+                             "--mtp", "--verbose"], capture_output=True, text=True, check=True, cwd=REPO.parent)
     logged = dict(re.findall(r"repack: repack tensor (\S+) with (\S+)", result.stderr))
-    predicted = repacked_tensors(read_model_file(gguf), cpu_features())
+    predicted = repacked_tensors(read_model_file(gguf), cpu_features(), mtp=True)
     assert predicted == logged
 
 
