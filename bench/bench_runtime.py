@@ -48,16 +48,24 @@ def model_0_8b(workdir: Path) -> Path:
 def llama_bench_binary(workdir: Path) -> Path:
     """llama-bench from the sdist that llama-cpp-python was built from: CPU, Release, native flags
     (the Python package's build is native too: its system info lists this CPU's AVX-512)."""
+    return llama_cpp_tool(workdir, "llama-bench")
+
+
+def llama_cpp_tool(workdir: Path, target: str) -> Path:
+    """A llama.cpp tool (llama-bench, llama-server) built once in `workdir`/llama-bench-build from
+    the pinned sdist; one build directory, so its libraries are compiled once for every tool. The
+    server is built without its web UI (which would be fetched from the network)."""
     build = workdir / "llama-bench-build"
-    binary = build / "bin" / "llama-bench"
+    binary = build / "bin" / target
     if binary.is_file():
         return binary
-    print(f"building llama-bench in {build} (several minutes) …", flush=True)
+    print(f"building {target} in {build} (several minutes) …", flush=True)
     subprocess.run(["cmake", "-S", str(ensure_sdist(workdir.parent)), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
+                    f"-DLLAMA_BUILD_SERVER={'ON' if target == 'llama-server' else 'OFF'}", "-DLLAMA_BUILD_UI=OFF",
+                    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
                     "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", "2"], check=True,
+    subprocess.run(["cmake", "--build", str(build), "--target", target, "-j", "2"], check=True,
                    stdout=subprocess.DEVNULL)
     return binary
 
