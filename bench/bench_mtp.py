@@ -1,0 +1,245 @@
+"""Decode speed with speculative decoding (Qwen3.5's own MTP head) at known acceptance, against
+llama.cpp's own MTP and the sdist example server's, side by side in one run.
+
+Models: random-weight checkpoints at Qwen3.5-0.8B's and 4B's real dimensions (9B with --sizes,
+if the disk holds it: each 9B build needs ~40 GB of scratch), rewritten by
+tests/mtp_fixtures.acceptance_transform so that the MTP head predicts the model's next token for
+a known share of tokens (0, 0.5, 0.8, 1.0): the blocks' output projections are zero and the
+untied output maps each token to a fixed successor. Zeros cost as much compute as any other
+value, so the time per token is that of a real model of these dimensions (with an untied output:
+0.8B's release ties it, the compute is the same). Q4_K_M, built once and cached in the work
+directory. Per-draft acceptance at N drafts is Σ rate^i / N (a draft counts when all before it
+were right), printed as llama-server measures it.
+
+Servers, one at a time, on 127.0.0.1, same GGUF, threads and context:
+  qwen35     `qwen35 serve`: --no-mtp (plain), --mtp --draft N, and the default `auto` at --draft N;
+  llama.cpp  llama-server built from the pinned sdist (bench_runtime.llama_cpp_tool: one cached
+             build): plain, and --spec-type draft-mtp --spec-draft-n-max N;
+  example    the sdist's examples/server/server.py (bench_server.py's peers venv and config): plain,
+             and draft_model "draft-mtp" with draft_model_num_pred_tokens N.
+Decode tokens/s is measured the same way for all, from the client: each repetition times one
+request for 1 token and one for K+1 tokens (different prompts of the same length, temperature 0;
+the models never end a reply early), and K / (difference) is the decode rate: prompt and request
+costs cancel. The median of --reps repetitions.
+
+Issue 10's goal (a moonshot): at acceptance 0.8, ≥ 1.5× plain decoding on the 4B file, ahead of
+both peers' MTP on every row; `auto` never more than 3% slower than plain.
+
+    .venv/bin/python bench/bench_mtp.py [--sizes 0.8b,4b] [--acceptance 0,0.5,0.8,1] [--draft 1,2,3]
+        [--threads N] [--reps 3] [--tokens 128] [--peers llama-server,example]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bench_runtime import llama_cpp_tool
+from bench_server import Server, example_config, get, peers_venv, SDIST_SERVER
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"tiny": None, "0.8b": "qwen3.5-0.8b.config.RECONSTRUCTED.json", "4b": "qwen3.5-4b.config.RECONSTRUCTED.json",
+           "9b": "qwen3.5-9b.config.json"}
+N_CTX = 2048
+SCRATCH_GB = {"tiny": 1, "0.8b": 6, "4b": 20, "9b": 42}  # free disk a build needs (checkpoint, its rewrite, the GGUF)
+
+
+def controlled_gguf(size: str, rate: float, workdir: Path) -> Path:
+    """The `size` model whose MTP head is right for a share `rate` of tokens (built once)."""
+    os.environ["QWEN35_TEST_CACHE"] = str(workdir / "models")
+    sys.path.insert(0, str(REPO))  # the repository's tests package
+    from tests.mtp_fixtures import build_gguf, variant_config
+
+    if CONFIGS[size] is None:  # the tests' model (hidden size 128): for checking this script quickly
+        config = variant_config(tied=False)
+    else:
+        config = json.loads((REPO / "tests" / "release_configs" / CONFIGS[size]).read_text())
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = False
+    free = shutil.disk_usage(workdir).free / 2**30
+    print(f"model {size} at acceptance {rate} (building it if absent; {free:.0f} GiB free) …", flush=True)
+    if free < SCRATCH_GB[size]:
+        raise SystemExit(f"{size} needs ~{SCRATCH_GB[size]} GiB of free disk to build; {free:.0f} GiB free")
+    return build_gguf(config, "q4_k_m", acceptance=rate)
+
+
+class Plain(Server):
+    """Any of the servers: named, and with its health path, by `measure`."""
+
+
+def chat(base: str, prompt: str, max_tokens: int) -> tuple[float, dict]:
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 1,
+            "max_tokens": max_tokens, "stream": False}
+    request = urllib.request.Request(base + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=1800) as r:  # noqa: S310 - 127.0.0.1 only
+        reply = json.loads(r.read())
+    return time.perf_counter() - start, reply
+
+
+def decode_rate(server: Server, tokens: int, reps: int) -> dict:
+    """Decode tokens/s from the client (see the module docstring), and what the server says of its drafts."""
+    chat(server.base, "Warm up: say something.", 8)
+    before = _draft_counters(server)
+    gaps, short = [], False
+    for rep in range(reps):
+        one, _ = chat(server.base, f"Story {2 * rep}: tell me about lighthouse number {2 * rep}.", 1)
+        many, reply = chat(server.base, f"Story {2 * rep + 1}: tell me about lighthouse number {2 * rep + 1}.",
+                           tokens + 1)
+        gaps.append(many - one)
+        short |= (reply.get("usage") or {}).get("completion_tokens", tokens + 1) != tokens + 1
+    result = {"tps": tokens / statistics.median(gaps), "short": short}
+    timings = reply.get("timings") or {}
+    if timings.get("draft_n"):
+        result["acceptance"] = timings["draft_n_accepted"] / timings["draft_n"]
+    after = _draft_counters(server)
+    if before and after and after[0] > before[0]:
+        result["acceptance"] = (after[1] - before[1]) / (after[0] - before[0])
+    return result
+
+
+def _draft_counters(server: Server) -> tuple[float, float] | None:
+    """The example server's drafts proposed and accepted (its /metrics), else None."""
+    if server.health != "/healthz":
+        return None
+    text = get(server.base + "/metrics").decode()
+    values = [re.search(rf"^batch_server:draft_tokens_{kind}_total\s+(\S+)$", text, re.M) for kind in ("proposed",
+                                                                                                         "accepted")]
+    return tuple(float(v.group(1)) for v in values) if all(values) else None
+
+
+def measure(name: str, command, args, env: dict, health: str = "/health") -> dict:
+    """Start a server (`command(port)`), measure its decode rate, stop it."""
+    server = Plain([], args.workdir / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log", env)
+    server.name, server.health = name, health
+    server.command = command(server.port)
+    server.start()
+    try:
+        server.wait_ready()
+        result = decode_rate(server, args.tokens, args.reps)
+    finally:
+        server.stop()
+    acc = f", drafts accepted {result['acceptance']:.2f}" if "acceptance" in result else ""
+    print(f"  {name}: {result['tps']:.2f} tokens/s{acc}{' (a reply ended early!)' if result['short'] else ''}",
+          flush=True)
+    return result
+
+
+def ours(model: Path, args, flags: list[str]):
+    return lambda port: [sys.executable, "-m", "qwen35.cli", "serve", str(model), "--port", str(port),
+                         "-t", str(args.threads), "-c", str(N_CTX), *flags]
+
+
+def llama_server(binary: Path, model: Path, args, flags: list[str]):
+    return lambda port: [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                         "-t", str(args.threads), "-tb", str(args.threads), "-c", str(N_CTX), "-np", "1", *flags]
+
+
+def example(python: Path, model: Path, args, n_draft: int):
+    """The example server with bench_server.py's config (its own Qwen3.5 settings on the local GGUF)."""
+    def command(port: int) -> list[str]:
+        path = example_config(args.workdir, model, args.threads, port)
+        config = json.loads(path.read_text())
+        config["model"]["n_ctx"] = N_CTX
+        if n_draft:
+            config["model"].update(draft_model="draft-mtp", draft_model_num_pred_tokens=n_draft)
+        path.write_text(json.dumps(config, indent=1))
+        return [str(python), str(SDIST_SERVER / "server.py"), "-C", str(path)]
+    return command
+
+
+def bench_file(size: str, rate: float, args, env: dict, binary: Path | None, python: Path | None) -> list[dict]:
+    model = controlled_gguf(size, rate, args.workdir)
+    print(f"{model}", flush=True)
+    row = {"size": size, "rate": rate}
+    plain = {"qwen35": measure("qwen35 plain", ours(model, args, ["--no-mtp"]), args, env)}
+    if binary:
+        plain["llama.cpp"] = measure("llama-server plain", llama_server(binary, model, args, []), args, env)
+    if python:
+        plain["example"] = measure("example plain", example(python, model, args, 0), args, env, "/healthz")
+    rows = []
+    for n in args.draft:
+        r = dict(row, n=n, plain=plain, mtp={}, auto=None)
+        r["mtp"]["qwen35"] = measure(f"qwen35 --mtp --draft {n}", ours(model, args, ["--mtp", "--draft", str(n)]),
+                                     args, env)
+        if n == args.auto_draft:
+            r["auto"] = measure(f"qwen35 auto --draft {n}", ours(model, args, ["--draft", str(n)]), args, env)
+        if binary:
+            r["mtp"]["llama.cpp"] = measure(
+                f"llama-server draft-mtp n-max {n}",
+                llama_server(binary, model, args, ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(n)]), args, env)
+        if python:
+            r["mtp"]["example"] = measure(f"example draft-mtp {n}", example(python, model, args, n), args, env,
+                                          "/healthz")
+        rows.append(r)
+    return rows
+
+
+def _tps(result: dict | None) -> str:
+    return "—" if not result else f"{result['tps']:.2f}"
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    return "—" if not a or not b else f"{a['tps'] / b['tps']:.2f}"
+
+
+def report(rows: list[dict], peers: list[str]) -> None:
+    head = ["size", "accept/token", "N", "qwen35 plain", "qwen35 MTP", "MTP/plain", "auto/plain"]
+    for peer in peers:
+        head += [f"{peer} plain", f"{peer} MTP", f"{peer} MTP/plain", f"{peer} accepted", f"qwen35 MTP/{peer} MTP"]
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + " ---: |" * len(head))
+    for r in rows:
+        mine, plain = r["mtp"]["qwen35"], r["plain"]["qwen35"]
+        cells = [r["size"], f"{r['rate']:g}", str(r["n"]), _tps(plain), _tps(mine), _ratio(mine, plain),
+                 _ratio(r["auto"], plain)]
+        for peer in peers:
+            theirs = r["mtp"].get(peer)
+            acc = theirs.get("acceptance") if theirs else None
+            cells += [_tps(r["plain"].get(peer)), _tps(theirs), _ratio(theirs, r["plain"].get(peer)),
+                      "—" if acc is None else f"{acc:.2f}", _ratio(mine, theirs)]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    from qwen35.runtime.system import physical_cores
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="0.8b,4b", help="comma-separated: 0.8b, 4b, 9b (tiny: the tests' model)")
+    ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="comma-separated shares of tokens the MTP head gets right")
+    ap.add_argument("--draft", default="1,2,3", help="comma-separated draft lengths N")
+    ap.add_argument("--auto-draft", type=int, default=2, help="N at which `auto` is measured too")
+    ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128, help="decoded tokens per timed request")
+    ap.add_argument("--peers", default="llama.cpp,example", help="comma-separated: llama.cpp, example (or none)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/mtp"))
+    ap.add_argument("--json", type=Path, help="also write the raw measurements here")
+    args = ap.parse_args()
+    args.draft = [int(n) for n in args.draft.split(",")]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    peers = [p for p in args.peers.split(",") if p in ("llama.cpp", "example")]
+    binary = llama_cpp_tool(args.workdir.parent / "runtime", "llama-server") if "llama.cpp" in peers else None
+    python = peers_venv(args.workdir.parent / "server") if "example" in peers else None
+    # As bench_server.py: every server waits passively (spinning threads cost each other dearly on a shared machine).
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    rows = []
+    for size in args.sizes.split(","):
+        for rate in (float(a) for a in args.acceptance.split(",")):
+            rows += bench_file(size, rate, args, env, binary, python)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    print(f"\n{args.threads} threads, {args.reps} reps of {args.tokens} decoded tokens, Q4_K_M, context {N_CTX}")
+    report(rows, peers)
+
+
+if __name__ == "__main__":
+    main()
