@@ -244,4 +244,6 @@ def format_stats(stats: dict) -> str:
             f"reply: {num('gen_tokens', 'd')} tokens at {num('gen_tps', '.1f')} tokens/s "
             f"({stats.get('finish_reason', '-')}); context: {num('context_tokens', 'd')} tokens"
             + (f"\nimages: {num('image_tokens', 'd')} tokens encoded and evaluated in {num('image_encode_s', '.3f')} s"
-               if stats.get("image_tokens") else ""))
+               if stats.get("image_tokens") else "")
+            + (f"\nspeculative decoding: {num('accepted_tokens', 'd')} of {num('drafted_tokens', 'd')} drafted tokens "
+               f"accepted" if stats.get("drafted_tokens") else ""))

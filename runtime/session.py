@@ -34,7 +34,7 @@ from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
 from .repack import cpu_features
 from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, mtp_block_count, open_speculator,
-                          split_state)
+                          split_state, staging_api)
 from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
 from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
 from .system import performance_cores
@@ -167,6 +167,9 @@ class ChatSession:
 
         self.threads = threads or performance_cores()
         drafting = self._drafting_possible(mf, speculative, draft_tokens)
+        if drafting and staging_api()[0] is None:  # checked before loading anything for it
+            self.warnings.append(f"speculative decoding off: {staging_api()[1]}")
+            drafting = False
         recurrent = max(recurrent_state_bytes(mf), 1)
         cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
         sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,

@@ -54,15 +54,17 @@ def variant_config(*, moe: bool = False, tied: bool = True, text: dict | None = 
     return config
 
 
-def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, seed: int = 0) -> Path:
-    """`config` converted to `qtype`; with `acceptance`, rewritten first by acceptance_transform."""
+def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, seed: int = 0,
+               vision: bool = False) -> Path:
+    """`config` converted to `qtype`; with `acceptance`, rewritten first by acceptance_transform;
+    with `vision`, with a random vision tower, whose mmproj is written beside it."""
     from qwen35.convert import convert
     from qwen35.convert.real_vocab import write_chat_template, write_tokenizer_files
     from qwen35.convert.synthetic import write_checkpoint
 
     from .tiny import rewrite_checkpoint
 
-    h = hashlib.sha256(json.dumps([config, acceptance, seed], sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([config, acceptance, seed] + ([True] if vision else []), sort_keys=True).encode())
     for source in sorted((REPO / "convert").glob("*.py")) + [Path(__file__), REPO / "tests" / "tiny.py"]:
         h.update(source.read_bytes())
     name = f"mtp-{'acc' + str(acceptance) if acceptance is not None else 'random'}-{qtype.upper()}.gguf"
@@ -71,13 +73,16 @@ def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, see
         return target
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
-        ckpt = write_checkpoint(Path(tmp) / "random", config, seed=seed, vision=False)
+        ckpt = write_checkpoint(Path(tmp) / "random", config, seed=seed, vision=vision)
         write_tokenizer_files(ckpt)
         write_chat_template(ckpt)
         if acceptance is not None:
             ckpt = rewrite_checkpoint(ckpt, Path(tmp) / "controlled", acceptance_transform(ckpt, acceptance, seed))
-        convert(ckpt, [qtype], Path(tmp) / name, force=True, mmproj=None)
+        outputs = convert(ckpt, [qtype], Path(tmp) / name, force=True, mmproj="f16" if vision else None)
         target.parent.mkdir(exist_ok=True)
+        for output in outputs:  # the text GGUF last: it is what says the build is complete
+            if output.path.name != name:
+                os.replace(output.path, target.parent / output.path.name)
         os.replace(Path(tmp) / name, target)
     return target
 

@@ -95,6 +95,39 @@ def test_a_chat_is_token_for_token_that_of_plain_decoding(controlled, tmp_path):
     assert crossed[:4] == plain["continued"][:4] and context == plain["context"]
 
 
+def test_a_chat_about_an_image_is_that_of_plain_decoding(tmp_path):
+    """After an image the positions fall behind the cells (M-RoPE): the drafts, the verify and its
+    rollback go by positions, the context-full checks by cells; the MTP head skips the image."""
+    import numpy as np
+
+    from tests.vision_fixture import write_png
+
+    model = build_gguf(variant_config(tied=False), "f32", acceptance=0.8, vision=True)
+    image = tmp_path / "image.png"
+    write_png(image, np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    replies = {}
+    for mode in ("off", "mtp"):
+        with _session(model, mode) as s:
+            s.send("What is in it?", images=[image], max_tokens=30)
+            first = _reply(s)
+            s.send("And the colours?", max_tokens=30)
+            replies[mode] = (first, _reply(s), s.context_tokens(), s.stats.get("drafted_tokens"),
+                             s.stats.get("accepted_tokens"))
+    assert replies["mtp"][:3] == replies["off"][:3]
+    assert replies["mtp"][3] > 0 and replies["mtp"][4] > 0
+
+
+def test_without_the_hidden_state_functions_it_says_so_and_decodes_plainly(controlled, monkeypatch):
+    from qwen35.runtime import session
+
+    monkeypatch.setattr(session, "staging_api", lambda: (None, "this llama-cpp-python lacks llama_process"))
+    with _session(controlled, "mtp", prefill=False) as s:
+        assert s.warnings == ["speculative decoding off: this llama-cpp-python lacks llama_process"]
+        assert s.speculative == "off"
+        s.send("Hello", max_tokens=4)
+        assert s.stats["gen_tokens"] == 4 and "drafted_tokens" not in s.stats
+
+
 def test_a_grammar_checks_every_drafted_token(controlled):
     """Under a constraint the verify samples each row with the grammar in the chain (it sees the
     tokens accepted before), so the answer is the one plain decoding gives."""
