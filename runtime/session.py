@@ -401,7 +401,9 @@ class ChatSession:
         in_reasoning = _opens_reasoning(prompt_text)
         constraint_samplers = constraints.samplers(self._model, request.constraint, in_reasoning=in_reasoning)
         # Where to keep the state (see state_cache.py); a turn boundary may be the prompt's end.
-        boundaries = {len(prompt) - 1: PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)},
+        # Each boundary inside the prompt ends a decode (costing about one token's decode more); the
+        # prompt's end costs nothing: its snapshot is taken after the last decode.
+        boundaries = {len(prompt): PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)},
                       self._prefix_boundary(conversation, tools): PREFIX}
 
         reused = self._reuse(prompt)
@@ -421,12 +423,14 @@ class ChatSession:
         finish = "interrupted"
         sampler = native.Sampler(request.sampling, self._model.n_vocab, constraint_samplers)
         try:
-            for n in sorted(b for b in boundaries if b > len(self.cache.tokens)):
+            for n in sorted(b for b in boundaries if len(self.cache.tokens) < b < len(prompt)):
                 if not self._evaluate(prompt[len(self.cache.tokens):n], logits=False):
                     return
                 self.cache.snapshot(boundaries[n])
             if not self._evaluate(prompt[len(self.cache.tokens):], logits=True):
                 return
+            self.cache.snapshot(boundaries[len(prompt)])  # (an identical prompt restores a shallower one:
+            # its last token must be evaluated again for the logits that start the reply)
             stats["prompt_tokens"] = len(prompt) - reused + ahead
             if self._image_work[0]:
                 stats["image_tokens"], stats["image_encode_s"] = self._image_work
@@ -574,7 +578,7 @@ class ChatSession:
         brings a new message or the results of the tools called: render the next turn with a
         stand-in answer and a stand-in message (or tool result), and compare. For Qwen3.5 they agree
         up to an `<|im_start|>assistant\n` (the next rendering drops or rewrites the `<think>`
-        block): after the last user message's for a new message, after this prompt's for a tool
+        block): after the last user message's for a new message, this whole prompt for a tool
         result. A guess only: if the real answer renders differently, the next turn notices (the
         checkpoint is not a prefix of its prompt) and evaluates more, never something wrong."""
         answer = {"role": "assistant", "content": "Answer."}
@@ -582,8 +586,7 @@ class ChatSession:
         for following in ({"role": "user", "content": "Next."}, {"role": "tool", "content": "Result."}):
             upcoming = self._render_cells(conversation + [answer, following], add_generation_prompt=False, think=None,
                                           tools=tools)
-            # At least the last prompt token is left to evaluate after the snapshot: its logits start the reply.
-            points.add(min(_common_prefix(prompt, upcoming), len(prompt) - 1))
+            points.add(_common_prefix(prompt, upcoming))
         return points
 
     def _reuse(self, prompt: list[int], *, need_logits: bool = True) -> int:
