@@ -111,15 +111,15 @@ class ChatSession:
     background thread while the user reads and types; it is counted in the next turn's
     prompt_tokens. Turn it off for one-shot use, where there is no next turn.
 
-    With `adapt_threads`, generation runs on fewer threads while other programs keep cores busy and
-    returns to `threads` when they are free (adaptive_threads.py). It is off by default until
-    bench/bench_busy.py has shown, on an idle machine, that it costs nothing when the machine is quiet.
+    With `adapt_threads` (the default), the session runs on fewer threads while other programs keep
+    cores busy and returns to `threads` when they are free (adaptive_threads.py; measured by
+    bench/bench_busy.py: busy, 0.95× the best fixed count; quiet, 0.98× the fixed default).
     """
 
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
-                 adapt_threads: bool = False, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
+                 adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
                  **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
