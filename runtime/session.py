@@ -33,7 +33,8 @@ from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
 from .repack import cpu_features
-from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
+from .reasoning import (CONTENT, REASONING, TOOL_CALL, TOOL_CALL_ARGUMENTS, TOOL_CALL_START, Piece, RepetitionGuard,
+                        ReplySplitter, StopStrings)
 from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
 from .system import performance_cores
 from .template import ChatTemplate
@@ -757,9 +758,17 @@ class ChatSession:
         return Sampling(**{**self._sampling.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+_PIECE_OF_EVENT = {"content": CONTENT, "call_start": TOOL_CALL_START, "arguments": TOOL_CALL_ARGUMENTS,
+                   "call": TOOL_CALL}
+
+
 def _answer_pieces(events) -> Iterator[Piece]:
+    """ToolCallReader's events as Pieces: text in `text`, calls in `call`."""
     for kind, value in events:
-        yield Piece("tool_call", "", value) if kind == "call" else Piece(CONTENT, value)
+        if isinstance(value, str):
+            yield Piece(_PIECE_OF_EVENT[kind], value)
+        else:
+            yield Piece(_PIECE_OF_EVENT[kind], "", value)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
