@@ -370,9 +370,11 @@ class _Completion:
     def finish_reason(reply) -> str:
         if reply is None:
             return "stop"
+        if reply.tool_calls and not reply.call_cut_off:
+            return "tool_calls"  # (even if cut short after the calls, before `</tool_call>`, say)
         if reply.finish_reason in ("length", "context", "loop"):
-            return "length"  # (also when a call was cut short: its arguments are what was written)
-        return "tool_calls" if reply.tool_calls else "stop"
+            return "length"  # also for a call cut short: its arguments are what was written
+        return "stop"
 
     @staticmethod
     def usage(reply) -> dict:
@@ -451,7 +453,9 @@ def _error_body(e: BadRequest) -> dict:
 def _error(e: BadRequest):
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": _error_body(e)}, status_code=e.status)
+    # A full queue is momentary: Retry-After lets clients (the openai SDK's retries) come back soon.
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse({"error": _error_body(e)}, status_code=e.status, headers=headers)
 
 
 async def _read_json(request):

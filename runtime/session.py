@@ -72,6 +72,7 @@ class Reply:
     finish_reason: str  # stop | length | context | loop | interrupted
     stats: dict
     notices: list[str] = field(default_factory=list)
+    call_cut_off: bool = False  # the reply ended inside its last tool call (whose arguments hold what was written)
 
 
 @dataclass(frozen=True)
@@ -471,7 +472,7 @@ class ChatSession:
             stats.update(finish_reason=finish, context_tokens=len(self.cache.tokens),
                          total_s=time.perf_counter() - start)
             self.stats = stats
-            self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices)
+            self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices, answer.cut_off)
             if record and self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
                 self._start_prefill()
 

@@ -278,6 +278,7 @@ class ToolCallReader:
         self._closed = False  # the call's arguments are closed ("}" given)
         self.calls: list[dict] = []
         self.content: list[str] = []
+        self.cut_off = False  # the text ended inside a call, before its `</function>`
 
     def feed(self, text: str) -> list[tuple[str, object]]:
         self._buffer += text
@@ -379,6 +380,7 @@ class ToolCallReader:
             return True
         if final:  # cut off
             self._buffer = ""
+            self.cut_off = True
             self._end_call(events)
             return True
         return False
@@ -402,6 +404,7 @@ class ToolCallReader:
             return False
         self._buffer = self._buffer[resume:]
         self._end_value(events, complete=complete)
+        self.cut_off |= not complete
         self._state = self._read_parameters
         return True
 

@@ -265,6 +265,14 @@ def test_a_streamed_call_cut_off_still_joins_to_its_arguments():
     for size in (1, 4, len(text)):
         content, calls, streamed, _ = _streamed(text, size)
         assert content == "" and functions(calls) == [{"name": "search", "arguments": {"limit": 3, "code": "x = 1 "}}]
+        reader = ToolCallReader(TOOLS)
+        reader.feed(text)
+        reader.finish()
+        assert reader.cut_off
+        reader = ToolCallReader(TOOLS)
+        reader.feed(call("search", query="a")[:-len("</tool_call>")])  # cut off after </function>: complete
+        reader.finish()
+        assert not reader.cut_off and len(reader.calls) == 1
         assert json.loads("".join(streamed[0]["arguments"])) == calls[0]["function"]["arguments"]
 
 
