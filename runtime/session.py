@@ -416,7 +416,11 @@ class ChatSession:
         stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
                  "gen_tokens": 0, "gen_tps": None, "image_tokens": 0, "image_encode_s": None}
         self._image_work = [0, 0.0]
-        splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, self._tool_call)
+        # Under a grammar the answer starts where the grammar does: a `<tool_call>` token in the
+        # reasoning ends it only when it also starts the grammar (constraints.py).
+        grammar = request.constraint is not None and request.constraint.grammar is not None
+        ends_reasoning = self._tool_call if not grammar or request.constraint.tool_call else None
+        splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, ends_reasoning)
         answer = ToolCallReader(tools, enabled=request.read_tool_calls)
         stop = StopStrings(list(request.stop))
         notices: list[str] = []
