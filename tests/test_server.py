@@ -154,6 +154,45 @@ def test_a_tool_call_streams_its_arguments_as_they_are_written(server, client):
     assert json.loads(accumulated.function.arguments) == call["function"]["arguments"]
 
 
+def test_several_streamed_calls_accumulate_in_the_openai_client_to_their_arguments():
+    """The SSE deltas of a reply with text and three calls (values holding `<`, quotes and newlines,
+    the last cut off in a string value), fed in small pieces, through the openai package's own
+    stream accumulator: each call's accumulated arguments are its final arguments, exactly."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    from qwen35.runtime.server import _Completion
+    from qwen35.runtime.session import _answer_pieces
+    from qwen35.runtime.tools import ToolCallReader
+
+    tools = TOOLS + [{"type": "function", "function": {"name": "run", "parameters": {"type": "object", "properties": {
+        "code": {"type": "string"}, "timeout": {"type": "integer"}, "env": {"type": "object"}}}}}]
+    text = ("Let me check.\n\n<tool_call>\n<function=search>\n<parameter=query>\na < b and \"c\"\n</parameter>\n"
+            "</function>\n</tool_call>\n<tool_call>\n<function=run>\n<parameter=code>\nif x<y:\n    print('</p>')\n"
+            "\n</parameter>\n<parameter=timeout>\n30\n</parameter>\n<parameter=env>\n{\"A\": [1, 2]}\n</parameter>\n"
+            "</function>\n</tool_call>\n<tool_call>\n<function=search>\n<parameter=query>\ncut off her")
+    reader, completion = ToolCallReader(tools), _Completion("tiny", {"stream": True, "include_usage": False})
+    state = ChatCompletionStreamState()
+    chunks = [completion.chunk({"role": "assistant", "content": ""})]
+    for i in range(0, len(text), 3):
+        for piece in _answer_pieces(reader.feed(text[i:i + 3])):
+            chunks += [completion.chunk(delta) for delta in completion.deltas(piece)]
+    for piece in _answer_pieces(reader.finish()):
+        chunks += [completion.chunk(delta) for delta in completion.deltas(piece)]
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(json.dumps(chunk))))
+    message = state.current_completion_snapshot.choices[0].message
+    assert message.content == "Let me check."
+    assert [(c.id, c.function.name) for c in message.tool_calls] == \
+        [(c["id"], c["function"]["name"]) for c in reader.calls] and len(reader.calls) == 3
+    for accumulated, call in zip(message.tool_calls, reader.calls):
+        assert accumulated.function.arguments == json.dumps(call["function"]["arguments"], ensure_ascii=False)
+    assert [json.loads(c.function.arguments) for c in message.tool_calls] == [
+        {"query": 'a < b and "c"'}, {"code": "if x<y:\n    print('</p>')\n", "timeout": 30, "env": {"A": [1, 2]}},
+        {"query": "cut off her"}]
+    assert reader.cut_off
+
+
 def test_tool_choice_required_makes_a_call(client):
     r = client.chat.completions.create(model="tiny", messages=user("Check."), tools=TOOLS[:1], tool_choice="required",
                                        parallel_tool_calls=False, reasoning_effort="none", temperature=0, max_tokens=30)
