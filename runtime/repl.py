@@ -154,7 +154,7 @@ class Repl:
             self._write(f"{RESET}{CLEAR_LINE}" if self.hide_thinking else f"{RESET}\n\n")
         if piece.kind == "notice":
             self._write(f"\n{DIM}[{piece.text}]{RESET}\n")
-        else:
+        elif piece.kind == "content":  # (a tool call's pieces are for programs)
             self._write(piece.text)
 
     @contextmanager

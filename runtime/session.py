@@ -33,7 +33,8 @@ from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
 from .repack import cpu_features
-from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
+from .reasoning import (CONTENT, REASONING, TOOL_CALL, TOOL_CALL_ARGUMENTS, TOOL_CALL_START, Piece, RepetitionGuard,
+                        ReplySplitter, StopStrings)
 from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
 from .system import performance_cores
 from .template import ChatTemplate
@@ -71,6 +72,7 @@ class Reply:
     finish_reason: str  # stop | length | context | loop | interrupted
     stats: dict
     notices: list[str] = field(default_factory=list)
+    call_cut_off: bool = False  # the reply ended inside its last tool call (whose arguments hold what was written)
 
 
 @dataclass(frozen=True)
@@ -416,7 +418,11 @@ class ChatSession:
         stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
                  "gen_tokens": 0, "gen_tps": None, "image_tokens": 0, "image_encode_s": None}
         self._image_work = [0, 0.0]
-        splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, self._tool_call)
+        # Under a grammar the answer starts where the grammar does: a `<tool_call>` token in the
+        # reasoning ends it only when it also starts the grammar (constraints.py).
+        grammar = request.constraint is not None and request.constraint.grammar is not None
+        ends_reasoning = self._tool_call if not grammar or request.constraint.tool_call else None
+        splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, ends_reasoning)
         answer = ToolCallReader(tools, enabled=request.read_tool_calls)
         stop = StopStrings(list(request.stop))
         notices: list[str] = []
@@ -474,7 +480,7 @@ class ChatSession:
             stats.update(finish_reason=finish, context_tokens=len(self.cache.tokens),
                          total_s=time.perf_counter() - start)
             self.stats = stats
-            self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices)
+            self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices, answer.cut_off)
             if record and self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
                 self._start_prefill()
 
@@ -760,9 +766,17 @@ class ChatSession:
         return Sampling(**{**self._sampling.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+_PIECE_OF_EVENT = {"content": CONTENT, "call_start": TOOL_CALL_START, "arguments": TOOL_CALL_ARGUMENTS,
+                   "call": TOOL_CALL}
+
+
 def _answer_pieces(events) -> Iterator[Piece]:
+    """ToolCallReader's events as Pieces: text in `text`, calls in `call`."""
     for kind, value in events:
-        yield Piece("tool_call", "", value) if kind == "call" else Piece(CONTENT, value)
+        if isinstance(value, str):
+            yield Piece(_PIECE_OF_EVENT[kind], value)
+        else:
+            yield Piece(_PIECE_OF_EVENT[kind], "", value)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

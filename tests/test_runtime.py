@@ -537,6 +537,69 @@ def test_json_schema_output_is_enforced(fresh):
     assert fresh.last_reply.finish_reason in ("length", "stop", "loop")
 
 
+def _allowed_tokens(model, sampler) -> set[int]:
+    """The tokens a grammar sampler leaves possible (all logits equal)."""
+    n = model.n_vocab
+    data = (llama_cpp.llama_token_data * n)()
+    for i in range(n):
+        data[i].id, data[i].logit, data[i].p = i, 0.0, 0.0
+    array = llama_cpp.llama_token_data_array(data, n, -1, False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+    return {data[i].id for i in range(array.size) if data[i].logit != float("-inf")}
+
+
+def test_a_grammar_holds_the_whole_answer_with_thinking_on_and_off(fresh):
+    """Thinking on: the grammar waits while the model reasons and holds from `</think>` on; a
+    `<tool_call>` token in the reasoning starts a tool call's grammar too (a model that forgot
+    `</think>`: the reply's answer starts there), never JSON output's (it stays reasoning, which the
+    splitter is told). Thinking off: the grammar holds from the first token."""
+    from qwen35.runtime.constraints import json_constraint, samplers, tool_call_constraint
+
+    model = fresh._model
+    close, call = model.single_token("</think>"), model.single_token("<tool_call>")
+    (brace,) = model.tokenize("{")
+    (newline,) = model.tokenize("\n")
+    every = set(range(model.n_vocab))
+
+    def sampler(constraint, in_reasoning):
+        (s,) = samplers(model, constraint, in_reasoning=in_reasoning)
+        return s
+
+    json_ = sampler(json_constraint(None), in_reasoning=True)
+    try:
+        assert _allowed_tokens(model, json_) == every  # reasoning: free
+        llama_cpp.llama_sampler_accept(json_, call)  # not a trigger for JSON output
+        assert _allowed_tokens(model, json_) == every
+        llama_cpp.llama_sampler_accept(json_, close)
+        allowed = _allowed_tokens(model, json_)
+        assert brace in allowed and newline in allowed and call not in allowed and close not in allowed
+    finally:
+        llama_cpp.llama_sampler_free(json_)
+    for first in (close, call):
+        calls = sampler(tool_call_constraint(TOOLS, "ping", False), in_reasoning=True)
+        try:
+            assert _allowed_tokens(model, calls) == every
+            llama_cpp.llama_sampler_accept(calls, first)
+            allowed = _allowed_tokens(model, calls)
+            assert brace not in allowed and close not in allowed
+            assert (newline in allowed) and ((call in allowed) == (first == close))
+        finally:
+            llama_cpp.llama_sampler_free(calls)
+    for constraint, starts in ((json_constraint(None), brace), (tool_call_constraint(TOOLS, None, True), call)):
+        off = sampler(constraint, in_reasoning=False)
+        try:
+            allowed = _allowed_tokens(model, off)
+            assert starts in allowed and close not in allowed and len(allowed) < len(every) // 2
+        finally:
+            llama_cpp.llama_sampler_free(off)
+    # The splitter reads a `<tool_call>` token in the reasoning as its end only when told so.
+    for ends, kind in ((call, "content"), (None, "reasoning")):
+        splitter = ReplySplitter(True, model.single_token("<think>"), close, ends)
+        splitter.feed(11, b"hmm")
+        splitter.feed(call, b"<tool_call>")
+        assert splitter.kind == kind
+
+
 def test_stop_strings_end_the_answer(fresh):
     reply = fresh.send("hello", think=False, temp=0, max_tokens=30)
     if len(reply.content) < 4:
