@@ -524,7 +524,6 @@ def test_json_schema_output_is_enforced(fresh):
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
               "required": ["ok", "n"], "additionalProperties": False}
-    fresh.send("Answer in JSON.", think=False, temp=0, max_tokens=80) if False else None
     for _ in fresh.respond([{"role": "user", "content": "Answer in JSON."}], think=False, temp=0, max_tokens=80,
                            constraint=json_constraint(schema)):
         pass
