@@ -38,7 +38,7 @@ from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cel
 from .system import performance_cores
 from .template import ChatTemplate
 from .tools import ToolCallReader, check_tools, nfc, prepare_messages
-from .vision import DEFAULT_IMAGE_MAX_TOKENS, Chunks, Projector, find_mmproj, read_image
+from .vision import DEFAULT_IMAGE_MAX_TOKENS, LLAMA_IMAGE_MAX_TOKENS, Chunks, Projector, find_mmproj, read_image
 
 N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
 # Checkpoints a chat keeps by default (a prefix, a turn boundary and a prompt end per turn; see
@@ -137,8 +137,12 @@ class ChatSession:
         cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
         sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
                      features=cpu_features())
-        self.memory = estimate(mf, n_ctx, **sizes)
-        problem = check_fits(mf, self.memory, **sizes)
+        # The vision tower loads at the first image, but memory for it (and for an image as large as
+        # the budget) must be there then: it is counted now, when it is given or found beside the model.
+        self._mmproj, self._mmproj_expected = (Path(mmproj), None) if mmproj is not None else find_mmproj(mf)
+        vision = read_model_file(self._mmproj) if self._mmproj is not None else None
+        self.memory = estimate(mf, n_ctx, **sizes, mmproj=vision, image_max_tokens=image_max_tokens or LLAMA_IMAGE_MAX_TOKENS)
+        problem = check_fits(mf, self.memory, **sizes, mmproj=vision)
         if problem and not force:
             raise ChatError(problem)
 
@@ -174,7 +178,6 @@ class ChatSession:
         self._prefill: threading.Thread | None = None
         self._prefilled = (0, 0)  # positions of the tokens the last prefill evaluated
 
-        self._mmproj = mmproj
         self._image_max_tokens = image_max_tokens
         self._projector: Projector | None = None
         self._images: dict[str, bytes] = {}  # SHA-256 → encoded file: what the conversation's image parts name
@@ -621,13 +624,11 @@ class ChatSession:
     def _vision(self) -> Projector:
         """The model's mmproj, loaded on first use: a text-only chat never pays for it."""
         if self._projector is None:
-            path = self._mmproj
-            if path is None:
-                path, expected = find_mmproj(self.model_file)
-                if path is None:
-                    raise ChatError(f"{self.model_file.path.name} has no vision tower beside it: images need "
-                                    f"{expected} (written by `qwen35 convert`), or give its mmproj with --mmproj FILE")
-            self._projector = Projector(path, self._model, native.L.llama_model_n_embd(self._model.ptr),
+            if self._mmproj is None:
+                raise ChatError(f"{self.model_file.path.name} has no vision tower beside it: images need "
+                                f"{self._mmproj_expected} (written by `qwen35 convert`), or give its mmproj with "
+                                "--mmproj FILE")
+            self._projector = Projector(self._mmproj, self._model, native.L.llama_model_n_embd(self._model.ptr),
                                         threads=self.threads, image_max_tokens=self._image_max_tokens)
         return self._projector
 

@@ -27,6 +27,7 @@ MIN_IMAGE_TOKENS = 8  # clip.cpp's floor for the Qwen-VL projectors
 # The default bound on an image's tokens (llama.cpp's own is 4096): the cost of encoding on a CPU
 # against detail; grounding wants at least 1024 (clip.cpp warns below that). VISION.md §2.
 DEFAULT_IMAGE_MAX_TOKENS = 1024
+LLAMA_IMAGE_MAX_TOKENS = 4096  # clip.cpp's bound for the Qwen-VL projectors when none is given
 IMAGE_FORMATS = "JPEG, PNG, WebP, BMP or GIF"
 
 

@@ -353,3 +353,52 @@ def test_repl_keeps_the_images_of_a_message_that_did_not_fit(model, fixture):
     assert f"images: {N_IMAGE_TOKENS} tokens" in term.expect(">>> ")
     term.send("/exit\n")
     assert term.wait() == 0
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_counts_the_vision_tower_and_the_image_budget(model, fixture):
+    from qwen35.runtime import memory, native
+    from qwen35.runtime.modelfile import read_model_file
+    from qwen35.runtime.vision import find_mmproj
+
+    mmproj = read_model_file(find_mmproj(read_model_file(model))[0])
+    weights = sum(t.nbytes for t in mmproj.tensors)
+    # By hand: 1024 tokens of 2×2 patches; per patch 7 widths (64) and 3 × 16² pixels, f32; the
+    # image's embeddings at the text width (64 here too).
+    assert memory.image_compute_bytes(mmproj, 1024) == 4096 * (7 * 64 + 3 * 256) * 4
+    assert memory.vision_bytes(mmproj, 1024) == weights + 4096 * (7 * 64 + 3 * 256) * 4 + 1024 * 64 * 4
+    with _session(model, image_max_tokens=1024) as chat:
+        assert chat.memory.vision == memory.vision_bytes(mmproj, 1024)
+        assert "vision tower + buffers for 1024-token images" in chat.memory.describe()
+        native.log.clear()
+        chat.send("hi", [fixture.image], temp=0, max_tokens=1)
+        logged = [float(line.split("=")[1].split()[0]) * 2 ** 20 for line in native.log.lines
+                  if "compute buffer size" in line and "reserve_compute_meta" in line]
+    # What llama.cpp reserved to encode the fixture's image, against the estimate for its tokens.
+    assert logged and logged[-1] <= memory.image_compute_bytes(mmproj, N_IMAGE_TOKENS) <= 1.3 * logged[-1]
+    with _session(model, mmproj=None, image_max_tokens=None) as chat:  # llama.cpp's own bound: 4096 tokens
+        assert chat.memory.vision == memory.vision_bytes(mmproj, 4096)
+
+
+def test_refuses_before_loading_when_the_image_budget_does_not_fit(model, monkeypatch):
+    from qwen35.runtime import memory
+    from qwen35.runtime.modelfile import read_model_file
+    from qwen35.runtime.vision import find_mmproj
+
+    mf = read_model_file(model)
+    mmproj = read_model_file(find_mmproj(mf)[0])
+    sizes = dict(n_batch=512, n_checkpoints=4, threads=2)
+    big = memory.estimate(mf, 1024, **sizes, mmproj=mmproj, image_max_tokens=4096)
+    small = memory.estimate(mf, 1024, **sizes, mmproj=mmproj, image_max_tokens=256, process=big.process)
+    assert big.needed - small.needed == memory.vision_bytes(mmproj, 4096) - memory.vision_bytes(mmproj, 256)
+    message = memory.check_fits(mf, big, available=small.needed + 1, **sizes, mmproj=mmproj)
+    assert "--image-max-tokens 256 would fit" in message and "--force" in message
+
+    loads = []
+    monkeypatch.setattr(memory, "available_ram", lambda: small.needed + 1)
+    monkeypatch.setattr("qwen35.runtime.native.Model.__init__", lambda *a, **k: loads.append(a))
+    with pytest.raises(ChatError, match=r"vision tower \+ buffers for 4096-token images.*--image-max-tokens \d+ would fit"):
+        ChatSession(model, n_ctx=1024, threads=2, image_max_tokens=4096)
+    assert loads == []  # refused before loading anything
