@@ -20,6 +20,7 @@ Type a message and press Enter. For several lines, end a line with \\ or wrap th
   /save FILE       save the conversation, model state included
   /load FILE       resume a saved conversation
   /image PATH      show the model an image with your next message (repeat for several)
+  /video PATH      show the model a video (a file: needs ffmpeg; or a directory of frames) with your next message
   /stats           numbers for the last reply
   /retry           send again the message the last session did not answer
   /exit            leave (or Ctrl-D); Ctrl-C stops a reply
@@ -32,9 +33,10 @@ class Repl:
 
     def __init__(self, session: ChatSession, *, hide_thinking: bool, journal: Journal | None = None,
                  resumed: str | None = None, pending: str | None = None, images: list[str] = (),
-                 out=sys.stdout) -> None:
+                 video: str | None = None, out=sys.stdout) -> None:
         self.session = session
         self.images = list(images)  # attached to the next message
+        self.video = video  # likewise
         self.hide_thinking = hide_thinking
         self.journal = journal
         self.resumed = resumed
@@ -75,7 +77,7 @@ class Repl:
         for message in messages[-2:]:
             text = message.get("content") or ""
             if isinstance(text, list):  # a message with images
-                text = "".join(p["text"] if p["type"] == "text" else "[image] " for p in text)
+                text = "".join(p["text"] if p["type"] == "text" else f"[{p['type']}] " for p in text)
             self._print(f"{DIM}{message['role']}: {text[:300]}{'…' if len(text) > 300 else ''}{RESET}")
         if self.pending:
             self._print(f"{DIM}Your last message was not answered (the process ended): /retry sends it again.{RESET}")
@@ -120,16 +122,17 @@ class Repl:
         self._record(pending=text)  # before anything can go wrong: the message is on disk
         kind = None  # what the last piece shown was
         images, self.images = self.images, []
+        video, self.video = self.video, None
         recorded = len(self.session.messages)
         try:
             with self._ctrl_c_stops_reply():
-                for piece in self.session.stream(text, images):
+                for piece in self.session.stream(text, images, video=video):
                     self._show(piece, kind)
                     kind = piece.kind
         except ChatError as e:
             self._print(f"{RESET}error: {e}")
             if len(self.session.messages) == recorded:
-                self.images = images  # the message was not taken: its images stay attached for the next
+                self.images, self.video = images, video  # the message was not taken: they stay attached for the next
             self._record()
             return
         self._record()
@@ -218,6 +221,14 @@ class Repl:
                     part = s.add_image(arg)  # checked now: a bad file is said before the message is typed
                     self.images.append(arg)
                     self._print(f"{arg} ({s.image_tokens(part)} tokens) goes with your next message")
+            elif name == "/video":
+                if not arg:
+                    self._print("usage: /video PATH")
+                else:
+                    part = s.add_video(arg)  # sampled and checked now, before the message is typed
+                    self.video = arg
+                    self._print(f"{arg} ({len(part['seconds'])} frame pairs, {s.image_tokens(part)} tokens) goes "
+                                "with your next message")
             elif name == "/stats":
                 self._print(format_stats(s.stats) if s.stats else "no reply yet")
             else:
