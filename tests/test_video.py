@@ -101,7 +101,6 @@ def test_a_frame_pair_is_encoded_as_transformers_encodes_a_temporal_patch(vision
     from qwen35.convert.pipeline import Conversion
     from tests.fixtures import _model_class
     from tests.test_vision_parity import MIN_COSINE, Run
-    from tests.vision_fixture import SPEC
 
     text, mmproj = Conversion(vision_fixture.checkpoint, ["f32"], tmp_path / "", mmproj="f32").run()
     a, b = _frames(2)
@@ -121,7 +120,7 @@ def test_a_frame_pair_is_encoded_as_transformers_encodes_a_temporal_patch(vision
     finally:
         run.close()
 
-    model = _model_class(SPEC).from_pretrained(vision_fixture.checkpoint, dtype=torch.float32).eval()
+    model = _model_class(vision_fixture.spec).from_pretrained(vision_fixture.checkpoint, dtype=torch.float32).eval()
     pixels, grid = _patchify_pair(a, b)
     with torch.no_grad():
         theirs = model.model.get_video_features(torch.from_numpy(pixels), torch.tensor([grid])).pooler_output[0].numpy()
