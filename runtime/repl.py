@@ -29,10 +29,11 @@ The conversation is kept on disk as it goes: `qwen35 run MODEL --resume` takes i
 
 class Repl:
     """`journal` keeps the conversation on disk after every message (see runtime.journal); `pending`
-    is a message a previous process received but did not answer (after a crash)."""
+    is a message a previous process received but did not answer (after a crash): its text, or as
+    the journal keeps one with images or a video, {"text", "images", "video"}."""
 
     def __init__(self, session: ChatSession, *, hide_thinking: bool, journal: Journal | None = None,
-                 resumed: str | None = None, pending: str | None = None, images: list[str] = (),
+                 resumed: str | None = None, pending: str | dict | None = None, images: list[str] = (),
                  video: str | None = None, out=sys.stdout) -> None:
         self.session = session
         self.images = list(images)  # attached to the next message
@@ -80,11 +81,14 @@ class Repl:
                 text = "".join(p["text"] if p["type"] == "text" else f"[{p['type']}] " for p in text)
             self._print(f"{DIM}{message['role']}: {text[:300]}{'…' if len(text) > 300 else ''}{RESET}")
         if self.pending:
-            self._print(f"{DIM}Your last message was not answered (the process ended): /retry sends it again.{RESET}")
+            shown = "" if isinstance(self.pending, str) else " with its images" if not self.pending.get("video") \
+                else " with its video"
+            self._print(f"{DIM}Your last message was not answered (the process ended): /retry sends it again"
+                        f"{shown}.{RESET}")
 
-    def _record(self, pending: str | None = None) -> None:
+    def _record(self, pending: str | None = None, images=(), video: str | None = None) -> None:
         if self.journal:
-            warning = self.journal.record(self.session, pending=pending)
+            warning = self.journal.record(self.session, pending=pending, images=images, video=video)
             if warning:
                 self._print(f"{DIM}[{warning}]{RESET}")
 
@@ -119,10 +123,10 @@ class Repl:
 
     def _reply(self, text: str) -> None:
         self.pending = None
-        self._record(pending=text)  # before anything can go wrong: the message is on disk
-        kind = None  # what the last piece shown was
         images, self.images = self.images, []
         video, self.video = self.video, None
+        self._record(pending=text, images=images, video=video)  # before anything can go wrong: it is on disk
+        kind = None  # what the last piece shown was
         recorded = len(self.session.messages)
         try:
             with self._ctrl_c_stops_reply():
@@ -198,7 +202,9 @@ class Repl:
                 self._print("conversation reset")
             elif name == "/retry":
                 if self.pending:
-                    self._reply(self.pending)
+                    text, self.images, self.video = self.journal.pending_message(self.pending) if self.journal \
+                        else (self.pending, [], None)
+                    self._reply(text)
                 else:
                     self._print("no unanswered message to send again")
             elif name == "/save":

@@ -284,6 +284,10 @@ class ChatSession:
             raise
         return part
 
+    def image_bytes(self, image_id: str) -> bytes | None:
+        """The encoded file of an image (or video frame) the conversation shows, by its SHA-256."""
+        return self._images.get(image_id)
+
     def image_tokens(self, part: dict) -> int:
         """The context cells an image or video part (from `add_image`, `add_video`) takes, start and
         end marks (and a video's timestamps) included."""
@@ -310,14 +314,16 @@ class ChatSession:
         self.system = nfc(text) if text else None
         self.reset()
 
-    def restore(self, messages: list[dict], *, system: str | None = None, think: bool | None = None) -> None:
+    def restore(self, messages: list[dict], *, system: str | None = None, think: bool | None = None,
+                images=()) -> None:
         """Take up a conversation whose model state was not saved (the REPL's journal after a
-        crash). It is evaluated once: by the background prefill while the user types, or else by
-        the next turn."""
+        crash), with the encoded `images` it shows (others are read again from their paths). It is
+        evaluated once: by the background prefill while the user types, or else by the next turn."""
         self.reset()
         self.system = nfc(system) if system else None
         self.think = think
         self.messages = [dict(m) for m in messages]
+        self._hold_images([], images)
         if self._prefill_enabled and self.messages:
             self._start_prefill()
 

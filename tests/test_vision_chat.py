@@ -402,3 +402,55 @@ def test_refuses_before_loading_when_the_image_budget_does_not_fit(model, monkey
     with pytest.raises(ChatError, match=r"vision tower \+ buffers for 4096-token images.*--image-max-tokens \d+ would fit"):
         ChatSession(model, n_ctx=1024, threads=2, image_max_tokens=4096)
     assert loads == []  # refused before loading anything
+
+
+# --- the journal: a crash loses no image ------------------------------------------------------------
+
+
+def test_retry_and_resume_after_a_crash_show_the_images_again(model, fixture, tmp_path, monkeypatch):
+    import os
+    import shutil
+    import signal
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    shutil.copy(fixture.image, first)
+    write_png(second, np.random.default_rng(7).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    term = Terminal("run", model, "--max-tokens", "4000", "--ctx-size", "1024", "--seed", "1")
+    term.expect(">>> ")
+    term.send(f"/image {first}\n")
+    term.expect(">>> ")
+    term.send("What is the first?\n")
+    term.expect("\033[2m", timeout=60)  # its reply is streaming
+    term.send("\x03")  # a short reply, the turn kept
+    term.expect(">>> ", timeout=60)
+    term.send(f"/image {second}\n")
+    term.expect(">>> ")
+    term.send("And the second?\n")
+    term.expect("\033[2m", timeout=60)
+    os.kill(term.pid, signal.SIGKILL)  # the process dies mid-reply
+    os.waitpid(term.pid, 0)
+    first.unlink()
+    second.unlink()  # only the journal holds the images now
+
+    (journal,) = (tmp_path / "state" / "qwen35" / "conversations").glob("*.json")
+    entry = json.loads(journal.read_text())
+    assert entry["pending"]["text"] == "And the second?" and len(entry["pending"]["images"]) == 1
+    assert len(list(journal.with_suffix(".images").iterdir())) == 2
+
+    again = Terminal("run", model, "--max-tokens", "3", "--ctx-size", "1024", "--seed", "1", "--resume")
+    shown = again.expect(">>> ", timeout=60)
+    assert "evaluated once" in shown and "/retry sends it again with its images" in shown
+    again.send("/retry\n")
+    assert "error" not in again.expect(">>> ", timeout=60)
+    again.send("/stats\n")
+    assert f"images: {N_IMAGE_TOKENS} tokens" in again.expect(">>> ")  # the second image; the first came back too
+    saved = tmp_path / "after.session"
+    again.send(f"/save {saved}\n")
+    again.expect(">>> ")
+    again.send("/exit\n")
+    assert again.wait() == 0
+    header = json.loads(saved.read_bytes()[20:20 + int.from_bytes(saved.read_bytes()[12:20], "little")])
+    users = [m["content"] for m in header["messages"] if m["role"] == "user"]
+    assert [[p["type"] for p in u] for u in users] == [["image", "text"], ["image", "text"]]
+    assert users[1][0]["image"] == entry["pending"]["images"][0]["image"]
