@@ -19,7 +19,8 @@ or a tool call; total: the end of the stream):
          re-sending its history with the replies the server gave.
 Answers are short and deterministic (max_tokens, temperature 0, seed, thinking off: reasoning_effort
 "none"; the installed server takes enable_thinking only at load time). Every request of a round goes
-to the three servers in turn (the order rotating), and the workloads are repeated --reps times with
+to the three servers in turn (the order rotating; before each, the bench waits until no server
+uses the CPU), and the workloads are repeated --reps times with
 fresh conversations; the table quotes medians.
 
 Prompt tokens evaluated per request: ours, usage.prompt_tokens − usage.prompt_tokens_details.cached_tokens
@@ -96,6 +97,44 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (a server may run under a launcher)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def process_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def settle(servers, quiet_s: float = 0.25, timeout_s: float = 10) -> None:
+    """Wait until no server uses the CPU (threads still spinning after their last request, a
+    background task): each request is then timed on a machine the others leave alone, whatever
+    thread-waiting policy each one has."""
+    deadline = time.monotonic() + timeout_s
+    before = [s.cpu_ticks() for s in servers]
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = [s.cpu_ticks() for s in servers]
+        if now == before:
+            return
+        before = now
+
+
 class Server:
     """One server process on 127.0.0.1; `name`, `health` path and how it counts evaluated prompt tokens."""
 
@@ -128,6 +167,10 @@ class Server:
             except OSError:
                 time.sleep(0.5)
         raise RuntimeError(f"{self.name} did not answer {self.health} within {STARTUP_S} s; its log: {self.log}")
+
+    def cpu_ticks(self) -> int:
+        """CPU time (clock ticks) of the server process and its children so far."""
+        return sum(process_ticks(pid) for pid in descendants(self.process.pid))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -336,6 +379,7 @@ def run(servers: list[Server], args) -> dict:
         turn_index += 1
         out = {}
         for server in order:
+            settle(servers)
             out[server.name] = timed(server, clients[server.name], messages_of(server.name), tools, args.max_tokens)
             results.setdefault(key, {}).setdefault(server.name, []).append(out[server.name])
         return out
@@ -430,9 +474,9 @@ def main() -> None:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.model or model_0_8b(args.workdir.parent / "runtime")
-    # llama.cpp's threads spin while waiting by default; on a shared machine that costs every server
-    # dearly (see SERVER.md), so all three run with the same passive waiting.
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    # Every server runs as its users run it (llama.cpp's default thread waiting); `settle` keeps one
+    # server's idle threads from slowing the next one's request.
+    env = dict(os.environ)
     servers = make_servers(args, model, env)
     try:
         for server in servers:  # one at a time: loading competes for the same two cores

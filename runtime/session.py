@@ -115,15 +115,15 @@ class ChatSession:
     background thread while the user reads and types; it is counted in the next turn's
     prompt_tokens. Turn it off for one-shot use, where there is no next turn.
 
-    With `adapt_threads`, generation runs on fewer threads while other programs keep cores busy and
-    returns to `threads` when they are free (adaptive_threads.py). It is off by default until
-    bench/bench_busy.py has shown, on an idle machine, that it costs nothing when the machine is quiet.
+    With `adapt_threads` (the default), the session runs on fewer threads while other programs keep
+    cores busy and returns to `threads` when they are free (adaptive_threads.py; measured by
+    bench/bench_busy.py: busy, 0.95× the best fixed count; quiet, 0.98× the fixed default).
     """
 
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
-                 adapt_threads: bool = False, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
+                 adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
                  **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
@@ -445,7 +445,9 @@ class ChatSession:
         in_reasoning = _opens_reasoning(prompt_text)
         constraint_samplers = constraints.samplers(self._model, request.constraint, in_reasoning=in_reasoning)
         # Where to keep the state (see state_cache.py); a turn boundary may be the prompt's end.
-        boundaries = {len(prompt) - 1: PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)},
+        # Each boundary inside the prompt ends a decode (costing about one token's decode more); the
+        # prompt's end costs nothing: its snapshot is taken after the last decode.
+        boundaries = {len(prompt): PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)},
                       self._prefix_boundary(conversation, tools): PREFIX}
 
         reused = self._reuse(prompt)
@@ -465,12 +467,14 @@ class ChatSession:
         finish = "interrupted"
         sampler = native.Sampler(request.sampling, self._model.n_vocab, constraint_samplers)
         try:
-            for n in sorted(b for b in boundaries if b > len(self.cache.tokens)):
+            for n in sorted(b for b in boundaries if len(self.cache.tokens) < b < len(prompt)):
                 if not self._evaluate(prompt[len(self.cache.tokens):n], logits=False):
                     return
                 self.cache.snapshot(boundaries[n])
             if not self._evaluate(prompt[len(self.cache.tokens):], logits=True):
                 return
+            self.cache.snapshot(boundaries[len(prompt)])  # (an identical prompt restores a shallower one:
+            # its last token must be evaluated again for the logits that start the reply)
             stats["prompt_tokens"] = len(prompt) - reused + ahead
             if self._image_work[0]:
                 stats["image_tokens"], stats["image_encode_s"] = self._image_work
@@ -618,7 +622,7 @@ class ChatSession:
         brings a new message or the results of the tools called: render the next turn with a
         stand-in answer and a stand-in message (or tool result), and compare. For Qwen3.5 they agree
         up to an `<|im_start|>assistant\n` (the next rendering drops or rewrites the `<think>`
-        block): after the last user message's for a new message, after this prompt's for a tool
+        block): after the last user message's for a new message, this whole prompt for a tool
         result. A guess only: if the real answer renders differently, the next turn notices (the
         checkpoint is not a prefix of its prompt) and evaluates more, never something wrong."""
         answer = {"role": "assistant", "content": "Answer."}
@@ -626,8 +630,7 @@ class ChatSession:
         for following in ({"role": "user", "content": "Next."}, {"role": "tool", "content": "Result."}):
             upcoming = self._render_cells(conversation + [answer, following], add_generation_prompt=False, think=None,
                                           tools=tools)
-            # At least the last prompt token is left to evaluate after the snapshot: its logits start the reply.
-            points.add(min(_common_prefix(prompt, upcoming), len(prompt) - 1))
+            points.add(_common_prefix(prompt, upcoming))
         return points
 
     def _reuse(self, prompt: list[int], *, need_logits: bool = True) -> int:

@@ -546,3 +546,35 @@ def test_stop_strings_end_the_answer(fresh):
     stopped = fresh.send("hello", think=False, temp=0, max_tokens=30, stop=[cut])
     assert stopped.content == reply.content[:reply.content.find(cut)].strip()
     assert stopped.finish_reason == "stop"
+
+
+def test_a_tool_round_is_one_decode_and_a_resent_prompt_answers_alike(tiny_gguf, monkeypatch):
+    """The snapshot at a prompt's end is taken after its last decode, so with thinking off a tool
+    round (whose whole prompt the next round starts with) is one decode, not one and then its last
+    token alone. An identical prompt sent again restores a shallower checkpoint and gives the same
+    greedy reply."""
+    from qwen35.runtime import native
+
+    decodes, first_sample = [], []
+    real_decode, real_sample = native.Context.decode, native.Sampler.sample
+    monkeypatch.setattr(native.Context, "decode",
+                        lambda self, tokens, pos, **kw: (decodes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
+    monkeypatch.setattr(native.Sampler, "sample",
+                        lambda self, ctx: (first_sample or first_sample.append(len(decodes)), real_sample(self, ctx))[1])
+    messages = [{"role": "user", "content": "Is the network up? " * 5}]
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
+        for round_ in range(3):
+            messages += [{"role": "assistant", "content": "", "tool_calls": [{"id": f"call_{round_}", "type": "function",
+                             "function": {"name": "search", "arguments": '{"query": "status"}'}}]},
+                         {"role": "tool", "tool_call_id": f"call_{round_}", "content": f"result {round_}"}]
+            decodes.clear(), first_sample.clear()
+            list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
+            reply = s.last_reply
+            n_prompt = reply.stats["prompt_tokens"] + reply.stats["cached_tokens"]
+            prompt_decodes = decodes[:first_sample[0]]
+            assert sum(prompt_decodes) == reply.stats["prompt_tokens"] < 0.5 * n_prompt
+            assert len(prompt_decodes) == 1, prompt_decodes
+        list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
+        assert (s.last_reply.content, s.last_reply.tool_calls) == (reply.content, reply.tool_calls)
+        assert 0 < s.stats["cached_tokens"] < n_prompt
