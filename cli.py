@@ -128,6 +128,9 @@ def demo(workdir):
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=str),
               help="Show the model this image (JPEG, PNG, WebP, BMP, GIF) with the prompt (the first message, "
                    "interactive). Repeatable.")
+@click.option("--video", type=click.Path(path_type=str),
+              help="Show the model this video with the prompt: a video file (needs ffmpeg) or a directory of its "
+                   "frames sampled at 2 a second.")
 @click.option("--mmproj", type=click.Path(path_type=str),
               help="The vision tower's GGUF. Default: <name>-mmproj-<TYPE>.gguf beside MODEL, as `qwen35 convert` "
                    "writes it.")
@@ -136,7 +139,7 @@ def demo(workdir):
                    "Default: 1024.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
-        presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, mmproj,
+        presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, video, mmproj,
         image_max_tokens, verbose):
     """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
     from .runtime.run import run as run_chat
@@ -148,7 +151,7 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
-                      resume=resume, images=list(images)))
+                      resume=resume, images=list(images), video=video))
 
 
 def _thread_counts(value: str | None) -> list[int] | None:

@@ -102,7 +102,8 @@ def prepare_messages(messages) -> list[dict]:
 def _content(content, where: str) -> str | list[dict]:
     """Text; or, when the message holds images, its parts in order: {"type": "text", "text"} and
     {"type": "image", "image": <SHA-256 of the image file>} (a ChatSession's image; "path" kept
-    when it came from a file), which the template renders as <|vision_start|><|image_pad|><|vision_end|>."""
+    when it came from a file), which the template renders as <|vision_start|><|image_pad|><|vision_end|>,
+    and a ChatSession's video ({"type": "video", "frames": [SHA-256, …], "seconds": […]}, add_video)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -114,6 +115,9 @@ def _content(content, where: str) -> str | list[dict]:
                 parts.append({"type": "text", "text": nfc(part["text"])})
             elif isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str):
                 parts.append({k: part[k] for k in ("type", "image", "path") if k in part})
+            elif isinstance(part, dict) and part.get("type") == "video" and isinstance(part.get("frames"), list) \
+                    and isinstance(part.get("seconds"), list):
+                parts.append({k: part[k] for k in ("type", "video", "frames", "seconds", "paths") if k in part})
             elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
                 raise ChatError(f"{where}: an image here must be {{\"type\": \"image\", \"image\": <its SHA-256>}} "
                                 "as ChatSession.add_image returns it (qwen35 serve reads image_url parts)")
