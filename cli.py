@@ -135,12 +135,15 @@ def demo(workdir):
 @click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=4096, show_default=True, help="Context tokens.")
 @click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: performance cores (the fast kind, on a CPU that mixes core types).")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
-@click.option("--adapt-threads", is_flag=True,
-              help="Generate on fewer threads while other programs keep cores busy (experimental).")
+@click.option("--adapt-threads/--fixed-threads", default=True, show_default=True,
+              help="Run on fewer threads while other programs keep cores busy, back up when they leave.")
 @click.option("--resume", is_flag=True, help="Take up the last conversation with this model (kept on disk as it goes).")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=str),
               help="Show the model this image (JPEG, PNG, WebP, BMP, GIF) with the prompt (the first message, "
                    "interactive). Repeatable.")
+@click.option("--video", type=click.Path(path_type=str),
+              help="Show the model this video with the prompt: a video file (needs ffmpeg) or a directory of its "
+                   "frames sampled at 2 a second.")
 @click.option("--mmproj", type=click.Path(path_type=str),
               help="The vision tower's GGUF. Default: <name>-mmproj-<TYPE>.gguf beside MODEL, as `qwen35 convert` "
                    "writes it.")
@@ -150,7 +153,7 @@ def demo(workdir):
 @_speculative_options
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
-        presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, mmproj,
+        presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, video, mmproj,
         image_max_tokens, mtp, draft_tokens, verbose):
     """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
     from .runtime.run import run as run_chat
@@ -163,7 +166,7 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
-                      resume=resume, images=list(images)))
+                      resume=resume, images=list(images), video=video))
 
 
 def _thread_counts(value: str | None) -> list[int] | None:
@@ -189,15 +192,17 @@ def _thread_counts(value: str | None) -> list[int] | None:
               help="MiB of model-state checkpoints kept for returning conversations.")
 @click.option("--queue", "queue_size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests that may wait for the model; more are answered 429.")
-@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: physical cores.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads. Default: performance cores (the fast kind, on a CPU that mixes core types).")
+@click.option("--adapt-threads/--fixed-threads", default=True, show_default=True,
+              help="Run on fewer threads while other programs keep cores busy, back up when they leave.")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 @click.option("--mmproj", type=click.Path(path_type=str),
               help="The vision tower's GGUF, for image_url parts. Default: <name>-mmproj-<TYPE>.gguf beside MODEL.")
 @click.option("--image-max-tokens", type=click.IntRange(min=8), help="Most tokens an image becomes. Default: 1024.")
 @_speculative_options
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, force, mmproj, image_max_tokens,
-          mtp, draft_tokens, verbose):
+def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, adapt_threads, force, mmproj,
+          image_max_tokens, mtp, draft_tokens, verbose):
     """Serve a GGUF MODEL over an OpenAI-compatible HTTP API (needs `pip install 'qwen35[serve]'`)."""
     try:
         import starlette  # noqa: F401
@@ -206,8 +211,9 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
         raise ChatError("qwen35 serve needs starlette and uvicorn: pip install 'qwen35[serve]'") from None
     from .runtime.server import serve as run_server
 
-    options = dict(n_ctx=ctx_size, threads=threads, cache_ram=cache_ram << 20, force=force, verbose=verbose,
-                   mmproj=mmproj, speculative=_speculative(mtp), draft_tokens=draft_tokens)
+    options = dict(n_ctx=ctx_size, threads=threads, adapt_threads=adapt_threads, cache_ram=cache_ram << 20,
+                   force=force, verbose=verbose, mmproj=mmproj, speculative=_speculative(mtp),
+                   draft_tokens=draft_tokens)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     run_server(model, host=host, port=port, api_key=api_key, session_options=options, queue_size=queue_size)

@@ -17,10 +17,16 @@ or a tool call; total: the end of the stream):
          re-sends the whole history each round, which is what is measured;
   chats  3 conversations of 6 turns, interleaved (turn 1 of each, then turn 2 of each, …), each
          re-sending its history with the replies the server gave.
-Answers are short and deterministic (max_tokens, temperature 0, seed, thinking off: reasoning_effort
-"none"; the installed server takes enable_thinking only at load time). Every request of a round goes
-to the three servers in turn (the order rotating), and the workloads are repeated --reps times with
-fresh conversations; the table quotes medians.
+Answers are short and deterministic (max_tokens, temperature 0, seed), with thinking off
+(reasoning_effort "none"). The same two workloads run again with thinking on ("tools, thinking",
+"chats, thinking": reasoning_effort "high" and chat_template_kwargs.enable_thinking true, which the
+example and ours read per request): each reply then starts with reasoning, and the client re-sends
+the assistant turns without it, as clients do — so the history the template renders is not what the
+model generated (Qwen3.5's template also drops the reasoning of turns before the last user message).
+The installed server takes enable_thinking only at load time (it runs with thinking off), so it sits
+out the thinking workloads. Every request of a round goes to the servers in turn (the order
+rotating; before each, the bench waits until no server uses the CPU), and the workloads are
+repeated --reps times with fresh conversations; the table quotes medians.
 
 Prompt tokens evaluated per request: ours, usage.prompt_tokens − usage.prompt_tokens_details.cached_tokens
 (include_usage); the example, the growth of its /metrics counter `llamacpp:prompt_tokens_total` (it
@@ -32,6 +38,7 @@ Bar (issue 9): ours evaluates ≤ 1.3 × round 1's prompt tokens on every later 
 first token and total time are at or below the best peer's on every row.
 
     .venv/bin/python bench/bench_server.py [--model M.gguf] [--threads 2] [--reps 3] [--max-tokens 12]
+        [--workloads tools,chats,tools-thinking,chats-thinking] [--rounds 10] [--turns 6] [--chats 3]
 
 Default model: the cached random-weight 0.8B Q8_0 of bench_runtime.py. Every server process is
 killed at the end, whatever happens.
@@ -96,6 +103,44 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (a server may run under a launcher)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def process_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def settle(servers, quiet_s: float = 0.25, timeout_s: float = 10) -> None:
+    """Wait until no server uses the CPU (threads still spinning after their last request, a
+    background task): each request is then timed on a machine the others leave alone, whatever
+    thread-waiting policy each one has."""
+    deadline = time.monotonic() + timeout_s
+    before = [s.cpu_ticks() for s in servers]
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = [s.cpu_ticks() for s in servers]
+        if now == before:
+            return
+        before = now
+
+
 class Server:
     """One server process on 127.0.0.1; `name`, `health` path and how it counts evaluated prompt tokens."""
 
@@ -128,6 +173,10 @@ class Server:
             except OSError:
                 time.sleep(0.5)
         raise RuntimeError(f"{self.name} did not answer {self.health} within {STARTUP_S} s; its log: {self.log}")
+
+    def cpu_ticks(self) -> int:
+        """CPU time (clock ticks) of the server process and its children so far."""
+        return sum(process_ticks(pid) for pid in descendants(self.process.pid))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -268,15 +317,20 @@ def make_servers(args, model: Path, env: dict) -> list[Server]:
 
 # --- one request ------------------------------------------------------------------------------------
 
-def timed(server: Server, client: OpenAI, messages: list[dict], tools: list[dict] | None, max_tokens: int) -> dict:
+def timed(server: Server, client: OpenAI, messages: list[dict], tools: list[dict] | None, max_tokens: int,
+          think: bool) -> dict:
     mark = server.before(messages, tools)
     extra = {"tools": tools} if tools else {}
+    if think:
+        extra.update(reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    else:
+        extra.update(reasoning_effort="none")
     start = time.perf_counter()
     first, usage, content, chunks = None, None, [], 0
     try:
         stream = client.chat.completions.create(
             model="qwen35", messages=messages, max_tokens=max_tokens, temperature=0, seed=7, stream=True,
-            stream_options={"include_usage": True}, reasoning_effort="none", **extra)
+            stream_options={"include_usage": True}, **extra)
         for chunk in stream:
             chunks += 1
             usage = chunk.usage or usage
@@ -284,7 +338,7 @@ def timed(server: Server, client: OpenAI, messages: list[dict], tools: list[dict
                 delta = choice.delta
                 if delta.content or delta.tool_calls or getattr(delta, "reasoning_content", None):
                     first = first if first is not None else time.perf_counter() - start
-                content.append(delta.content or "")
+                content.append(delta.content or "")  # (the reasoning is not sent back, as clients do)
     except APIError as e:
         return {"error": f"{getattr(e, 'status_code', '') or ''} {str(e)[:90]}".strip(),
                 "total_s": time.perf_counter() - start}
@@ -324,37 +378,49 @@ def chat_message(rep: int, chat: int, turn: int) -> str:
             f"Explain how {topic} work, what their history is, and why people care about them. " * 3)
 
 
+WORKLOADS = {"tools": ("tool loop", False), "chats": ("chats", False),
+             "tools-thinking": ("tools, thinking", True), "chats-thinking": ("chats, thinking", True)}
+
+
 def run(servers: list[Server], args) -> dict:
     """results[(workload, row label)][server name] = list of per-rep measurements."""
     clients = {s.name: s.client() for s in servers}
     results: dict = {}
     turn_index = 0
 
-    def each_server(key, messages_of, tools):
+    def each_server(key, messages_of, tools, think, taking):
         nonlocal turn_index
-        order = servers[turn_index % len(servers):] + servers[:turn_index % len(servers)]
+        order = taking[turn_index % len(taking):] + taking[:turn_index % len(taking)]
         turn_index += 1
         out = {}
         for server in order:
-            out[server.name] = timed(server, clients[server.name], messages_of(server.name), tools, args.max_tokens)
+            settle(servers)
+            out[server.name] = timed(server, clients[server.name], messages_of(server.name), tools, args.max_tokens,
+                                     think)
             results.setdefault(key, {}).setdefault(server.name, []).append(out[server.name])
         return out
 
     for rep in range(args.reps):
-        print(f"rep {rep + 1}/{args.reps}: tool loop", flush=True)
-        for r, messages in enumerate(tool_loop_requests(rep, args.rounds)):
-            each_server(("tool loop", f"round {r + 1}"), lambda name, m=messages: m, TOOLS)
-        print(f"rep {rep + 1}/{args.reps}: interleaved chats", flush=True)
-        histories = {s.name: [[{"role": "system", "content": f"Chat {rep}.{c}. Answer briefly."}]
-                              for c in range(args.chats)] for s in servers}
-        for turn in range(args.turns):
-            for c in range(args.chats):
-                for s in servers:
-                    histories[s.name][c].append({"role": "user", "content": chat_message(rep, c, turn)})
-                out = each_server(("chats", f"chat {c + 1} turn {turn + 1}"),
-                                  lambda name, c=c: [dict(m) for m in histories[name][c]], None)
-                for s in servers:
-                    histories[s.name][c].append({"role": "assistant", "content": out[s.name].get("content", "")})
+        for workload in args.workloads:
+            name, think = WORKLOADS[workload]
+            taking = [s for s in servers if not (think and isinstance(s, Installed))]
+            print(f"rep {rep + 1}/{args.reps}: {name}", flush=True)
+            # (A different session number with thinking on: a fresh conversation, not the other's cache.)
+            session = rep + 100 * think
+            if workload.startswith("tools"):
+                for r, messages in enumerate(tool_loop_requests(session, args.rounds)):
+                    each_server((name, f"round {r + 1}"), lambda _, m=messages: m, TOOLS, think, taking)
+                continue
+            histories = {s.name: [[{"role": "system", "content": f"Chat {session}.{c}. Answer briefly."}]
+                                  for c in range(args.chats)] for s in taking}
+            for turn in range(args.turns):
+                for c in range(args.chats):
+                    for s in taking:
+                        histories[s.name][c].append({"role": "user", "content": chat_message(session, c, turn)})
+                    out = each_server((name, f"chat {c + 1} turn {turn + 1}"),
+                                      lambda n, c=c: [dict(m) for m in histories[n][c]], None, think, taking)
+                    for s in taking:
+                        histories[s.name][c].append({"role": "assistant", "content": out[s.name].get("content", "")})
     return results
 
 
@@ -386,16 +452,18 @@ def report(results: dict, servers: list[Server]) -> bool:
     passed = True
     first_evaluated: dict = {}
     for (workload, label), cells in results.items():
-        s = {n: summarize(cells[n]) for n in names}
+        s = {n: summarize(cells[n]) for n in names if n in cells}
         cols = []
         for n in names:
-            if s[n]["errors"] and s[n]["ttft_s"] is None:
+            if n not in s:
+                cols.append("not run (thinking is fixed at load time)")
+            elif s[n]["errors"] and s[n]["ttft_s"] is None:
                 cols.append(f"error ({len(s[n]['errors'])}/{s[n]['n']}): {s[n]['errors'][0][:80]}")
             else:
                 bad = f" ({len(s[n]['errors'])} errors)" if s[n]["errors"] else ""
                 cols.append(f"{fmt(s[n]['evaluated'], '.0f')} / {fmt(s[n]['ttft_s'], '.2f')} / "
                             f"{fmt(s[n]['total_s'], '.2f')}{bad}")
-        answered = [p for p in peers if s[p]["ttft_s"] is not None]
+        answered = [p for p in peers if p in s and s[p]["ttft_s"] is not None]
         ratios = "no peer answered"
         if answered and s[ours]["ttft_s"] is not None:
             best_ttft = min(s[p]["ttft_s"] for p in answered)
@@ -426,13 +494,19 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--chats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"which to run, comma-separated, of {', '.join(WORKLOADS)}")
     ap.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = ap.parse_args()
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown or not args.workloads:
+        ap.error(f"--workloads takes some of {', '.join(WORKLOADS)} (got {', '.join(unknown) or 'none'})")
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.model or model_0_8b(args.workdir.parent / "runtime")
-    # llama.cpp's threads spin while waiting by default; on a shared machine that costs every server
-    # dearly (see SERVER.md), so all three run with the same passive waiting.
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    # Every server runs as its users run it (llama.cpp's default thread waiting); `settle` keeps one
+    # server's idle threads from slowing the next one's request.
+    env = dict(os.environ)
     servers = make_servers(args, model, env)
     try:
         for server in servers:  # one at a time: loading competes for the same two cores

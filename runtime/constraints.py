@@ -1,8 +1,13 @@
 """What the model may write, enforced by llama.cpp's samplers: JSON output (`response_format`), a
 tool call it must make (`tool_choice` "required" or a named function), a tool call it must not.
 
-A grammar applies to the answer, not the reasoning: when the reply starts in a `<think>` block the
-grammar is lazy and wakes up on the `</think>` token (whose text it then reads first).
+A grammar applies to the answer, not the reasoning: when the reply starts in a `<think>` block (thinking
+on) the grammar is lazy and wakes up on the `</think>` token (whose text it then reads first); with
+thinking off the generation prompt has closed the block already and the grammar holds from the first
+token. The answer never escapes it: the reply's answer starts only where the grammar does. A tool call
+that must be made may also start at a `<tool_call>` token in the reasoning (a model that forgot
+`</think>`, which ReplySplitter reads as the end of the reasoning): that token wakes the grammar too.
+For JSON output it does not (it stays reasoning text; the answer starts at `</think>`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import llama_cpp as L
 
 from .errors import ChatError
 from .native import Model
+
+CALL_TOKEN = "<tool_call>"
 
 # Any JSON value (llama.cpp's grammars/json.gbnf, in GBNF's own notation).
 _JSON_VALUE = r'''
@@ -31,6 +38,7 @@ ws ::= | " " | "\n" [ \t]{0,20}
 class Constraint:
     grammar: str | None = None  # GBNF with a `root` rule
     forbid_tool_calls: bool = False
+    tool_call: bool = False  # the grammar is that of a tool call (it starts with `<tool_call>`)
 
 
 def json_constraint(schema: dict | None) -> Constraint:
@@ -64,7 +72,7 @@ def tool_call_constraint(tools: list[dict], name: str | None, parallel: bool) ->
         if keys:
             alternatives = " | ".join(_literal(k) for k in keys)
             rules.append(f'param{i} ::= "<parameter=" ({alternatives}) ">\\n" value "\\n</parameter>\\n"')
-    return Constraint("\n".join(rules) + "\n")
+    return Constraint("\n".join(rules) + "\n", tool_call=True)
 
 
 def _literal(text: str) -> str:
@@ -78,7 +86,7 @@ def samplers(model: Model, constraint: Constraint | None, *, in_reasoning: bool)
         return []
     out = []
     if constraint.forbid_tool_calls:
-        token = model.single_token("<tool_call>")
+        token = model.single_token(CALL_TOKEN)
         if token is not None:
             bias = (L.llama_logit_bias * 1)()
             bias[0].token, bias[0].bias = token, float("-inf")
@@ -87,10 +95,18 @@ def samplers(model: Model, constraint: Constraint | None, *, in_reasoning: bool)
         grammar = constraint.grammar.encode()
         close = model.single_token("</think>") if in_reasoning else None
         if close is not None:
-            # The `</think>` token starts the grammar, and its text is the grammar's first.
-            grammar = re.sub(rb"(?m)^root\s*::=", rb'root ::= "</think>" [\\n]* root0\nroot0 ::=', grammar, count=1)
-            tokens = (L.llama_token * 1)(close)
-            sampler = L.llama_sampler_init_grammar_lazy_patterns(model.vocab, grammar, b"root", None, 0, tokens, 1)
+            # The `</think>` token starts the grammar, and its text is the grammar's first; a call's
+            # grammar may also start at its own first token (llama.cpp aborts on a trigger token
+            # whose text the grammar refuses, so each trigger is one the grammar reads).
+            triggers = [close]
+            call = model.single_token(CALL_TOKEN) if constraint.tool_call else None
+            if call is not None:
+                triggers.append(call)
+            head = rb'("</think>" [\\n]*)?' if call is not None else rb'"</think>" [\\n]*'
+            grammar = re.sub(rb"(?m)^root\s*::=", rb'root ::= ' + head + rb' root0\nroot0 ::=', grammar, count=1)
+            tokens = (L.llama_token * len(triggers))(*triggers)
+            sampler = L.llama_sampler_init_grammar_lazy_patterns(model.vocab, grammar, b"root", None, 0, tokens,
+                                                                 len(triggers))
         else:
             sampler = L.llama_sampler_init_grammar(model.vocab, grammar, b"root")
         if not sampler:

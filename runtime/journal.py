@@ -7,10 +7,17 @@ fsync, rename. A clean exit also saves the model state beside it (`ChatSession.s
 `qwen35 run MODEL --resume` takes the last conversation with that model up without re-reading it;
 after a crash there is no state file, and the conversation is evaluated once, in the background
 while the user types. The journal is JSON: a person can read it, and it stays small.
+
+Images are kept beside it, in `<journal>.images/<SHA-256>` (written once each, atomically, at most
+IMAGE_BUDGET bytes a conversation): the journal names them, so a conversation taken up after a
+crash shows the model its images again even if they came as bytes or their files have moved, and
+/retry re-sends an unanswered message with the images (and the video) it had. Past the budget, an
+image is found again by its path only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from datetime import datetime
@@ -20,6 +27,7 @@ from .errors import ChatError
 
 VERSION = 1
 KEEP = 20  # journals kept; the oldest are removed when a new chat starts
+IMAGE_BUDGET = 64 << 20  # bytes of images kept beside one journal
 
 
 def state_dir() -> Path:
@@ -65,14 +73,27 @@ class Journal:
     def state_path(self) -> Path:
         return self.path.with_suffix(".session")
 
-    def record(self, session, *, pending: str | None = None) -> str | None:
-        """Write the conversation (and `pending`, a message whose reply has not ended). Returns a
-        warning the first time writing fails; the chat goes on without a journal rather than stop."""
-        entry = {"version": VERSION, "model": self.model, "started": self.started,
-                 "updated": datetime.now().isoformat(timespec="seconds"), "system": session.system,
-                 "think": session.think, "messages": session.messages, "pending": pending}
+    @property
+    def images_dir(self) -> Path:
+        return self.path.with_suffix(".images")
+
+    def record(self, session, *, pending: str | None = None, images=(), video: str | None = None) -> str | None:
+        """Write the conversation (and `pending`, a message whose reply has not ended, with its
+        `images`, paths or bytes, and `video`, a path), and keep the images it shows beside it.
+        Returns a warning the first time writing fails; the chat goes on without a journal rather
+        than stop."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if images or video:
+                pending = {"text": pending, "images": [self._pending_image(i) for i in images],
+                           "video": str(Path(video).resolve()) if video else None}
+            for image_id in _shown_images(session.messages):
+                data = session.image_bytes(image_id)
+                if data is not None:
+                    self._keep(data)
+            entry = {"version": VERSION, "model": self.model, "started": self.started,
+                     "updated": datetime.now().isoformat(timespec="seconds"), "system": session.system,
+                     "think": session.think, "messages": session.messages, "pending": pending}
             write_atomically(self.path, json.dumps(entry, ensure_ascii=False, indent=1).encode())
             self.state_path.unlink(missing_ok=True)  # a saved state is only good for the conversation it saved
         except OSError as e:
@@ -80,6 +101,43 @@ class Journal:
                 self.failed = f"cannot keep the conversation in {self.path.parent}: {e.strerror}"
                 return self.failed
         return None
+
+    def _keep(self, data: bytes) -> str:
+        """Keep an image beside the journal (once; within the budget); its SHA-256."""
+        image_id = hashlib.sha256(data).hexdigest()
+        path = self.images_dir / image_id
+        if not path.exists():
+            held = sum(p.stat().st_size for p in self.images_dir.glob("*")) if self.images_dir.is_dir() else 0
+            if held + len(data) <= IMAGE_BUDGET:
+                self.images_dir.mkdir(exist_ok=True)
+                write_atomically(path, data)
+        return image_id
+
+    def _pending_image(self, source) -> dict:
+        if isinstance(source, (bytes, bytearray)):
+            return {"image": self._keep(bytes(source))}
+        return {"image": self._keep(Path(source).read_bytes()), "path": str(Path(source).resolve())}
+
+    def images(self) -> dict[str, bytes]:
+        """The images kept beside the journal, by SHA-256 (a damaged one is left out)."""
+        found = {}
+        for path in sorted(self.images_dir.glob("*")) if self.images_dir.is_dir() else ():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if hashlib.sha256(data).hexdigest() == path.name:
+                found[path.name] = data
+        return found
+
+    def pending_message(self, pending) -> tuple[str, list, str | None] | None:
+        """The text, images (bytes, or paths when not kept) and video of an unanswered message."""
+        if pending is None or isinstance(pending, str):
+            return None if pending is None else (pending, [], None)
+        kept = self.images()
+        images = [kept.get(i["image"], i.get("path")) for i in pending.get("images", [])]
+        return (pending["text"], [i for i in images if i is not None],
+                pending.get("video"))
 
     def save_state(self, session) -> None:
         """On a clean exit: the model state too, so a resume evaluates nothing."""
@@ -118,7 +176,8 @@ def resume(session, journal: Journal, entry: dict) -> str:
                 return "model state restored"
         except ChatError:
             pass
-    session.restore(entry["messages"], system=entry.get("system"), think=entry.get("think"))
+    session.restore(entry["messages"], system=entry.get("system"), think=entry.get("think"),
+                    images=journal.images().values())
     return "its model state was not saved, so it is evaluated once"
 
 
@@ -130,3 +189,17 @@ def _prune(directory: Path) -> None:
     for old in journals[:max(0, len(journals) - (KEEP - 1))]:
         old.unlink(missing_ok=True)
         old.with_suffix(".session").unlink(missing_ok=True)
+        kept = old.with_suffix(".images")
+        for image in kept.glob("*") if kept.is_dir() else ():
+            image.unlink(missing_ok=True)
+        if kept.is_dir():
+            kept.rmdir()
+
+
+def _shown_images(messages: list[dict]) -> list[str]:
+    """The SHA-256 of every image (and video frame) the messages show."""
+    ids = []
+    for message in messages:
+        for part in message["content"] if isinstance(message.get("content"), list) else ():
+            ids += [part["image"]] if part.get("type") == "image" else part.get("frames", [])
+    return list(dict.fromkeys(ids))

@@ -21,6 +21,9 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
   over them (a KV cache of one attention layer, its compute buffer, one row of logits), N more
   recurrent states in the model's context (the snapshots a rejected draft is rolled back to),
   logits for the N+1 rows of a verify, and the hidden state of every token of a batch;
+- with an mmproj (the vision tower, loaded at the first image): its weights, which mtmd reads into
+  memory rather than mapping, the compute buffer of encoding the largest image the budget
+  (`image_max_tokens`) allows, and that image's embeddings (see `vision_bytes`);
 - and what this process already holds (Python, the libraries).
 """
 
@@ -55,12 +58,14 @@ class MemoryEstimate:
     process: int
     n_ctx: int
     drafting: int = 0  # speculative decoding's share (see the module docstring)
+    vision: int = 0  # the mmproj's weights and image buffers (0: no vision tower)
+    image_max_tokens: int = 0
 
     @property
     def total(self) -> int:
         """Resident memory of the process once loaded and running: its peak."""
         return (self.weights + self.repacked + self.vocab + self.kv_cache + self.recurrent + self.checkpoints
-                + self.buffers + self.drafting + self.process)
+                + self.buffers + self.drafting + self.vision + self.process)
 
     @property
     def to_load(self) -> int:
@@ -81,6 +86,8 @@ class MemoryEstimate:
                  ("recurrent state + checkpoints", self.recurrent + self.checkpoints), ("buffers", self.buffers)]
         if self.drafting:
             parts.append(("MTP head + rollback snapshots", self.drafting))
+        if self.vision:
+            parts.append((f"vision tower + buffers for {self.image_max_tokens}-token images", self.vision))
         return ", ".join(f"{name} {_gib(size)}" for name, size in parts)
 
 
@@ -145,11 +152,37 @@ def weight_bytes(mf: ModelFile, features: frozenset[str], mtp: bool = False) -> 
     return sum(t.nbytes for t in tensors.values()), repacked_bytes, idle
 
 
+# mtmd's compute buffer, per image patch, in f32 values: about 7 of the tower's widths (its peak is
+# in attention: the fused qkv output, its per-head copies, the result) plus the patch's pixels
+# (3 × patch²). An upper bound fitted to llama.cpp's "compute buffer size" for 12-1024-token images
+# at widths 64 (the test fixture), 768 (0.8B-4B) and 1152 (9B-35B): over by 1%, 23% and 15%.
+# Flash attention on, mtmd's default on a CPU (without it the buffer grows with patches²).
+VISION_WIDTHS_PER_PATCH = 7
+
+
+def image_compute_bytes(mmproj: ModelFile, n_tokens: int) -> int:
+    """mtmd's compute buffer for encoding an image of `n_tokens` tokens (spatial_merge² patches each)."""
+    meta = mmproj.metadata
+    patches = n_tokens * meta.get("clip.vision.spatial_merge_size", 2) ** 2
+    per_patch = VISION_WIDTHS_PER_PATCH * meta.get("clip.vision.embedding_length", 0) \
+        + 3 * meta.get("clip.vision.patch_size", 16) ** 2
+    return patches * per_patch * F32
+
+
+def vision_bytes(mmproj: ModelFile, image_max_tokens: int) -> int:
+    """What the vision tower adds once loaded: its weights (read into memory, not mapped), the
+    compute buffer of encoding the largest image the budget allows, and that image's embeddings."""
+    embeddings = image_max_tokens * mmproj.metadata.get("clip.vision.projection_dim", 0) * F32
+    return sum(t.nbytes for t in mmproj.tensors) + image_compute_bytes(mmproj, image_max_tokens) + embeddings
+
+
 def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int,
-             features: frozenset[str] | None = None, process: int | None = None, draft_tokens: int = 0) -> MemoryEstimate:
+             features: frozenset[str] | None = None, process: int | None = None,
+             mmproj: ModelFile | None = None, image_max_tokens: int = 0, draft_tokens: int = 0) -> MemoryEstimate:
     """`features`: the CPU features llama.cpp reports (default: this machine's); `process`: what
-    the process holds before loading (default: this one's resident memory now); `draft_tokens`:
-    speculative decoding's drafts per step (0: off)."""
+    the process holds before loading (default: this one's resident memory now); `mmproj`: the
+    vision tower's header, when images may be shown, each at most `image_max_tokens` tokens;
+    `draft_tokens`: speculative decoding's drafts per step (0: off)."""
     features = cpu_features() if features is None else features
     n_layer = mf.arch_key("block_count", 0)
     main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
@@ -190,7 +223,8 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
         weights=weights, repacked=copies, weights_idle=idle, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN,
         kv_cache=kv_cache, recurrent=recurrent,
         checkpoints=n_checkpoints * recurrent, buffers=compute + output + overhead,
-        process=current_rss() if process is None else process, n_ctx=n_ctx, drafting=drafting)
+        process=current_rss() if process is None else process, n_ctx=n_ctx, drafting=drafting,
+        vision=vision_bytes(mmproj, image_max_tokens) if mmproj else 0, image_max_tokens=image_max_tokens)
 
 
 # Profiles to suggest when a model does not fit, best quality first.
@@ -198,17 +232,29 @@ SMALLER_PROFILES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "edge-arm", "q3_k_m", "q
 SMALLER_CONTEXTS = (65536, 32768, 16384, 8192, 4096, 2048)
 
 
+SMALLER_IMAGE_BUDGETS = (512, 256, 128, 64)
+
+
 def check_fits(mf: ModelFile, est: MemoryEstimate, available: int | None = None, *, n_batch: int, n_checkpoints: int,
-               threads: int, features: frozenset[str] | None = None, draft_tokens: int = 0) -> str | None:
-    """None if the model fits in available RAM, else the reason and what would fit: the
-    best-quality profile of this model that fits at this context, or the largest context that fits."""
+               threads: int, features: frozenset[str] | None = None, mmproj: ModelFile | None = None,
+               draft_tokens: int = 0) -> str | None:
+    """None if the model fits in available RAM, else the reason and what would fit: a smaller
+    image-token budget (with an mmproj), the largest context that fits, or the best-quality profile
+    of this model that fits at this context. `mmproj`, `draft_tokens`: as given to `estimate`."""
     available = available_ram() if available is None else available
     if est.needed <= available:
         return None
     features = cpu_features() if features is None else features
     again = dict(n_batch=n_batch, n_checkpoints=n_checkpoints, threads=threads, features=features,
-                 process=est.process, draft_tokens=draft_tokens)
+                 process=est.process, mmproj=mmproj, image_max_tokens=est.image_max_tokens,
+                 draft_tokens=draft_tokens)
     advice = []
+    if mmproj is not None:
+        for budget in SMALLER_IMAGE_BUDGETS:
+            if budget < est.image_max_tokens and estimate(mf, est.n_ctx, **{**again, "image_max_tokens": budget}) \
+                    .needed <= available:
+                advice.append(f"--image-max-tokens {budget} would fit")
+                break
     for n_ctx in SMALLER_CONTEXTS:
         if n_ctx < est.n_ctx and estimate(mf, n_ctx, **again).needed <= available:
             advice.append(f"--ctx-size {n_ctx} would fit")

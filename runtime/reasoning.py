@@ -8,13 +8,20 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 REASONING, CONTENT = "reasoning", "content"
+TOOL_CALL_START, TOOL_CALL_ARGUMENTS, TOOL_CALL = "tool_call_start", "tool_call_arguments", "tool_call"
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A bit of a streamed reply: `kind` is "reasoning", "content", "tool_call" (`call` holds the
-    whole call: {"id", "type", "function": {"name", "arguments"}}) or "notice" (a message from the
-    runtime itself, e.g. that the reasoning was cut short)."""
+    """A bit of a streamed reply: `kind` is
+      "reasoning", "content"    text;
+      "tool_call_start"         a tool call begins: `call` is {"id", "type", "function": {"name"}};
+      "tool_call_arguments"     `text` is the next piece of that call's arguments as JSON text (the
+                                pieces joined are the call's arguments, `json.dumps`ed);
+      "tool_call"               the call is complete: `call` is {"id", "type", "function": {"name",
+                                "arguments": {...}}};
+      "notice"                  a message from the runtime itself (e.g. that the reasoning was cut short).
+    """
 
     kind: str
     text: str

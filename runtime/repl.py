@@ -20,6 +20,7 @@ Type a message and press Enter. For several lines, end a line with \\ or wrap th
   /save FILE       save the conversation, model state included
   /load FILE       resume a saved conversation
   /image PATH      show the model an image with your next message (repeat for several)
+  /video PATH      show the model a video (a file: needs ffmpeg; or a directory of frames) with your next message
   /stats           numbers for the last reply
   /retry           send again the message the last session did not answer
   /exit            leave (or Ctrl-D); Ctrl-C stops a reply
@@ -28,13 +29,15 @@ The conversation is kept on disk as it goes: `qwen35 run MODEL --resume` takes i
 
 class Repl:
     """`journal` keeps the conversation on disk after every message (see runtime.journal); `pending`
-    is a message a previous process received but did not answer (after a crash)."""
+    is a message a previous process received but did not answer (after a crash): its text, or as
+    the journal keeps one with images or a video, {"text", "images", "video"}."""
 
     def __init__(self, session: ChatSession, *, hide_thinking: bool, journal: Journal | None = None,
-                 resumed: str | None = None, pending: str | None = None, images: list[str] = (),
-                 out=sys.stdout) -> None:
+                 resumed: str | None = None, pending: str | dict | None = None, images: list[str] = (),
+                 video: str | None = None, out=sys.stdout) -> None:
         self.session = session
         self.images = list(images)  # attached to the next message
+        self.video = video  # likewise
         self.hide_thinking = hide_thinking
         self.journal = journal
         self.resumed = resumed
@@ -75,14 +78,17 @@ class Repl:
         for message in messages[-2:]:
             text = message.get("content") or ""
             if isinstance(text, list):  # a message with images
-                text = "".join(p["text"] if p["type"] == "text" else "[image] " for p in text)
+                text = "".join(p["text"] if p["type"] == "text" else f"[{p['type']}] " for p in text)
             self._print(f"{DIM}{message['role']}: {text[:300]}{'…' if len(text) > 300 else ''}{RESET}")
         if self.pending:
-            self._print(f"{DIM}Your last message was not answered (the process ended): /retry sends it again.{RESET}")
+            shown = "" if isinstance(self.pending, str) else " with its images" if not self.pending.get("video") \
+                else " with its video"
+            self._print(f"{DIM}Your last message was not answered (the process ended): /retry sends it again"
+                        f"{shown}.{RESET}")
 
-    def _record(self, pending: str | None = None) -> None:
+    def _record(self, pending: str | None = None, images=(), video: str | None = None) -> None:
         if self.journal:
-            warning = self.journal.record(self.session, pending=pending)
+            warning = self.journal.record(self.session, pending=pending, images=images, video=video)
             if warning:
                 self._print(f"{DIM}[{warning}]{RESET}")
 
@@ -117,19 +123,20 @@ class Repl:
 
     def _reply(self, text: str) -> None:
         self.pending = None
-        self._record(pending=text)  # before anything can go wrong: the message is on disk
-        kind = None  # what the last piece shown was
         images, self.images = self.images, []
+        video, self.video = self.video, None
+        self._record(pending=text, images=images, video=video)  # before anything can go wrong: it is on disk
+        kind = None  # what the last piece shown was
         recorded = len(self.session.messages)
         try:
             with self._ctrl_c_stops_reply():
-                for piece in self.session.stream(text, images):
+                for piece in self.session.stream(text, images, video=video):
                     self._show(piece, kind)
                     kind = piece.kind
         except ChatError as e:
             self._print(f"{RESET}error: {e}")
             if len(self.session.messages) == recorded:
-                self.images = images  # the message was not taken: its images stay attached for the next
+                self.images, self.video = images, video  # the message was not taken: they stay attached for the next
             self._record()
             return
         self._record()
@@ -154,7 +161,7 @@ class Repl:
             self._write(f"{RESET}{CLEAR_LINE}" if self.hide_thinking else f"{RESET}\n\n")
         if piece.kind == "notice":
             self._write(f"\n{DIM}[{piece.text}]{RESET}\n")
-        else:
+        elif piece.kind == "content":  # (a tool call's pieces are for programs)
             self._write(piece.text)
 
     @contextmanager
@@ -195,7 +202,9 @@ class Repl:
                 self._print("conversation reset")
             elif name == "/retry":
                 if self.pending:
-                    self._reply(self.pending)
+                    text, self.images, self.video = self.journal.pending_message(self.pending) if self.journal \
+                        else (self.pending, [], None)
+                    self._reply(text)
                 else:
                     self._print("no unanswered message to send again")
             elif name == "/save":
@@ -218,6 +227,14 @@ class Repl:
                     part = s.add_image(arg)  # checked now: a bad file is said before the message is typed
                     self.images.append(arg)
                     self._print(f"{arg} ({s.image_tokens(part)} tokens) goes with your next message")
+            elif name == "/video":
+                if not arg:
+                    self._print("usage: /video PATH")
+                else:
+                    part = s.add_video(arg)  # sampled and checked now, before the message is typed
+                    self.video = arg
+                    self._print(f"{arg} ({len(part['seconds'])} frame pairs, {s.image_tokens(part)} tokens) goes "
+                                "with your next message")
             elif name == "/stats":
                 self._print(format_stats(s.stats) if s.stats else "no reply yet")
             else:

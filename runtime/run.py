@@ -12,9 +12,9 @@ from .session import ChatSession
 
 
 def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, session_options: dict,
-        resume: bool = False, images: list[str] = ()) -> int:
+        resume: bool = False, images: list[str] = (), video: str | None = None) -> int:
     """Returns the exit status: 0, or ContextFull.exit_code when a one-shot reply ran out of context.
-    `images` go with the prompt (interactive: with the first message)."""
+    `images` and `video` go with the prompt (interactive: with the first message)."""
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():
@@ -23,8 +23,9 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
         raise ChatError("--json answers one prompt: give it with -p PROMPT or on stdin")
     if prompt is not None and resume:
         raise ChatError("--resume takes up the interactive chat: leave out -p and stdin")
-    if images and resume:
-        raise ChatError("--image starts a conversation; --resume takes one up: use /image PATH in it instead")
+    if (images or video) and resume:
+        raise ChatError("--image and --video start a conversation; --resume takes one up: use /image PATH or "
+                        "/video PATH in it instead")
 
     interactive = prompt is None
     if interactive:
@@ -38,14 +39,16 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
         if interactive:
             for image in images:  # checked before the chat starts (a one-shot prompt checks them as it is sent)
                 session.add_image(image)
-            _chat(session, hide_thinking, resume, images)
+            if video is not None:
+                session.add_video(video)
+            _chat(session, hide_thinking, resume, images, video)
             return 0
         if as_json:
-            return _answer_json(session, prompt, images)
-        return _answer(session, prompt, hide_thinking, images)
+            return _answer_json(session, prompt, images, video)
+        return _answer(session, prompt, hide_thinking, images, video)
 
 
-def _chat(session: ChatSession, hide_thinking: bool, resume: bool, images: list[str]) -> None:
+def _chat(session: ChatSession, hide_thinking: bool, resume: bool, images: list[str], video: str | None) -> None:
     fingerprint = session.model_fingerprint
     found = journals.latest(fingerprint) if resume else None
     if resume and found is None:
@@ -55,16 +58,16 @@ def _chat(session: ChatSession, hide_thinking: bool, resume: bool, images: list[
         how = journals.resume(session, journal, entry)
         Repl(session, hide_thinking=hide_thinking, journal=journal, resumed=how, pending=entry.get("pending")).run()
     else:
-        Repl(session, hide_thinking=hide_thinking, images=images,
+        Repl(session, hide_thinking=hide_thinking, images=images, video=video,
              journal=journals.Journal.new(session.model_file.path.name, fingerprint)).run()
 
 
-def _answer(session: ChatSession, prompt: str, hide_thinking: bool, images: list[str]) -> int:
+def _answer(session: ChatSession, prompt: str, hide_thinking: bool, images: list[str], video: str | None) -> int:
     """The answer on stdout as it is generated; reasoning (dimmed on a terminal) and notices on
     stderr, so `qwen35 run -p … > answer.txt` holds only the answer."""
     dim, reset = (DIM, RESET) if sys.stderr.isatty() else ("", "")
     reasoning_shown = False
-    for piece in session.stream(prompt, images):
+    for piece in session.stream(prompt, images, video=video):
         if piece.kind == "content":
             sys.stdout.write(piece.text)
             sys.stdout.flush()
@@ -80,8 +83,8 @@ def _answer(session: ChatSession, prompt: str, hide_thinking: bool, images: list
     return ContextFull.exit_code if session.stats["finish_reason"] == "context" else 0
 
 
-def _answer_json(session: ChatSession, prompt: str, images: list[str]) -> int:
-    reply = session.send(prompt, images)
+def _answer_json(session: ChatSession, prompt: str, images: list[str], video: str | None) -> int:
+    reply = session.send(prompt, images, video=video)
     out = {"reasoning": reply.reasoning, "content": reply.content}
     if reply.tool_calls:
         out["tool_calls"] = reply.tool_calls

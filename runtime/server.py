@@ -351,13 +351,14 @@ class _Completion:
             return [{"reasoning_content": piece.text}]
         if piece.kind == "content":
             return [{"content": piece.text}]
-        if piece.kind == "tool_call":
-            index, self._n_calls = self._n_calls, self._n_calls + 1
+        if piece.kind == "tool_call_start":  # index, id, type and name once; then the arguments as they come
+            self._n_calls += 1
             call = piece.call
-            return [{"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                     "function": {"name": call["function"]["name"], "arguments": ""}}]},
-                    {"tool_calls": [{"index": index, "function": {"arguments": _arguments(call)}}]}]
-        return []  # notices are for people at a terminal
+            return [{"tool_calls": [{"index": self._n_calls - 1, "id": call["id"], "type": "function",
+                                     "function": {"name": call["function"]["name"], "arguments": ""}}]}]
+        if piece.kind == "tool_call_arguments":
+            return [{"tool_calls": [{"index": self._n_calls - 1, "function": {"arguments": piece.text}}]}]
+        return []  # a complete call was streamed already; notices are for people at a terminal
 
     def chunk(self, delta: dict | None, finish_reason: str | None = None) -> dict:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
@@ -369,9 +370,11 @@ class _Completion:
     def finish_reason(reply) -> str:
         if reply is None:
             return "stop"
-        if reply.tool_calls:
-            return "tool_calls"
-        return {"length": "length", "context": "length", "loop": "length"}.get(reply.finish_reason, "stop")
+        if reply.tool_calls and not reply.call_cut_off:
+            return "tool_calls"  # (even if cut short after the calls, before `</tool_call>`, say)
+        if reply.finish_reason in ("length", "context", "loop"):
+            return "length"  # also for a call cut short: its arguments are what was written
+        return "stop"
 
     @staticmethod
     def usage(reply) -> dict:
@@ -450,7 +453,9 @@ def _error_body(e: BadRequest) -> dict:
 def _error(e: BadRequest):
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": _error_body(e)}, status_code=e.status)
+    # A full queue is momentary: Retry-After lets clients (the openai SDK's retries) come back soon.
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse({"error": _error_body(e)}, status_code=e.status, headers=headers)
 
 
 async def _read_json(request):

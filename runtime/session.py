@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,12 +36,14 @@ from .native import FULL, PARTIAL_ONLY, Sampling
 from .repack import cpu_features
 from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, mtp_block_count, open_speculator,
                           split_state, staging_api)
-from .reasoning import CONTENT, REASONING, Piece, RepetitionGuard, ReplySplitter, StopStrings
+from .reasoning import (CONTENT, REASONING, TOOL_CALL, TOOL_CALL_ARGUMENTS, TOOL_CALL_START, Piece, RepetitionGuard,
+                        ReplySplitter, StopStrings)
 from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
 from .system import performance_cores
 from .template import ChatTemplate
 from .tools import ToolCallReader, check_tools, nfc, prepare_messages
-from .vision import DEFAULT_IMAGE_MAX_TOKENS, Chunks, Projector, find_mmproj, read_image
+from .video import read_video, stamp
+from .vision import DEFAULT_IMAGE_MAX_TOKENS, LLAMA_IMAGE_MAX_TOKENS, Chunks, Projector, find_mmproj, read_image
 
 N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
 # Checkpoints a chat keeps by default (a prefix, a turn boundary and a prompt end per turn; see
@@ -55,6 +58,8 @@ _CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im
 _SESSION_MAGIC = b"QWEN35-CHAT\n"
 _SESSION_VERSION = 2  # 2: the conversation's images follow the states
 _IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"  # the template's image; mtmd writes the start and end itself
+_VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"  # the template's video: replaced by its stamped frame pairs
+_MEDIA_SLOT = re.compile(re.escape(_IMAGE_SLOT) + "|" + re.escape(_VIDEO_SLOT))
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class Reply:
     finish_reason: str  # stop | length | context | loop | interrupted
     stats: dict
     notices: list[str] = field(default_factory=list)
+    call_cut_off: bool = False  # the reply ended inside its last tool call (whose arguments hold what was written)
 
 
 @dataclass(frozen=True)
@@ -136,9 +142,9 @@ class ChatSession:
     background thread while the user reads and types; it is counted in the next turn's
     prompt_tokens. Turn it off for one-shot use, where there is no next turn.
 
-    With `adapt_threads`, generation runs on fewer threads while other programs keep cores busy and
-    returns to `threads` when they are free (adaptive_threads.py). It is off by default until
-    bench/bench_busy.py has shown, on an idle machine, that it costs nothing when the machine is quiet.
+    With `adapt_threads` (the default), the session runs on fewer threads while other programs keep
+    cores busy and returns to `threads` when they are free (adaptive_threads.py; measured by
+    bench/bench_busy.py: busy, 0.95× the best fixed count; quiet, 0.98× the fixed default).
 
     `speculative` ("auto", "mtp" or "off") decodes with the model's own multi-token-prediction head
     (speculative.py): it drafts `draft_tokens` tokens and the model checks them in one pass, so a
@@ -152,7 +158,7 @@ class ChatSession:
     def __init__(self, model_path, n_ctx: int = 4096, threads: int | None = None, think: bool | None = None,
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
-                 adapt_threads: bool = False, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
+                 adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
                  speculative: str = AUTO, draft_tokens: int = 2, **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
@@ -174,10 +180,16 @@ class ChatSession:
         cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
         sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
                      features=cpu_features())
-        self.memory = estimate(mf, n_ctx, **sizes, draft_tokens=draft_tokens if drafting else 0)
+        # The vision tower loads at the first image, but memory for it (and for an image as large as
+        # the budget) must be there then: it is counted now, when it is given or found beside the model.
+        self._mmproj, self._mmproj_expected = (Path(mmproj), None) if mmproj is not None else find_mmproj(mf)
+        vision = read_model_file(self._mmproj) if self._mmproj is not None else None
+        sizes.update(mmproj=vision)
+        budget = image_max_tokens or LLAMA_IMAGE_MAX_TOKENS
+        self.memory = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, draft_tokens=draft_tokens if drafting else 0)
         problem = check_fits(mf, self.memory, **sizes, draft_tokens=draft_tokens if drafting else 0)
         if problem and drafting and speculative == AUTO:
-            plain = estimate(mf, n_ctx, **sizes)
+            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget)
             if not check_fits(mf, plain, **sizes):  # it fits without the MTP head: leave it out
                 self.warnings.append("speculative decoding off: the MTP head would not fit in memory")
                 drafting, self.memory, problem = False, plain, None
@@ -231,10 +243,10 @@ class ChatSession:
         self._prefill: threading.Thread | None = None
         self._prefilled = (0, 0)  # positions of the tokens the last prefill evaluated
 
-        self._mmproj = mmproj
         self._image_max_tokens = image_max_tokens
         self._projector: Projector | None = None
         self._images: dict[str, bytes] = {}  # SHA-256 → encoded file: what the conversation's image parts name
+        # Keyed by an image's SHA-256, or a video's frame pair as "<SHA-256>+<SHA-256>" (one image to mtmd).
         self._image_cells: dict[str, _ImageCells] = {}
         self._image_at: dict[int, str] = {}  # first stand-in → image, for evaluating a run of cells
         self._tokenized: dict[str, Chunks] = {}  # images tokenized for the turn under way (freed after it)
@@ -251,20 +263,23 @@ class ChatSession:
             return self.think
         return self.template.thinks_by_default()
 
-    def send(self, message, images=None, **overrides) -> Reply:
-        for _ in self.stream(message, images, **overrides):
+    def send(self, message, images=None, *, video=None, **overrides) -> Reply:
+        for _ in self.stream(message, images, video=video, **overrides):
             pass
         return self.last_reply
 
-    def stream(self, message, images=None, **overrides) -> Iterator[Piece]:
+    def stream(self, message, images=None, *, video=None, **overrides) -> Iterator[Piece]:
         """Yield the reply as it is generated. Ends the turn cleanly if `interrupt()` is called (from
         a signal handler, say) or if the caller stops iterating. `images` (paths or encoded bytes)
-        go with a text message; they are checked here, before anything is evaluated. Options:
-        think, max_tokens, tools, stop and the sampling keywords."""
-        if images:
+        go with a text message, and so does `video` (a video file, a directory of its frames, or a
+        list of frames: see `add_video`); they are checked here, before anything is evaluated.
+        Options: think, max_tokens, tools, stop and the sampling keywords."""
+        if images or video is not None:
             if not isinstance(message, str):
-                raise ChatError("images go with a text message")
-            parts = [self.add_image(image) for image in images]
+                raise ChatError("images and videos go with a text message")
+            parts = [self.add_image(image) for image in images or ()]
+            if video is not None:
+                parts.append(self.add_video(video))
             message = {"role": "user", "content": parts + ([{"type": "text", "text": message}] if message else [])}
         new = prepare_messages([{"role": "user", "content": message}] if isinstance(message, str)
                                else [message] if isinstance(message, dict) else message)
@@ -306,8 +321,39 @@ class ChatSession:
             raise
         return part
 
+    def add_video(self, source) -> dict:
+        """Check a video and keep its frames for the conversation: a video file (sampled as Qwen3.5
+        samples it, with ffmpeg), a directory of frame images or a list of frames (paths or bytes),
+        taken as sampled at 2 a second (video.py). Every pair of frames must decode, be of one size
+        and fit the context. Returns the content part that shows it in a message, {"type": "video",
+        "video": <SHA-256 of its frames' ids>, "frames": [SHA-256, …], "seconds": [per pair]}."""
+        self._settle()
+        sampled = read_video(source)
+        frames = [read_image(frame)[0] for frame in sampled.frames]
+        ids = [hashlib.sha256(data).hexdigest() for data in frames]
+        part = {"type": "video", "video": hashlib.sha256("+".join(ids).encode()).hexdigest(), "frames": ids,
+                "seconds": sampled.seconds}
+        if all(isinstance(f, (str, Path)) for f in sampled.frames):
+            part["paths"] = [str(Path(f).resolve()) for f in sampled.frames]
+        new = [i for i in dict.fromkeys(ids) if i not in self._images]
+        self._images.update(zip(ids, frames))
+        try:
+            self._cells_of_video(part, sampled.name)
+        except ChatError:
+            for image_id in new:
+                del self._images[image_id]
+            raise
+        return part
+
+    def image_bytes(self, image_id: str) -> bytes | None:
+        """The encoded file of an image (or video frame) the conversation shows, by its SHA-256."""
+        return self._images.get(image_id)
+
     def image_tokens(self, part: dict) -> int:
-        """The context cells an image part (from `add_image`) takes, its start and end marks included."""
+        """The context cells an image or video part (from `add_image`, `add_video`) takes, start and
+        end marks (and a video's timestamps) included."""
+        if part.get("type") == "video":
+            return len(self._cells_of_video(part))
         return len(self._cells_of_image(part).cells)
 
     def interrupt(self) -> None:
@@ -329,14 +375,16 @@ class ChatSession:
         self.system = nfc(text) if text else None
         self.reset()
 
-    def restore(self, messages: list[dict], *, system: str | None = None, think: bool | None = None) -> None:
+    def restore(self, messages: list[dict], *, system: str | None = None, think: bool | None = None,
+                images=()) -> None:
         """Take up a conversation whose model state was not saved (the REPL's journal after a
-        crash). It is evaluated once: by the background prefill while the user types, or else by
-        the next turn."""
+        crash), with the encoded `images` it shows (others are read again from their paths). It is
+        evaluated once: by the background prefill while the user types, or else by the next turn."""
         self.reset()
         self.system = nfc(system) if system else None
         self.think = think
         self.messages = [dict(m) for m in messages]
+        self._hold_images([], images)
         if self._prefill_enabled and self.messages:
             self._start_prefill()
 
@@ -481,7 +529,9 @@ class ChatSession:
         in_reasoning = _opens_reasoning(prompt_text)
         constraint_samplers = constraints.samplers(self._model, request.constraint, in_reasoning=in_reasoning)
         # Where to keep the state (see state_cache.py); a turn boundary may be the prompt's end.
-        boundaries = {len(prompt) - 1: PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)},
+        # Each boundary inside the prompt ends a decode (costing about one token's decode more); the
+        # prompt's end costs nothing: its snapshot is taken after the last decode.
+        boundaries = {len(prompt): PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)},
                       self._prefix_boundary(conversation, tools): PREFIX}
 
         reused = self._reuse(prompt)
@@ -494,19 +544,25 @@ class ChatSession:
         stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
                  "gen_tokens": 0, "gen_tps": None, "image_tokens": 0, "image_encode_s": None}
         self._image_work = [0, 0.0]
-        splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, self._tool_call)
+        # Under a grammar the answer starts where the grammar does: a `<tool_call>` token in the
+        # reasoning ends it only when it also starts the grammar (constraints.py).
+        grammar = request.constraint is not None and request.constraint.grammar is not None
+        ends_reasoning = self._tool_call if not grammar or request.constraint.tool_call else None
+        splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, ends_reasoning)
         answer = ToolCallReader(tools, enabled=request.read_tool_calls)
         stop = StopStrings(list(request.stop))
         notices: list[str] = []
         finish = "interrupted"
         sampler = native.Sampler(request.sampling, self._model.n_vocab, constraint_samplers)
         try:
-            for n in sorted(b for b in boundaries if b > len(self.cache.tokens)):
+            for n in sorted(b for b in boundaries if len(self.cache.tokens) < b < len(prompt)):
                 if not self._evaluate(prompt[len(self.cache.tokens):n], logits=False):
                     return
                 self.cache.snapshot(boundaries[n])
             if not self._evaluate(prompt[len(self.cache.tokens):], logits=True):
                 return
+            self.cache.snapshot(boundaries[len(prompt)])  # (an identical prompt restores a shallower one:
+            # its last token must be evaluated again for the logits that start the reply)
             stats["prompt_tokens"] = len(prompt) - reused + ahead
             if self._image_work[0]:
                 stats["image_tokens"], stats["image_encode_s"] = self._image_work
@@ -550,7 +606,7 @@ class ChatSession:
             stats.update(finish_reason=finish, context_tokens=len(self.cache.tokens),
                          total_s=time.perf_counter() - start)
             self.stats = stats
-            self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices)
+            self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices, answer.cut_off)
             if record and self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
                 self._start_prefill()
 
@@ -694,7 +750,7 @@ class ChatSession:
         brings a new message or the results of the tools called: render the next turn with a
         stand-in answer and a stand-in message (or tool result), and compare. For Qwen3.5 they agree
         up to an `<|im_start|>assistant\n` (the next rendering drops or rewrites the `<think>`
-        block): after the last user message's for a new message, after this prompt's for a tool
+        block): after the last user message's for a new message, this whole prompt for a tool
         result. A guess only: if the real answer renders differently, the next turn notices (the
         checkpoint is not a prefix of its prompt) and evaluates more, never something wrong."""
         answer = {"role": "assistant", "content": "Answer."}
@@ -702,8 +758,7 @@ class ChatSession:
         for following in ({"role": "user", "content": "Next."}, {"role": "tool", "content": "Result."}):
             upcoming = self._render_cells(conversation + [answer, following], add_generation_prompt=False, think=None,
                                           tools=tools)
-            # At least the last prompt token is left to evaluate after the snapshot: its logits start the reply.
-            points.add(min(_common_prefix(prompt, upcoming), len(prompt) - 1))
+            points.add(_common_prefix(prompt, upcoming))
         return points
 
     def _reuse(self, prompt: list[int], *, need_logits: bool = True) -> int:
@@ -769,70 +824,106 @@ class ChatSession:
     def _vision(self) -> Projector:
         """The model's mmproj, loaded on first use: a text-only chat never pays for it."""
         if self._projector is None:
-            path = self._mmproj
-            if path is None:
-                path, expected = find_mmproj(self.model_file)
-                if path is None:
-                    raise ChatError(f"{self.model_file.path.name} has no vision tower beside it: images need "
-                                    f"{expected} (written by `qwen35 convert`), or give its mmproj with --mmproj FILE")
-            self._projector = Projector(path, self._model, native.L.llama_model_n_embd(self._model.ptr),
+            if self._mmproj is None:
+                raise ChatError(f"{self.model_file.path.name} has no vision tower beside it: images need "
+                                f"{self._mmproj_expected} (written by `qwen35 convert`), or give its mmproj with "
+                                "--mmproj FILE")
+            self._projector = Projector(self._mmproj, self._model, native.L.llama_model_n_embd(self._model.ptr),
                                         threads=self.threads, image_max_tokens=self._image_max_tokens)
         return self._projector
 
     def _cells(self, text: str, conversation: list[dict]) -> list[int]:
         """The context cells of `text`, a rendering of `conversation`: its tokens, and where the
         template put an image, the cells mtmd gives it (the image's parts, in order)."""
-        pieces = text.split(_IMAGE_SLOT)
-        if len(pieces) == 1:
+        slots = [m.group() for m in _MEDIA_SLOT.finditer(text)]
+        if not slots:
             return self._model.tokenize(text)
-        images = [part for m in conversation if isinstance(m.get("content"), list)
-                  for part in m["content"] if part.get("type") == "image"]
-        if len(images) != len(pieces) - 1:
-            raise ChatError(f"the conversation holds {len(images)} images but its text {len(pieces) - 1} image "
-                            f"slots ({_IMAGE_SLOT} typed in a message?)")
+        pieces = _MEDIA_SLOT.split(text)
+        media = [part for m in conversation if isinstance(m.get("content"), list)
+                 for part in m["content"] if part.get("type") in ("image", "video")]
+        if [p["type"] for p in media] != ["image" if slot == _IMAGE_SLOT else "video" for slot in slots]:
+            raise ChatError(f"the conversation holds {len(media)} images and videos but its text {len(slots)} "
+                            f"slots for them ({_IMAGE_SLOT} typed in a message?)")
         cells = self._model.tokenize(pieces[0])
-        for part, after in zip(images, pieces[1:]):
-            cells += self._cells_of_image(part).cells
+        for part, after in zip(media, pieces[1:]):
+            cells += self._cells_of_video(part) if part["type"] == "video" else self._cells_of_image(part).cells
             cells += self._model.tokenize(after)
         return cells
 
     def _render_cells(self, conversation: list[dict], **how) -> list[int]:
         return self._cells(self.template.render(conversation, **how), conversation)
 
-    def _cells_of_image(self, part: dict, name: str | None = None) -> _ImageCells:
-        image_id = part["image"]
-        found = self._image_cells.get(image_id)
-        if found is not None:
-            return found
+    def _hold_frame(self, image_id: str, path: str | None) -> None:
         if image_id not in self._images:  # a conversation taken up from the journal: the file may still be there
-            data = read_image(part["path"])[0] if part.get("path") else b""
+            data = read_image(path)[0] if path else b""
             if hashlib.sha256(data).hexdigest() != image_id:
                 raise ChatError(f"the conversation shows an image this session does not hold"
-                                f"{' (' + part['path'] + ' changed or is gone)' if part.get('path') else ''}")
+                                f"{' (' + path + ' changed or is gone)' if path else ''}")
             self._images[image_id] = data
-        chunks = self._tokenize_image(image_id, name or part.get("path"))
+
+    def _cells_of_video(self, part: dict, name: str | None = None) -> list[int]:
+        """A video's cells: per pair of frames, its timestamp and its cells as one image."""
+        frames, paths = part["frames"], part.get("paths") or [None] * len(part["frames"])
+        if len(frames) != 2 * len(part["seconds"]):
+            raise ChatError("a video part must hold two frames for each of its timestamps")
+        cells: list[int] = []
+        for k, seconds in enumerate(part["seconds"]):
+            pair = frames[2 * k:2 * k + 2]
+            if pair[0] + "+" + pair[1] not in self._image_cells:
+                for image_id, path in zip(pair, paths[2 * k:2 * k + 2]):
+                    self._hold_frame(image_id, path)
+            where = f"{name or 'the video'} (frames {2 * k + 1}-{2 * k + 2})"
+            cells += self._model.tokenize(stamp(seconds)) + list(self._media_cells("+".join(pair), where).cells)
+        if len(cells) >= self.n_ctx:
+            raise ChatError(f"{name or 'the video'} takes {len(cells)} tokens, more than the {self.n_ctx}-token "
+                            f"context holds: lower --image-max-tokens, give fewer frames or raise --ctx-size")
+        return cells
+
+    def _cells_of_image(self, part: dict, name: str | None = None) -> _ImageCells:
+        image_id = part["image"]
+        if image_id not in self._image_cells:
+            self._hold_frame(image_id, part.get("path"))
+        return self._media_cells(image_id, name or part.get("path"))
+
+    def _media_cells(self, key: str, name: str | None) -> _ImageCells:
+        """The cells of an image (key: its SHA-256) or a video's frame pair (two, joined by "+"),
+        from the bytes this session holds."""
+        found = self._image_cells.get(key)
+        if found is not None:
+            return found
+        chunks = self._tokenize_image(key, name)
         (image,) = [c for c in chunks.items if c.is_image]
         marks = [c.tokens for c in chunks.items if not c.is_image]
         if image.n_tokens + 2 >= self.n_ctx:
             chunks.close()
             raise ChatError(f"{name or 'the image'} takes {image.n_tokens} tokens, more than the {self.n_ctx}-token "
                             f"context holds: lower --image-max-tokens or raise --ctx-size")
-        stand_ins = image_cells(bytes.fromhex(image_id), image.n_tokens, image.n_pos)
+        stand_ins = image_cells(hashlib.sha256(key.encode()).digest() if "+" in key else bytes.fromhex(key),
+                                image.n_tokens, image.n_pos)
         cells = _ImageCells(tuple(marks[0]) + stand_ins + tuple(marks[1]), image.n_tokens, image.n_pos)
-        self._image_cells[image_id] = cells
-        self._image_at[stand_ins[0]] = image_id
-        self._tokenized[image_id] = chunks  # evaluated by this turn, most likely
+        self._image_cells[key] = cells
+        self._image_at[stand_ins[0]] = key
+        self._tokenized[key] = chunks  # evaluated by this turn, most likely
         return cells
 
-    def _tokenize_image(self, image_id: str, name: str | None = None) -> Chunks:
+    def _tokenize_image(self, key: str, name: str | None = None) -> Chunks:
+        """mtmd's chunks for an image, or for a video's frame pair: two frames of one size marked
+        mergeable, which mtmd makes one image of two temporal halves (video.py)."""
         projector = self._vision()
-        image = projector.image(self._images[image_id], name=name)
+        frames = key.split("+")
+        images = []
         try:
-            chunks = projector.tokenize(projector.marker, [image])
+            for image_id in frames:
+                images.append(projector.image(self._images[image_id], name=name, mergeable=len(frames) > 1))
+            if len({(i.width, i.height) for i in images}) > 1:
+                raise ChatError(f"{name}: the frames of a video must all be of one size, not "
+                                f"{' and '.join(f'{i.width}x{i.height}' for i in images)}")
+            chunks = projector.tokenize(projector.marker * len(images), images)
         finally:
-            image.close()
+            for image in images:
+                image.close()
         kinds = [c.is_image for c in chunks.items]
-        if kinds != [False, True, False]:  # <|vision_start|>, the image, <|vision_end|>
+        if kinds != [False, True, False]:  # <|vision_start|>, the image (or merged pair), <|vision_end|>
             chunks.close()
             raise ChatError(f"llama.cpp laid the image out as {kinds}, not start, image, end")
         return chunks
@@ -866,8 +957,14 @@ class ChatSession:
         server sees a stream of images and must not keep them all (each request re-sends its own)."""
         self._settle()
         given = {hashlib.sha256(data).hexdigest(): bytes(data) for data in images}
-        shown = {part["image"] for m in conversation + self.messages if isinstance(m.get("content"), list)
-                 for part in m["content"] if part.get("type") == "image"}
+        shown = set()
+        for m in conversation + self.messages:
+            for part in m["content"] if isinstance(m.get("content"), list) else ():
+                if part.get("type") == "image":
+                    shown.add(part["image"])
+                elif part.get("type") == "video":
+                    shown.update(part["frames"])
+                    shown.update(f"{a}+{b}" for a, b in zip(part["frames"][::2], part["frames"][1::2]))
         self._images = {i: d for i, d in {**self._images, **given}.items() if i in shown}
         self._image_cells = {i: c for i, c in self._image_cells.items() if i in shown}
         self._image_at = {k: i for k, i in self._image_at.items() if i in shown}
@@ -905,9 +1002,17 @@ class ChatSession:
         return Sampling(**{**self._sampling.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+_PIECE_OF_EVENT = {"content": CONTENT, "call_start": TOOL_CALL_START, "arguments": TOOL_CALL_ARGUMENTS,
+                   "call": TOOL_CALL}
+
+
 def _answer_pieces(events) -> Iterator[Piece]:
+    """ToolCallReader's events as Pieces: text in `text`, calls in `call`."""
     for kind, value in events:
-        yield Piece("tool_call", "", value) if kind == "call" else Piece(CONTENT, value)
+        if isinstance(value, str):
+            yield Piece(_PIECE_OF_EVENT[kind], value)
+        else:
+            yield Piece(_PIECE_OF_EVENT[kind], "", value)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -13,8 +13,10 @@ The template writes a call as
 after the answer's text (and `\\n\\n`), with later calls on a new line. VALUE is a string as is
 (unescaped, may span lines and hold `<`), anything else as JSON. Reading is exact for what the
 template writes and forgiving of what a model writes: text before a call, several calls, a
-missing `</tool_call>` or `</parameter>`, a stray closing tag. It never raises: what is not a
-well-formed call (e.g. one cut off by the token limit) stays content, as text.
+missing `</tool_call>` or `</parameter>`, a stray closing tag, a call cut off by the token limit
+(closed with what it holds). It never raises: what does not start as the template's format stays
+content, as text. Calls are read as they stream (ToolCallReader), their arguments given as JSON text
+piece by piece.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def prepare_messages(messages) -> list[dict]:
 def _content(content, where: str) -> str | list[dict]:
     """Text; or, when the message holds images, its parts in order: {"type": "text", "text"} and
     {"type": "image", "image": <SHA-256 of the image file>} (a ChatSession's image; "path" kept
-    when it came from a file), which the template renders as <|vision_start|><|image_pad|><|vision_end|>."""
+    when it came from a file), which the template renders as <|vision_start|><|image_pad|><|vision_end|>,
+    and a ChatSession's video ({"type": "video", "frames": [SHA-256, …], "seconds": […]}, add_video)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -112,6 +115,9 @@ def _content(content, where: str) -> str | list[dict]:
                 parts.append({"type": "text", "text": nfc(part["text"])})
             elif isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str):
                 parts.append({k: part[k] for k in ("type", "image", "path") if k in part})
+            elif isinstance(part, dict) and part.get("type") == "video" and isinstance(part.get("frames"), list) \
+                    and isinstance(part.get("seconds"), list):
+                parts.append({k: part[k] for k in ("type", "video", "frames", "seconds", "paths") if k in part})
             elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
                 raise ChatError(f"{where}: an image here must be {{\"type\": \"image\", \"image\": <its SHA-256>}} "
                                 "as ChatSession.add_image returns it (qwen35 serve reads image_url parts)")
@@ -178,42 +184,10 @@ def _schema_types(schema) -> list[str]:
     return types
 
 
-def parse_call(body: str, tools: list[dict] | None = None) -> dict | None:
-    """One call from the text between `<tool_call>` and `</tool_call>`, or None if it is not a
-    well-formed call. Values are coerced by the named tool's parameter schema."""
-    start = body.lstrip()
-    if not start.startswith(_FUNCTION):
-        return None
-    end_name = start.find(">")
-    name = start[len(_FUNCTION):end_name].strip() if end_name > 0 else ""
-    if not name or "\n" in name or "<" in name:
-        return None
-    rest = start[end_name + 1:]
-    end = rest.rfind(_FUNCTION_CLOSE)
-    if end < 0:
-        return None  # cut off before the call was complete
-    properties = _properties(tools, name)
-    inner, arguments, pos = rest[:end], {}, 0
-    while (p := inner.find(_PARAMETER, pos)) >= 0:
-        q = inner.find(">", p)
-        if q < 0 or "\n" in inner[p:q]:
-            return None
-        key = inner[p + len(_PARAMETER):q].strip()
-        close = inner.find(_PARAMETER_CLOSE, q)
-        following = inner.find(_PARAMETER, q)
-        if close < 0 or 0 <= following < close:  # a missing </parameter>: the value ends at the next one
-            value_end = following if following >= 0 else len(inner)
-            pos = value_end
-        else:
-            value_end = close
-            pos = close + len(_PARAMETER_CLOSE)
-        raw = inner[q + 1:value_end]
-        raw = raw[1:] if raw.startswith("\n") else raw
-        raw = raw[:-1] if raw.endswith("\n") else raw
-        if not key:
-            return None
-        arguments[key] = coerce(raw, properties.get(key))
-    return {"name": name, "arguments": arguments}
+def _is_text(schema) -> bool:
+    """Whether a value of this schema is its text as written (so it can be streamed as it comes)."""
+    types = _schema_types(schema)
+    return bool(types) and all(t == "string" for t in types)
 
 
 def _properties(tools: list[dict] | None, name: str) -> dict:
@@ -225,25 +199,90 @@ def _properties(tools: list[dict] | None, name: str) -> dict:
     return {}
 
 
+_WAIT, _BAD = object(), object()  # what a piece of text may still become: anything / not that
+_MARKERS = (_PARAMETER_CLOSE, _PARAMETER, _FUNCTION_CLOSE, CALL_CLOSE, CALL_OPEN)
+
+
+def _header(text: str):
+    """(key, length) of the `<parameter=KEY>` that `text` starts with; _WAIT if it may still
+    become one, _BAD if it cannot."""
+    gt, nl = text.find(">"), text.find("\n")
+    if gt < 0:
+        return _WAIT if nl < 0 else _BAD
+    key = text[len(_PARAMETER):gt].strip()
+    if 0 <= nl < gt or not key:
+        return _BAD
+    return key, gt + 1
+
+
+def _value_end(text: str, final: bool) -> tuple[int, int | None, bool]:
+    """Where a parameter's value (`text`: what follows its header) ends: (end, resume, complete),
+    `resume` being where reading goes on (None: the end is not yet in `text`; then `end` is how
+    much of it is surely value) and `complete` whether a tag closed it (not the end of the text).
+    A value ends at `</parameter>`, at the next `<parameter=KEY>` (a missing `</parameter>`), at
+    `</function>` when the call closes right after it, or at a call tag; any other `<` is the
+    value's own text."""
+    i = text.find("<")
+    while i >= 0:
+        rest = text[i:]
+        if rest.startswith(_PARAMETER_CLOSE):
+            return i, i + len(_PARAMETER_CLOSE), True
+        if rest.startswith(CALL_CLOSE) or rest.startswith(CALL_OPEN):
+            return i, i, True
+        if rest.startswith(_PARAMETER):
+            header = _header(rest)
+            if header is _WAIT and not final:
+                return i, None, False
+            if header not in (_WAIT, _BAD):
+                return i, i, True
+        elif rest.startswith(_FUNCTION_CLOSE):
+            after = rest[len(_FUNCTION_CLOSE):].lstrip()
+            if after.startswith(CALL_CLOSE) or after.startswith(CALL_OPEN) or (final and not after):
+                return i, i, True
+            if not final and (CALL_CLOSE.startswith(after) or CALL_OPEN.startswith(after)):
+                return i, None, False
+        elif any(m.startswith(rest) for m in _MARKERS):  # the start of a tag, or of the value's text
+            return (i, len(text), False) if final else (i, None, False)  # (cut off in a closing tag)
+        i = text.find("<", i + 1)
+    return len(text), (len(text) if final else None), False
+
+
 class ToolCallReader:
     """Splits a streamed answer into its text and its tool calls, as they arrive.
 
-    `feed(text)` and `finish()` return events: ("content", text) or ("call", {"id", "type",
-    "function": {"name", "arguments"}}). A call is given whole once it is complete; text is given at
-    once, except what might start a call (a tail that could be the start of `<tool_call>`) and
-    whitespace that might only be the layout before one. The text events joined are the answer
-    exactly as `content` should read: stripped, calls left out.
+    `feed(text)` and `finish()` return events:
+      ("content", text)       the answer's text;
+      ("call_start", call)    a call begins: {"id", "type", "function": {"name"}};
+      ("arguments", text)     the next piece of that call's arguments as JSON text;
+      ("call", call)          the call is complete: {"id", "type", "function": {"name", "arguments"}}.
+    Text is given at once, except what might start a call (a tail that could be the start of
+    `<tool_call>`) and whitespace that might only be the layout before one. The content events
+    joined are the answer exactly as `content` should read: stripped, calls left out.
+
+    A call is announced once it is sure to be one: its `<function=NAME>` and then a well-formed
+    `<parameter=KEY>` or `</function>`; before that, something that is not the template's format
+    stays content. From then on its arguments are given as the model writes them: a string value
+    (by the tool's schema) as it comes, JSON-escaped; any other value once its `</parameter>` says
+    what it is. The pieces joined are exactly `json.dumps(arguments, ensure_ascii=False)`. A call
+    cut off (by the token limit) is closed with what it holds: a string value as far as it was
+    written, another value only if complete. A parameter given twice keeps its first value.
     """
 
     def __init__(self, tools: list[dict] | None = None, *, enabled: bool = True) -> None:
         self._tools = tools
         self._enabled = enabled
         self._buffer = ""
-        self._in_call = False
+        self._state = self._read_text
         self._started = False  # some content was given (leading whitespace is layout)
         self._held = ""  # whitespace not yet known to be content
+        self._call: dict | None = None  # the call being read
+        self._properties: dict = {}
+        self._value: dict | None = None  # the parameter being read: key, mode, raw parts, started
+        self._n_arguments = 0  # arguments given in the JSON text so far
+        self._closed = False  # the call's arguments are closed ("}" given)
         self.calls: list[dict] = []
         self.content: list[str] = []
+        self.cut_off = False  # the text ended inside a call, before its `</function>`
 
     def feed(self, text: str) -> list[tuple[str, object]]:
         self._buffer += text
@@ -254,43 +293,203 @@ class ToolCallReader:
 
     def _drain(self, final: bool) -> list[tuple[str, object]]:
         events: list[tuple[str, object]] = []
-        while self._buffer:
-            if not self._in_call:
-                i = self._buffer.find(CALL_OPEN) if self._enabled else -1
-                if i < 0:
-                    keep = 0 if final or not self._enabled else _partial_suffix(self._buffer, CALL_OPEN)
-                    self._text(self._buffer[:len(self._buffer) - keep], events)
-                    self._buffer = self._buffer[len(self._buffer) - keep:]
-                    break
-                self._text(self._buffer[:i], events)
-                self._buffer = self._buffer[i + len(CALL_OPEN):]
-                self._in_call = True
-                continue
-            close = self._buffer.find(CALL_CLOSE)
-            reopen = self._buffer.find(CALL_OPEN)
-            if close >= 0 and (reopen < 0 or close < reopen):
-                body, consumed = self._buffer[:close], close + len(CALL_CLOSE)
-            elif reopen >= 0:
-                body, consumed = self._buffer[:reopen], reopen  # a missing </tool_call>
-            elif final:
-                body, consumed = self._buffer, len(self._buffer)
-            else:
-                break
-            raw = self._buffer[:consumed]
-            self._buffer = self._buffer[consumed:]
-            self._in_call = False
-            call = parse_call(body, self._tools)
-            if call is None:
-                self._text(CALL_OPEN + raw, events)
-            else:
-                call = {"id": new_call_id(), "type": "function", "function": call}
-                self.calls.append(call)
-                self._held = ""  # the layout between the text and the call
-                events.append(("call", call))
-        if final and self._in_call:
-            self._in_call = False  # (an empty call at the very end)
-            self._text(CALL_OPEN, events)
+        while self._state(events, final):
+            pass
         return events
+
+    # --- the states: each reads what it can and says whether reading goes on -------------------
+
+    def _read_text(self, events: list, final: bool) -> bool:
+        i = self._buffer.find(CALL_OPEN) if self._enabled else -1
+        if i < 0:
+            keep = 0 if final or not self._enabled else _partial_suffix(self._buffer, CALL_OPEN)
+            self._text(self._buffer[:len(self._buffer) - keep], events)
+            self._buffer = self._buffer[len(self._buffer) - keep:]
+            return False
+        self._text(self._buffer[:i], events)
+        self._buffer = self._buffer[i + len(CALL_OPEN):]
+        self._state = self._read_head
+        return True
+
+    def _read_head(self, events: list, final: bool) -> bool:
+        """After `<tool_call>`: is this a call? (The buffer is kept whole until it is known.)"""
+        text = self._buffer.lstrip()
+        verdict = _WAIT
+        if not text.startswith(_FUNCTION):
+            verdict = _WAIT if _FUNCTION.startswith(text) else _BAD
+        else:
+            gt = text.find(">")
+            name = text[len(_FUNCTION):gt if gt >= 0 else len(text)]
+            if "\n" in name or "<" in name or (gt >= 0 and not name.strip()):
+                verdict = _BAD
+            elif gt >= 0:
+                after = text[gt + 1:].lstrip()
+                if after.startswith(_PARAMETER):
+                    header = _header(after)
+                    verdict = header if header in (_WAIT, _BAD) else name.strip()
+                elif after.startswith(_FUNCTION_CLOSE):
+                    verdict = name.strip()
+                elif not (_PARAMETER.startswith(after) or _FUNCTION_CLOSE.startswith(after)):
+                    verdict = _BAD
+                if verdict is not _WAIT and verdict is not _BAD:
+                    self._buffer = text[gt + 1:]
+                    self._begin_call(verdict, events)
+                    return True
+        if verdict is _WAIT and not final:
+            return False
+        self._state = self._read_not_a_call
+        return True
+
+    def _read_not_a_call(self, events: list, final: bool) -> bool:
+        """Call-like text that is not the template's format: content, up to its closing tag."""
+        close, reopen = self._buffer.find(CALL_CLOSE), self._buffer.find(CALL_OPEN)
+        if close >= 0 and (reopen < 0 or close < reopen):
+            consumed = close + len(CALL_CLOSE)
+        elif reopen >= 0:
+            consumed = reopen  # a missing </tool_call>
+        elif final:
+            consumed = len(self._buffer)
+        else:
+            return False
+        self._text(CALL_OPEN + self._buffer[:consumed], events)
+        self._buffer = self._buffer[consumed:]
+        self._state = self._read_text
+        return True
+
+    def _read_parameters(self, events: list, final: bool) -> bool:
+        """Inside a call, between its parameters (what is not a tag here is dropped)."""
+        i = self._buffer.find("<")
+        text = self._buffer = self._buffer[i:] if i >= 0 else ""
+        if text.startswith(_PARAMETER):
+            header = _header(text)
+            if header is _BAD:
+                self._buffer = text[len(_PARAMETER):]
+                return True
+            if header is not _WAIT:
+                key, n = header
+                self._buffer = text[n:]
+                self._begin_value(key, events)
+                return True
+        elif text.startswith(_FUNCTION_CLOSE):
+            self._buffer = text[len(_FUNCTION_CLOSE):]
+            self._close_arguments(events)
+            self._state = self._read_call_close
+            return True
+        elif text.startswith(CALL_CLOSE) or text.startswith(CALL_OPEN):
+            self._buffer = text[len(CALL_CLOSE):] if text.startswith(CALL_CLOSE) else text
+            self._end_call(events)
+            return True
+        elif text and not any(m.startswith(text) for m in _MARKERS):
+            self._buffer = text[1:]
+            return True
+        if final:  # cut off
+            self._buffer = ""
+            self.cut_off = True
+            self._end_call(events)
+            return True
+        return False
+
+    def _read_value(self, events: list, final: bool) -> bool:
+        value = self._value
+        if not value["started"]:
+            if not self._buffer and not final:
+                return False
+            if self._buffer.startswith("\n"):  # the template's layout
+                self._buffer = self._buffer[1:]
+            value["started"] = True
+        end, resume, complete = _value_end(self._buffer, final)
+        text = self._buffer[:end]
+        # One newline before the closing tag is the template's layout; while the end is not yet
+        # known, a newline at the end of what came is held back.
+        text = text[:-1] if text.endswith("\n") else text
+        self._add_to_value(text, events)
+        if resume is None:
+            self._buffer = self._buffer[len(text):]
+            return False
+        self._buffer = self._buffer[resume:]
+        self._end_value(events, complete=complete)
+        self.cut_off |= not complete
+        self._state = self._read_parameters
+        return True
+
+    def _read_call_close(self, events: list, final: bool) -> bool:
+        """After `</function>`: up to `</tool_call>` (or a next call, or the end)."""
+        close, reopen = self._buffer.find(CALL_CLOSE), self._buffer.find(CALL_OPEN)
+        if close >= 0 and (reopen < 0 or close < reopen):
+            self._buffer = self._buffer[close + len(CALL_CLOSE):]
+        elif reopen >= 0:
+            self._buffer = self._buffer[reopen:]
+        elif final:
+            self._buffer = ""
+        else:
+            return False
+        self._end_call(events)
+        return True
+
+    # --- building the call ------------------------------------------------------------------------
+
+    def _begin_call(self, name: str, events: list) -> None:
+        self._call = {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": {}}}
+        self._properties = _properties(self._tools, name)
+        self._n_arguments, self._closed = 0, False
+        self._held = ""  # the layout between the text and the call
+        events.append(("call_start", {"id": self._call["id"], "type": "function", "function": {"name": name}}))
+        self._arguments("{", events)
+        self._state = self._read_parameters
+
+    def _begin_value(self, key: str, events: list) -> None:
+        arguments = self._call["function"]["arguments"]
+        mode = "skip" if key in arguments else "text" if _is_text(self._properties.get(key)) else "json"
+        self._value = {"key": key, "mode": mode, "raw": [], "started": False}
+        if mode == "text":
+            arguments[key] = ""
+            self._arguments(self._next_key(key) + '"', events)
+        self._state = self._read_value
+
+    def _add_to_value(self, text: str, events: list) -> None:
+        if not text:
+            return
+        value = self._value
+        value["raw"].append(text)
+        if value["mode"] == "text":
+            self._arguments(json.dumps(text, ensure_ascii=False)[1:-1], events)
+
+    def _end_value(self, events: list, complete: bool) -> None:
+        value, self._value = self._value, None
+        arguments = self._call["function"]["arguments"]
+        raw = "".join(value["raw"])
+        if value["mode"] == "text":
+            arguments[value["key"]] = raw
+            self._arguments('"', events)
+        elif value["mode"] == "json" and complete:
+            coerced = coerce(raw, self._properties.get(value["key"]))
+            arguments[value["key"]] = coerced
+            self._arguments(self._next_key(value["key"]) + json.dumps(coerced, ensure_ascii=False), events)
+
+    def _close_arguments(self, events: list) -> None:
+        if self._value is not None:
+            self._end_value(events, complete=False)
+        if not self._closed:
+            self._closed = True
+            self._arguments("}", events)
+
+    def _end_call(self, events: list) -> None:
+        self._close_arguments(events)
+        call, self._call = self._call, None
+        self.calls.append(call)
+        events.append(("call", call))
+        self._state = self._read_text
+
+    def _next_key(self, key: str) -> str:
+        """The JSON text that introduces the next argument's value."""
+        self._n_arguments += 1
+        return (", " if self._n_arguments > 1 else "") + json.dumps(key, ensure_ascii=False) + ": "
+
+    def _arguments(self, text: str, events: list) -> None:
+        if events and events[-1][0] == "arguments":
+            events[-1] = ("arguments", events[-1][1] + text)
+        else:
+            events.append(("arguments", text))
 
     def _text(self, text: str, events: list) -> None:
         if not text:

@@ -27,6 +27,7 @@ MIN_IMAGE_TOKENS = 8  # clip.cpp's floor for the Qwen-VL projectors
 # The default bound on an image's tokens (llama.cpp's own is 4096): the cost of encoding on a CPU
 # against detail; grounding wants at least 1024 (clip.cpp warns below that). VISION.md §2.
 DEFAULT_IMAGE_MAX_TOKENS = 1024
+LLAMA_IMAGE_MAX_TOKENS = 4096  # clip.cpp's bound for the Qwen-VL projectors when none is given
 IMAGE_FORMATS = "JPEG, PNG, WebP, BMP or GIF"
 
 
@@ -159,9 +160,10 @@ class Projector:
         self.marker = m.mtmd_default_marker().decode()
         self.uses_mrope = bool(m.mtmd_decode_use_mrope(self._ctx))
 
-    def image(self, source, *, name: str | None = None) -> Image:
+    def image(self, source, *, name: str | None = None, mergeable: bool = False) -> Image:
         """An image from a path or from its encoded bytes (JPEG, PNG, WebP, BMP, GIF); `name` says
-        which, in errors, when the bytes came from a file."""
+        which, in errors, when the bytes came from a file. `mergeable`: a video frame, which mtmd
+        merges with the next mergeable one of the same size into one image (a temporal patch)."""
         data, read_name = read_image(source)
         name = name or read_name
         m = _mtmd()
@@ -169,6 +171,8 @@ class Projector:
         ptr = m.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(data), False)
         if not ptr:
             raise ChatError(f"{name} is not an image llama.cpp can decode ({IMAGE_FORMATS}), or it is truncated")
+        if mergeable:
+            m.mtmd_bitmap_set_mergeable(ptr, True)
         return Image(ptr, name)
 
     def tokenize(self, text: str, images: list[Image]) -> Chunks:

@@ -38,3 +38,13 @@ def vision_fixture():
     from tests.vision_fixture import cached_vision_fixture
 
     return cached_vision_fixture(_fixture_cache_root())
+
+
+@pytest.fixture(scope="session")
+def moe_vision_fixture():
+    """The same, with the MoE text model (Qwen3_5MoeForConditionalGeneration)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.vision_fixture import MOE_SPEC, cached_vision_fixture
+
+    return cached_vision_fixture(_fixture_cache_root(), MOE_SPEC)

@@ -111,3 +111,21 @@ def test_idle_core_seconds_reads_proc_stat(tmp_path):
     import os
     assert idle_core_seconds(stat) == 1200 / os.sysconf("SC_CLK_TCK")
     assert idle_core_seconds(tmp_path / "missing") is None
+
+
+def test_run_and_serve_adapt_threads_unless_told_to_keep_them_fixed(monkeypatch):
+    """The CLI hands the session its thread policy: adapting by default, fixed with --fixed-threads."""
+    from click.testing import CliRunner
+
+    import qwen35.runtime.run as run_module
+    import qwen35.runtime.server as server_module
+    from qwen35.cli import main
+
+    seen = []
+    monkeypatch.setattr(run_module, "run", lambda model, session_options, **kw: seen.append(session_options) or 0)
+    monkeypatch.setattr(server_module, "serve", lambda model, session_options, **kw: seen.append(session_options))
+    runner = CliRunner()
+    for args in (["run", "m.gguf", "-p", "hi"], ["run", "m.gguf", "-p", "hi", "--fixed-threads"],
+                 ["serve", "m.gguf"], ["serve", "m.gguf", "--fixed-threads"]):
+        assert runner.invoke(main, args).exit_code == 0
+    assert [options["adapt_threads"] for options in seen] == [True, False, True, False]

@@ -525,7 +525,6 @@ def test_json_schema_output_is_enforced(fresh):
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
               "required": ["ok", "n"], "additionalProperties": False}
-    fresh.send("Answer in JSON.", think=False, temp=0, max_tokens=80) if False else None
     for _ in fresh.respond([{"role": "user", "content": "Answer in JSON."}], think=False, temp=0, max_tokens=80,
                            constraint=json_constraint(schema)):
         pass
@@ -538,6 +537,69 @@ def test_json_schema_output_is_enforced(fresh):
     assert fresh.last_reply.finish_reason in ("length", "stop", "loop")
 
 
+def _allowed_tokens(model, sampler) -> set[int]:
+    """The tokens a grammar sampler leaves possible (all logits equal)."""
+    n = model.n_vocab
+    data = (llama_cpp.llama_token_data * n)()
+    for i in range(n):
+        data[i].id, data[i].logit, data[i].p = i, 0.0, 0.0
+    array = llama_cpp.llama_token_data_array(data, n, -1, False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+    return {data[i].id for i in range(array.size) if data[i].logit != float("-inf")}
+
+
+def test_a_grammar_holds_the_whole_answer_with_thinking_on_and_off(fresh):
+    """Thinking on: the grammar waits while the model reasons and holds from `</think>` on; a
+    `<tool_call>` token in the reasoning starts a tool call's grammar too (a model that forgot
+    `</think>`: the reply's answer starts there), never JSON output's (it stays reasoning, which the
+    splitter is told). Thinking off: the grammar holds from the first token."""
+    from qwen35.runtime.constraints import json_constraint, samplers, tool_call_constraint
+
+    model = fresh._model
+    close, call = model.single_token("</think>"), model.single_token("<tool_call>")
+    (brace,) = model.tokenize("{")
+    (newline,) = model.tokenize("\n")
+    every = set(range(model.n_vocab))
+
+    def sampler(constraint, in_reasoning):
+        (s,) = samplers(model, constraint, in_reasoning=in_reasoning)
+        return s
+
+    json_ = sampler(json_constraint(None), in_reasoning=True)
+    try:
+        assert _allowed_tokens(model, json_) == every  # reasoning: free
+        llama_cpp.llama_sampler_accept(json_, call)  # not a trigger for JSON output
+        assert _allowed_tokens(model, json_) == every
+        llama_cpp.llama_sampler_accept(json_, close)
+        allowed = _allowed_tokens(model, json_)
+        assert brace in allowed and newline in allowed and call not in allowed and close not in allowed
+    finally:
+        llama_cpp.llama_sampler_free(json_)
+    for first in (close, call):
+        calls = sampler(tool_call_constraint(TOOLS, "ping", False), in_reasoning=True)
+        try:
+            assert _allowed_tokens(model, calls) == every
+            llama_cpp.llama_sampler_accept(calls, first)
+            allowed = _allowed_tokens(model, calls)
+            assert brace not in allowed and close not in allowed
+            assert (newline in allowed) and ((call in allowed) == (first == close))
+        finally:
+            llama_cpp.llama_sampler_free(calls)
+    for constraint, starts in ((json_constraint(None), brace), (tool_call_constraint(TOOLS, None, True), call)):
+        off = sampler(constraint, in_reasoning=False)
+        try:
+            allowed = _allowed_tokens(model, off)
+            assert starts in allowed and close not in allowed and len(allowed) < len(every) // 2
+        finally:
+            llama_cpp.llama_sampler_free(off)
+    # The splitter reads a `<tool_call>` token in the reasoning as its end only when told so.
+    for ends, kind in ((call, "content"), (None, "reasoning")):
+        splitter = ReplySplitter(True, model.single_token("<think>"), close, ends)
+        splitter.feed(11, b"hmm")
+        splitter.feed(call, b"<tool_call>")
+        assert splitter.kind == kind
+
+
 def test_stop_strings_end_the_answer(fresh):
     reply = fresh.send("hello", think=False, temp=0, max_tokens=30)
     if len(reply.content) < 4:
@@ -547,3 +609,35 @@ def test_stop_strings_end_the_answer(fresh):
     stopped = fresh.send("hello", think=False, temp=0, max_tokens=30, stop=[cut])
     assert stopped.content == reply.content[:reply.content.find(cut)].strip()
     assert stopped.finish_reason == "stop"
+
+
+def test_a_tool_round_is_one_decode_and_a_resent_prompt_answers_alike(tiny_gguf, monkeypatch):
+    """The snapshot at a prompt's end is taken after its last decode, so with thinking off a tool
+    round (whose whole prompt the next round starts with) is one decode, not one and then its last
+    token alone. An identical prompt sent again restores a shallower checkpoint and gives the same
+    greedy reply."""
+    from qwen35.runtime import native
+
+    decodes, first_sample = [], []
+    real_decode, real_sample = native.Context.decode, native.Sampler.sample
+    monkeypatch.setattr(native.Context, "decode",
+                        lambda self, tokens, pos, **kw: (decodes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
+    monkeypatch.setattr(native.Sampler, "sample",
+                        lambda self, ctx: (first_sample or first_sample.append(len(decodes)), real_sample(self, ctx))[1])
+    messages = [{"role": "user", "content": "Is the network up? " * 5}]
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
+        for round_ in range(3):
+            messages += [{"role": "assistant", "content": "", "tool_calls": [{"id": f"call_{round_}", "type": "function",
+                             "function": {"name": "search", "arguments": '{"query": "status"}'}}]},
+                         {"role": "tool", "tool_call_id": f"call_{round_}", "content": f"result {round_}"}]
+            decodes.clear(), first_sample.clear()
+            list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
+            reply = s.last_reply
+            n_prompt = reply.stats["prompt_tokens"] + reply.stats["cached_tokens"]
+            prompt_decodes = decodes[:first_sample[0]]
+            assert sum(prompt_decodes) == reply.stats["prompt_tokens"] < 0.5 * n_prompt
+            assert len(prompt_decodes) == 1, prompt_decodes
+        list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
+        assert (s.last_reply.content, s.last_reply.tool_calls) == (reply.content, reply.tool_calls)
+        assert 0 < s.stats["cached_tokens"] < n_prompt

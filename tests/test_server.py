@@ -116,6 +116,83 @@ def test_tool_call_round_trip(client):
     assert final.choices[0].finish_reason == "tool_calls"
 
 
+def test_a_tool_call_streams_its_arguments_as_they_are_written(server, client):
+    """The first delta of a call carries index, id, type and name (arguments ""), the next ones only
+    pieces of its arguments, which join to the call's final arguments, JSON that parses: also for a
+    call cut off by max_tokens in the middle of a string value (random weights write long ones)."""
+    cut_off_in_a_value = 0
+    for seed in range(1, 6):
+        deltas, finish = [], None
+        for chunk in client.chat.completions.create(
+                model="tiny", messages=user("Find cats."), tools=TOOLS, reasoning_effort="none", stream=True,
+                tool_choice={"type": "function", "function": {"name": "search"}}, temperature=0.8, seed=seed,
+                max_tokens=60):
+            for choice in chunk.choices:
+                deltas += choice.delta.tool_calls or []
+                finish = choice.finish_reason or finish
+        reply = server.session.last_reply
+        (call,) = reply.tool_calls
+        first, rest = deltas[0], deltas[1:]
+        assert (first.index, first.id, first.type, first.function.name, first.function.arguments) == \
+            (0, call["id"], "function", "search", "")
+        assert rest and all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+        joined = "".join(d.function.arguments for d in rest)
+        assert joined == json.dumps(call["function"]["arguments"], ensure_ascii=False)
+        assert json.loads(joined) == call["function"]["arguments"]
+        assert finish == ("length" if reply.call_cut_off else "tool_calls")
+        cut_off_in_a_value += reply.call_cut_off and bool(json.loads(joined))
+    assert cut_off_in_a_value  # (seed 3: a query of random text, cut off)
+    # The openai client's own accumulation of the stream gives the same call.
+    with client.chat.completions.stream(model="tiny", messages=user("Find cats."), tools=TOOLS, reasoning_effort="none",
+                                        tool_choice={"type": "function", "function": {"name": "search"}},
+                                        temperature=0.8, seed=3, max_tokens=60) as stream:
+        for _ in stream:
+            pass
+        (accumulated,) = stream.current_completion_snapshot.choices[0].message.tool_calls
+    (call,) = server.session.last_reply.tool_calls
+    assert accumulated.id == call["id"] and accumulated.function.name == "search"
+    assert json.loads(accumulated.function.arguments) == call["function"]["arguments"]
+
+
+def test_several_streamed_calls_accumulate_in_the_openai_client_to_their_arguments():
+    """The SSE deltas of a reply with text and three calls (values holding `<`, quotes and newlines,
+    the last cut off in a string value), fed in small pieces, through the openai package's own
+    stream accumulator: each call's accumulated arguments are its final arguments, exactly."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    from qwen35.runtime.server import _Completion
+    from qwen35.runtime.session import _answer_pieces
+    from qwen35.runtime.tools import ToolCallReader
+
+    tools = TOOLS + [{"type": "function", "function": {"name": "run", "parameters": {"type": "object", "properties": {
+        "code": {"type": "string"}, "timeout": {"type": "integer"}, "env": {"type": "object"}}}}}]
+    text = ("Let me check.\n\n<tool_call>\n<function=search>\n<parameter=query>\na < b and \"c\"\n</parameter>\n"
+            "</function>\n</tool_call>\n<tool_call>\n<function=run>\n<parameter=code>\nif x<y:\n    print('</p>')\n"
+            "\n</parameter>\n<parameter=timeout>\n30\n</parameter>\n<parameter=env>\n{\"A\": [1, 2]}\n</parameter>\n"
+            "</function>\n</tool_call>\n<tool_call>\n<function=search>\n<parameter=query>\ncut off her")
+    reader, completion = ToolCallReader(tools), _Completion("tiny", {"stream": True, "include_usage": False})
+    state = ChatCompletionStreamState()
+    chunks = [completion.chunk({"role": "assistant", "content": ""})]
+    for i in range(0, len(text), 3):
+        for piece in _answer_pieces(reader.feed(text[i:i + 3])):
+            chunks += [completion.chunk(delta) for delta in completion.deltas(piece)]
+    for piece in _answer_pieces(reader.finish()):
+        chunks += [completion.chunk(delta) for delta in completion.deltas(piece)]
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(json.dumps(chunk))))
+    message = state.current_completion_snapshot.choices[0].message
+    assert message.content == "Let me check."
+    assert [(c.id, c.function.name) for c in message.tool_calls] == \
+        [(c["id"], c["function"]["name"]) for c in reader.calls] and len(reader.calls) == 3
+    for accumulated, call in zip(message.tool_calls, reader.calls):
+        assert accumulated.function.arguments == json.dumps(call["function"]["arguments"], ensure_ascii=False)
+    assert [json.loads(c.function.arguments) for c in message.tool_calls] == [
+        {"query": 'a < b and "c"'}, {"code": "if x<y:\n    print('</p>')\n", "timeout": 30, "env": {"A": [1, 2]}},
+        {"query": "cut off her"}]
+    assert reader.cut_off
+
+
 def test_tool_choice_required_makes_a_call(client):
     r = client.chat.completions.create(model="tiny", messages=user("Check."), tools=TOOLS[:1], tool_choice="required",
                                        parallel_tool_calls=False, reasoning_effort="none", temperature=0, max_tokens=30)
@@ -192,6 +269,41 @@ def test_unknown_route_body_too_large_and_api_key(server):
         assert good.chat.completions.create(model="tiny", messages=user("hi"), **GREEDY).choices
     finally:
         server._api_key = None
+
+
+def test_a_body_too_large_without_a_length_is_refused_too(server):
+    r = httpx.post(server.base_url + "/v1/chat/completions", content=iter([b"x" * (1 << 20)] * 17),
+                   headers={"content-type": "application/json"}, timeout=60)  # chunked: no Content-Length
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_full_queue_answers_429_and_the_server_keeps_serving(server):
+    """One request generating, one waiting (a queue of 1): the next is refused with 429 and
+    Retry-After, which the openai client raises as RateLimitError (with retries off)."""
+    small = Server(server.session, model_name="tiny", queue_size=1)  # (the module's server is idle meanwhile)
+    http = listen(small, "127.0.0.1", 0)
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port(http)}/v1", api_key="x", max_retries=0, timeout=120)
+    long = dict(model="tiny", messages=user("Write forever."), stream=True, temperature=1.0, seed=5, max_tokens=3000,
+                reasoning_effort="none")
+    try:
+        running = c.chat.completions.create(**long)
+        end = time.monotonic() + 30
+        while small._current is None:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        waiting = c.chat.completions.create(**long)
+        with pytest.raises(openai.RateLimitError) as refused:
+            c.chat.completions.create(model="tiny", messages=user("and me?"), **GREEDY)
+        assert refused.value.response.headers["retry-after"] == "1"
+        assert refused.value.body["code"] == "queue_full"
+        running.close()
+        waiting.close()
+        _wait_idle(small)
+        assert c.chat.completions.create(model="tiny", messages=user("and now?"), **GREEDY).choices
+    finally:
+        http.should_exit = True
+        http.thread.join(10)
+        small.close()
 
 
 def test_refuses_to_listen_beyond_loopback_without_a_key():

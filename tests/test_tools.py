@@ -3,14 +3,15 @@ hand-made strings for every edge case (no model needed)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("llama_cpp")
 
 from qwen35.runtime.errors import ChatError  # noqa: E402
 from qwen35.runtime.reasoning import ReplySplitter, StopStrings  # noqa: E402
-from qwen35.runtime.tools import (ToolCallReader, check_tools, coerce, parse_call, prepare_messages,  # noqa: E402
-                                  split_tool_calls)
+from qwen35.runtime.tools import ToolCallReader, check_tools, coerce, prepare_messages, split_tool_calls  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {
     "name": "search", "description": "Search the web",
@@ -81,11 +82,23 @@ def test_a_stray_closing_tag_and_a_missing_closing_tag_are_forgiven():
                                                                 "arguments": {"query": "cats", "limit": 2}}]
 
 
-def test_a_call_cut_off_stays_content():
-    text = "Looking.\n\n<tool_call>\n<function=search>\n<parameter=query>\nca"
+def test_a_call_cut_off_before_its_first_parameter_stays_content():
+    text = "Looking.\n\n<tool_call>\n<function=search>"
     assert split_tool_calls(text, TOOLS) == (text, [])
     assert split_tool_calls("<tool_call>", TOOLS) == ("<tool_call>", [])
     assert split_tool_calls("a <tool_call> b", TOOLS) == ("a <tool_call> b", [])
+
+
+def test_a_call_cut_off_later_keeps_what_was_written():
+    """Once a call is sure to be one it is streamed, so a cut-off call is closed with what it holds:
+    a string value as far as it was written, another value only if complete."""
+    for text, arguments in [("<parameter=query>\nca", {"query": "ca"}),
+                            ("<parameter=query>\ncats\n</param", {"query": "cats"}),
+                            ("<parameter=limit>\n3\n</parameter>\n<parameter=query>\n", {"limit": 3, "query": ""}),
+                            ("<parameter=query>\ncats\n</parameter>\n<parameter=limit>\n1", {"query": "cats"}),
+                            ("<parameter=query>\ncats\n</parameter>\n</function>", {"query": "cats"})]:
+        content, calls = split_tool_calls("Looking.\n\n<tool_call>\n<function=search>\n" + text, TOOLS)
+        assert content == "Looking." and functions(calls) == [{"name": "search", "arguments": arguments}], text
 
 
 def test_malformed_calls_never_raise_and_stay_content():
@@ -94,7 +107,6 @@ def test_malformed_calls_never_raise_and_stay_content():
                  "<tool_call>\n<function=search>\n<parameter=query\ncats</function>\n</tool_call>"):
         content, calls = split_tool_calls(text, TOOLS)
         assert calls == [] and content == text.strip()
-    assert parse_call("", TOOLS) is None
 
 
 def test_text_after_a_call_is_kept():
@@ -187,3 +199,86 @@ def test_bad_tools_are_refused_with_a_reason(tools, problem):
     with pytest.raises(ChatError, match=problem):
         check_tools(tools)
     assert check_tools(TOOLS) is TOOLS
+
+
+# --- streamed calls: their arguments as JSON text, piece by piece --------------------------------
+
+
+def _streamed(text: str, size: int, tools=TOOLS):
+    """The reader's events for `text` fed `size` characters at a time: (content, calls, per call
+    the events of its start and its argument pieces)."""
+    reader = ToolCallReader(tools)
+    events = []
+    for i in range(0, len(text), size):
+        events += reader.feed(text[i:i + size])
+    events += reader.finish()
+    streamed = []
+    for kind, value in events:
+        if kind == "call_start":
+            streamed.append({"start": value, "arguments": []})
+        elif kind == "arguments":
+            streamed[-1]["arguments"].append(value)
+    content = "".join(v for k, v in events if k == "content")
+    return content, reader.calls, streamed, events
+
+
+def test_streamed_arguments_join_to_the_final_json_for_every_split():
+    code = "if a < b:\n    print('<b>')\n</p>\n\n"
+    text = ("Let me look.\n\n" + call("search", query='say "hi" </p>\nand \\ <tab>', limit="7", exact="true",
+                                      code=code, filters='{"lang": "en", "n": [1, 2.5]}', note="null")
+            + "\n" + call("search", query="second") + "\n" + call("ping_all"))
+    whole = split_tool_calls(text, TOOLS)
+    for size in (1, 2, 3, 5, 8, 13, len(text)):
+        content, calls, streamed, events = _streamed(text, size)
+        assert (content, functions(calls)) == (whole[0], functions(whole[1]))
+        assert [s["start"]["function"]["name"] for s in streamed] == ["search", "search", "ping_all"]
+        for s, c in zip(streamed, calls):
+            joined = "".join(s["arguments"])
+            assert joined == json.dumps(c["function"]["arguments"], ensure_ascii=False)
+            assert json.loads(joined) == c["function"]["arguments"]
+            assert s["start"]["id"] == c["id"] and s["start"]["type"] == "function"
+        # Each call is announced before its arguments, and its arguments end before the next call starts.
+        kinds = [k for k, _ in events if k != "content"]
+        assert kinds[0] == "call_start" and kinds.count("call_start") == kinds.count("call") == 3
+    assert functions(whole[1])[0]["arguments"] == {"query": 'say "hi" </p>\nand \\ <tab>', "limit": 7,
+                                                   "exact": True, "code": code,
+                                                   "filters": {"lang": "en", "n": [1, 2.5]}, "note": None}
+
+
+def test_string_values_stream_as_they_are_written_other_values_at_their_close():
+    reader = ToolCallReader(TOOLS)
+    assert reader.feed("<tool_call>\n<function=search>\n") == []  # not yet sure it is a call
+    events = reader.feed("<parameter=query>\nhello <")
+    assert [k for k, _ in events] == ["call_start", "arguments"]
+    assert events[1][1] == '{"query": "hello '  # `<` may start a closing tag: held
+    assert reader.feed("b> world\n") == [("arguments", "<b> world")]  # the newline may be layout: held
+    assert reader.feed("</parameter>\n<parameter=limit>\n4") == [("arguments", '"')]
+    assert reader.feed("2\n") == []
+    assert reader.feed("</parameter>\n") == [("arguments", ', "limit": 42')]
+    events = reader.feed("</function>\n</tool_call>")
+    assert events[0] == ("arguments", "}") and events[1][0] == "call"
+    assert events[1][1]["function"]["arguments"] == {"query": "hello <b> world", "limit": 42}
+
+
+def test_a_streamed_call_cut_off_still_joins_to_its_arguments():
+    text = "<tool_call>\n<function=search>\n<parameter=limit>\n3\n</parameter>\n<parameter=code>\nx = 1 <"
+    for size in (1, 4, len(text)):
+        content, calls, streamed, _ = _streamed(text, size)
+        assert content == "" and functions(calls) == [{"name": "search", "arguments": {"limit": 3, "code": "x = 1 "}}]
+        reader = ToolCallReader(TOOLS)
+        reader.feed(text)
+        reader.finish()
+        assert reader.cut_off
+        reader = ToolCallReader(TOOLS)
+        reader.feed(call("search", query="a")[:-len("</tool_call>")])  # cut off after </function>: complete
+        reader.finish()
+        assert not reader.cut_off and len(reader.calls) == 1
+        assert json.loads("".join(streamed[0]["arguments"])) == calls[0]["function"]["arguments"]
+
+
+def test_a_parameter_given_twice_keeps_its_first_value():
+    text = call("search", query="a") [:-len("</function>\n</tool_call>")] + \
+        "<parameter=query>\nb\n</parameter>\n</function>\n</tool_call>"
+    content, calls, streamed, _ = _streamed(text, 3)
+    assert functions(calls) == [{"name": "search", "arguments": {"query": "a"}}]
+    assert "".join(streamed[0]["arguments"]) == '{"query": "a"}'

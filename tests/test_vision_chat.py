@@ -353,3 +353,104 @@ def test_repl_keeps_the_images_of_a_message_that_did_not_fit(model, fixture):
     assert f"images: {N_IMAGE_TOKENS} tokens" in term.expect(">>> ")
     term.send("/exit\n")
     assert term.wait() == 0
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_counts_the_vision_tower_and_the_image_budget(model, fixture):
+    from qwen35.runtime import memory, native
+    from qwen35.runtime.modelfile import read_model_file
+    from qwen35.runtime.vision import find_mmproj
+
+    mmproj = read_model_file(find_mmproj(read_model_file(model))[0])
+    weights = sum(t.nbytes for t in mmproj.tensors)
+    # By hand: 1024 tokens of 2×2 patches; per patch 7 widths (64) and 3 × 16² pixels, f32; the
+    # image's embeddings at the text width (64 here too).
+    assert memory.image_compute_bytes(mmproj, 1024) == 4096 * (7 * 64 + 3 * 256) * 4
+    assert memory.vision_bytes(mmproj, 1024) == weights + 4096 * (7 * 64 + 3 * 256) * 4 + 1024 * 64 * 4
+    with _session(model, image_max_tokens=1024) as chat:
+        assert chat.memory.vision == memory.vision_bytes(mmproj, 1024)
+        assert "vision tower + buffers for 1024-token images" in chat.memory.describe()
+        native.log.clear()
+        chat.send("hi", [fixture.image], temp=0, max_tokens=1)
+        logged = [float(line.split("=")[1].split()[0]) * 2 ** 20 for line in native.log.lines
+                  if "compute buffer size" in line and "reserve_compute_meta" in line]
+    # What llama.cpp reserved to encode the fixture's image, against the estimate for its tokens.
+    assert logged and logged[-1] <= memory.image_compute_bytes(mmproj, N_IMAGE_TOKENS) <= 1.3 * logged[-1]
+    with _session(model, mmproj=None, image_max_tokens=None) as chat:  # llama.cpp's own bound: 4096 tokens
+        assert chat.memory.vision == memory.vision_bytes(mmproj, 4096)
+
+
+def test_refuses_before_loading_when_the_image_budget_does_not_fit(model, monkeypatch):
+    from qwen35.runtime import memory
+    from qwen35.runtime.modelfile import read_model_file
+    from qwen35.runtime.vision import find_mmproj
+
+    mf = read_model_file(model)
+    mmproj = read_model_file(find_mmproj(mf)[0])
+    sizes = dict(n_batch=512, n_checkpoints=4, threads=2)
+    big = memory.estimate(mf, 1024, **sizes, mmproj=mmproj, image_max_tokens=4096)
+    small = memory.estimate(mf, 1024, **sizes, mmproj=mmproj, image_max_tokens=256, process=big.process)
+    assert big.needed - small.needed == memory.vision_bytes(mmproj, 4096) - memory.vision_bytes(mmproj, 256)
+    message = memory.check_fits(mf, big, available=small.needed + 1, **sizes, mmproj=mmproj)
+    assert "--image-max-tokens 256 would fit" in message and "--force" in message
+
+    loads = []
+    monkeypatch.setattr(memory, "available_ram", lambda: small.needed + 1)
+    monkeypatch.setattr("qwen35.runtime.native.Model.__init__", lambda *a, **k: loads.append(a))
+    with pytest.raises(ChatError, match=r"vision tower \+ buffers for 4096-token images.*--image-max-tokens \d+ would fit"):
+        ChatSession(model, n_ctx=1024, threads=2, image_max_tokens=4096)
+    assert loads == []  # refused before loading anything
+
+
+# --- the journal: a crash loses no image ------------------------------------------------------------
+
+
+def test_retry_and_resume_after_a_crash_show_the_images_again(model, fixture, tmp_path, monkeypatch):
+    import os
+    import shutil
+    import signal
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    shutil.copy(fixture.image, first)
+    write_png(second, np.random.default_rng(7).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    term = Terminal("run", model, "--max-tokens", "4000", "--ctx-size", "1024", "--seed", "1")
+    term.expect(">>> ")
+    term.send(f"/image {first}\n")
+    term.expect(">>> ")
+    term.send("What is the first?\n")
+    term.expect("\033[2m", timeout=60)  # its reply is streaming
+    term.send("\x03")  # a short reply, the turn kept
+    term.expect(">>> ", timeout=60)
+    term.send(f"/image {second}\n")
+    term.expect(">>> ")
+    term.send("And the second?\n")
+    term.expect("\033[2m", timeout=60)
+    os.kill(term.pid, signal.SIGKILL)  # the process dies mid-reply
+    os.waitpid(term.pid, 0)
+    first.unlink()
+    second.unlink()  # only the journal holds the images now
+
+    (journal,) = (tmp_path / "state" / "qwen35" / "conversations").glob("*.json")
+    entry = json.loads(journal.read_text())
+    assert entry["pending"]["text"] == "And the second?" and len(entry["pending"]["images"]) == 1
+    assert len(list(journal.with_suffix(".images").iterdir())) == 2
+
+    again = Terminal("run", model, "--max-tokens", "3", "--ctx-size", "1024", "--seed", "1", "--resume")
+    shown = again.expect(">>> ", timeout=60)
+    assert "evaluated once" in shown and "/retry sends it again with its images" in shown
+    again.send("/retry\n")
+    assert "error" not in again.expect(">>> ", timeout=60)
+    again.send("/stats\n")
+    assert f"images: {N_IMAGE_TOKENS} tokens" in again.expect(">>> ")  # the second image; the first came back too
+    saved = tmp_path / "after.session"
+    again.send(f"/save {saved}\n")
+    again.expect(">>> ")
+    again.send("/exit\n")
+    assert again.wait() == 0
+    header = json.loads(saved.read_bytes()[20:20 + int.from_bytes(saved.read_bytes()[12:20], "little")])
+    users = [m["content"] for m in header["messages"] if m["role"] == "user"]
+    assert [[p["type"] for p in u] for u in users] == [["image", "text"], ["image", "text"]]
+    assert users[1][0]["image"] == entry["pending"]["images"][0]["image"]

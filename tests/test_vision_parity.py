@@ -1,5 +1,6 @@
 """Images are exact: llama.cpp's image embeddings from our F32 mmproj, and the logits of a prompt
-holding the image, against transformers' float32 forward (tests/vision_fixture.py).
+holding the image, against transformers' float32 forward (tests/vision_fixture.py), for the dense and the MoE
+checkpoint (Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration).
 
 The model and mmproj load through the runtime (native.Model, runtime.vision.Projector), the way a
 chat loads them. The logits floor is measured, not assumed: the same run with the reference
@@ -24,9 +25,10 @@ from qwen35.runtime.vision import Projector  # noqa: E402
 MIN_COSINE = 0.999
 
 
-@pytest.fixture(scope="module")
-def fixture(vision_fixture):
-    return vision_fixture
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def fixture(request):
+    """The dense and the MoE vision-language checkpoints."""
+    return request.getfixturevalue("vision_fixture" if request.param == "dense" else "moe_vision_fixture")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""A tiny vision-language Qwen3.5 checkpoint in the release layout, with transformers' float32
-references for one image: its embeddings (the vision tower's output) and the logits of a prompt
-holding it.
+"""Tiny vision-language Qwen3.5 checkpoints in the release layout (dense, `SPEC`, and MoE,
+`MOE_SPEC`: Qwen3_5MoeForConditionalGeneration with fused experts, as the BF16 releases store them),
+with transformers' float32 references for one image: its embeddings (the vision tower's output) and
+the logits of a prompt holding it.
 
 Built like tests/fixtures.py's checkpoints (same text model, same release layout, reusing its
 builders), plus a vision tower small enough to build in seconds but with every feature the real one
@@ -28,6 +29,8 @@ from qwen35.convert import real_vocab
 from tests import fixtures as F
 
 SPEC = F.FixtureSpec("dense_vision", moe=False, tied=False, mtp=False, linear_key_heads=2, linear_value_heads=4)
+MOE_SPEC = F.FixtureSpec("moe_vision", moe=True, tied=False, mtp=False, linear_key_heads=2, linear_value_heads=4,
+                         fused_experts=True)
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 IMAGE_WIDTH, IMAGE_HEIGHT = 128, 96
 PATCH, MERGE, TEMPORAL = 16, 2, 2
@@ -40,8 +43,9 @@ VISION_CONFIG = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_h
 
 
 class VisionFixture:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spec: F.FixtureSpec) -> None:
         self.root = root
+        self.spec = spec
         self.checkpoint = root / "checkpoint"
         self.image = root / "image.png"
         self.prompt = json.loads((root / "prompt.json").read_text())  # before / after token ids, special ids
@@ -57,15 +61,15 @@ class VisionFixture:
         return np.load(self.root / "reference_logits.npy")
 
 
-def cached_vision_fixture(cache_root: Path) -> VisionFixture:
+def cached_vision_fixture(cache_root: Path, spec: F.FixtureSpec = SPEC) -> VisionFixture:
     import torch
     import transformers
 
     digest = hashlib.sha256(Path(__file__).read_bytes() + Path(F.__file__).read_bytes())
     digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
-    root = Path(cache_root) / f"vision-{digest.hexdigest()[:16]}"
-    F.build_once(root, _build)
-    return VisionFixture(root)
+    root = Path(cache_root) / f"{spec.name}-{digest.hexdigest()[:16]}"
+    F.build_once(root, lambda where: _build(where, spec))
+    return VisionFixture(root, spec)
 
 
 def _token_ids() -> dict[str, int]:
@@ -123,7 +127,7 @@ def _vision_value(name: str, shape: tuple[int, ...], generator):
     return normal(1.0 / math.sqrt(int(np.prod(shape[1:]))))  # fan-in (the Conv3D's is C·T·P·P)
 
 
-def _build(root: Path) -> None:
+def _build(root: Path, spec: F.FixtureSpec) -> None:
     import torch
 
     checkpoint = root / "checkpoint"
@@ -131,7 +135,7 @@ def _build(root: Path) -> None:
     checkpoint.mkdir(parents=True)
     seed = 20260
     ids = _token_ids()
-    config = F._release_config(SPEC)
+    config = F._release_config(spec)
     config["vision_config"].update(VISION_CONFIG)
     config.update(image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                   vision_end_token_id=ids["<|vision_end|>"])
@@ -143,17 +147,17 @@ def _build(root: Path) -> None:
     n_bpe = _write_tokenizer(checkpoint)
     F._write_chat_template(checkpoint)
 
-    model_class = F._model_class(SPEC)
+    model_class = F._model_class(spec)
     torch.manual_seed(seed)
     model = model_class(model_class.config_class.from_pretrained(checkpoint)).float()
     generator = torch.Generator().manual_seed(seed)
-    F._randomize(model, generator, F._residual_scale(SPEC))
+    F._randomize(model, generator, F._residual_scale(spec))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".visual." in f".{name}":
                 parameter.copy_(_vision_value(name, tuple(parameter.shape), generator))
     model.save_pretrained(saved)
-    tensors = F._release_tensors(SPEC, F._read_saved(saved), torch.Generator().manual_seed(seed + 1))
+    tensors = F._release_tensors(spec, F._read_saved(saved), torch.Generator().manual_seed(seed + 1))
     F._write_safetensors(checkpoint, tensors, 1)
     shutil.rmtree(saved)
 
