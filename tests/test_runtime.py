@@ -623,7 +623,8 @@ def test_a_tool_round_is_one_decode_and_a_resent_prompt_answers_alike(tiny_gguf,
     monkeypatch.setattr(native.Context, "decode",
                         lambda self, tokens, pos, **kw: (decodes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
     monkeypatch.setattr(native.Sampler, "sample",
-                        lambda self, ctx: (first_sample or first_sample.append(len(decodes)), real_sample(self, ctx))[1])
+                        lambda self, ctx, *row: (first_sample or first_sample.append(len(decodes)),
+                                                 real_sample(self, ctx, *row))[1])
     messages = [{"role": "user", "content": "Is the network up? " * 5}]
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
         list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
