@@ -70,7 +70,7 @@ def chat(model: str, workdir: str) -> None:
     resumed = s.send("One more thing?")
     measure(work, "after")
     features = cpu_features()
-    predicted = repacked_tensors(s.model_file, features)
+    predicted = repacked_tensors(s.model_file, features, mtp=s.speculative != "off")  # (the MTP head is loaded)
     m = s.memory
     print(json.dumps({
         "turns": turns, "continued": continued.content, "resumed": resumed.content,
