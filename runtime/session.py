@@ -159,7 +159,7 @@ class ChatSession:
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
                  adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
-                 speculative: str = AUTO, draft_tokens: int = 2, **sampling) -> None:
+                 speculative: str = OFF, draft_tokens: int = 2, **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
