@@ -34,16 +34,24 @@ def main():
 
 
 def _speculative_options(fn):
-    """--mtp/--no-mtp and --draft N: speculative decoding with the model's own MTP head."""
+    """--mtp/--no-mtp, --speculative MODE and --draft N: speculative decoding with the model's own MTP head."""
     fn = click.option("--draft", "draft_tokens", type=click.IntRange(1, 8), default=2, show_default=True,
                       help="Tokens the MTP head drafts per step.")(fn)
-    return click.option("--mtp/--no-mtp", "mtp", default=False, show_default=True,
-                        help="Speculative decoding with the model's MTP head (off by default: on this project's "
-                             "0.8B-dimension bench it was slower than plain decoding; see the README).")(fn)
+    fn = click.option("--speculative", type=click.Choice(["auto", "mtp", "off"]), default=None,
+                      help="auto: draft only where it measures faster than plain decoding (checked at load, "
+                           "then watched as it goes); mtp: always (= --mtp); off: never (= --no-mtp, the "
+                           "default: on this project's 2-core bench machine drafting was slower; see the README).")(fn)
+    return click.option("--mtp/--no-mtp", "mtp", default=None,
+                        help="Always draft with the model's MTP head, or never (the default).")(fn)
 
 
-def _speculative(mtp: bool) -> str:
-    return "mtp" if mtp else "off"
+def _speculative(mtp: bool | None, speculative: str | None) -> str:
+    chosen = {"mtp" if mtp else "off"} if mtp is not None else set()
+    if speculative is not None:
+        chosen.add(speculative)
+    if len(chosen) > 1:
+        raise click.UsageError(f"--{'mtp' if mtp else 'no-mtp'} and --speculative {speculative} disagree: give one")
+    return chosen.pop() if chosen else "off"
 
 
 @main.command()
@@ -154,7 +162,7 @@ def demo(workdir):
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
         presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, video, mmproj,
-        image_max_tokens, mtp, draft_tokens, verbose):
+        image_max_tokens, mtp, speculative, draft_tokens, verbose):
     """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
     from .runtime.run import run as run_chat
 
@@ -162,7 +170,7 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
                    adapt_threads=adapt_threads,
                    verbose=verbose, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                    presence_penalty=presence_penalty, max_tokens=max_tokens, mmproj=mmproj,
-                   speculative=_speculative(mtp), draft_tokens=draft_tokens)
+                   speculative=_speculative(mtp, speculative), draft_tokens=draft_tokens)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
@@ -202,7 +210,7 @@ def _thread_counts(value: str | None) -> list[int] | None:
 @_speculative_options
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, adapt_threads, force, mmproj,
-          image_max_tokens, mtp, draft_tokens, verbose):
+          image_max_tokens, mtp, speculative, draft_tokens, verbose):
     """Serve a GGUF MODEL over an OpenAI-compatible HTTP API (needs `pip install 'qwen35[serve]'`)."""
     try:
         import starlette  # noqa: F401
@@ -212,7 +220,7 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
     from .runtime.server import serve as run_server
 
     options = dict(n_ctx=ctx_size, threads=threads, adapt_threads=adapt_threads, cache_ram=cache_ram << 20,
-                   force=force, verbose=verbose, mmproj=mmproj, speculative=_speculative(mtp),
+                   force=force, verbose=verbose, mmproj=mmproj, speculative=_speculative(mtp, speculative),
                    draft_tokens=draft_tokens)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
@@ -232,13 +240,14 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a markdown table.")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 @_speculative_options
-def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, draft_tokens):
+def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, speculative, draft_tokens):
     """Prompt-processing and generation speed of the chat runtime on MODEL, and its peak memory; with an
     MTP head (unless --no-mtp), generation with and without speculative decoding, and its acceptance."""
     from .runtime.bench import bench as run_bench, format_json, format_markdown
 
+    given = None if mtp is None and speculative is None else _speculative(mtp, speculative)
     result = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads, force=force,
-                       speculative=_speculative(mtp), draft_tokens=draft_tokens)
+                       speculative=given, draft_tokens=draft_tokens)
     click.echo(format_json(result) if as_json else format_markdown(result))
 
 

@@ -12,7 +12,7 @@ directory. Per-draft acceptance at N drafts is Σ rate^i / N (a draft counts whe
 were right), printed as llama-server measures it.
 
 Servers, one at a time, on 127.0.0.1, same GGUF, threads and context:
-  qwen35     `qwen35 serve`: --no-mtp (plain), --mtp --draft N, and the default `auto` at --draft N;
+  qwen35     `qwen35 serve`: --no-mtp (plain), --mtp --draft N, and `--speculative auto` at --draft N;
   llama.cpp  llama-server built from the pinned sdist (bench_runtime.llama_cpp_tool: one cached
              build): plain, and --spec-type draft-mtp --spec-draft-n-max N;
   example    the sdist's examples/server/server.py (bench_server.py's peers venv and config): plain,
@@ -171,7 +171,8 @@ def bench_file(size: str, rate: float, args, env: dict, binary: Path | None, pyt
         r["mtp"]["qwen35"] = measure(f"qwen35 --mtp --draft {n}", ours(model, args, ["--mtp", "--draft", str(n)]),
                                      args, env)
         if n == args.auto_draft:
-            r["auto"] = measure(f"qwen35 auto --draft {n}", ours(model, args, ["--draft", str(n)]), args, env)
+            r["auto"] = measure(f"qwen35 auto --draft {n}",
+                                ours(model, args, ["--speculative", "auto", "--draft", str(n)]), args, env)
         if binary:
             r["mtp"]["llama.cpp"] = measure(
                 f"llama-server draft-mtp n-max {n}",

@@ -5,8 +5,8 @@ per step for tg, after a warm-up), but through the runtime's own code path: pp t
 prompt evaluation, tg through a real chat reply (native sampler chain, detokenizing, reasoning split).
 Several thread counts are measured on one loaded model, switching between them with
 llama_set_n_threads, so the sweep compares threads and nothing else. With the model's MTP head
-(speculative decoding, not --no-mtp), tg is measured both ways on the same loaded model: plain,
-and drafting every step (`tg_mtp`, with the share of drafts accepted).
+(unless --no-mtp), tg is measured both ways on the same loaded model: plain, and drafting every
+step (`tg_mtp`, with the share of drafts accepted).
 """
 
 from __future__ import annotations
@@ -17,14 +17,20 @@ import statistics
 import time
 
 from . import cpu
+from .modelfile import read_model_file
 from .session import ChatSession
+from .speculative import MTP, OFF, mtp_block_count, staging_api
 from .system import peak_rss
 
 
 def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-          threads: list[int] | None = None, n_ctx: int = 4096, force: bool = False, speculative: str = "auto",
+          threads: list[int] | None = None, n_ctx: int = 4096, force: bool = False, speculative: str | None = None,
           draft_tokens: int = 2) -> dict:
-    """One result per thread count (default: the session's own choice), and the fastest at generating."""
+    """One result per thread count (default: the session's own choice), and the fastest at generating.
+    `speculative` None: both ways when the GGUF has an MTP head and this llama.cpp can run it."""
+    if speculative is None:
+        has_head = mtp_block_count(read_model_file(model)) > 0 and staging_api()[0] is not None
+        speculative = MTP if has_head else OFF
     with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads[0] if threads else None,
                      seed=1, force=force, prefill=False, speculative=speculative, draft_tokens=draft_tokens) as s:
         drafting = s.speculative != "off"
@@ -61,7 +67,7 @@ def _measure(s: ChatSession, tokens: list[int], n_gen: int, repetitions: int, dr
     if drafting:
         s.set_speculative("mtp")
         run["tg_mtp"] = _generation(s, n_gen, repetitions)
-        s.set_speculative("auto")
+        s.set_speculative(OFF)
     return run
 
 

@@ -34,8 +34,8 @@ from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
 from .repack import cpu_features
-from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, mtp_block_count, open_speculator,
-                          split_state, staging_api)
+from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, drafting_verdict, mtp_block_count,
+                          open_speculator, split_state, staging_api, step_costs)
 from .reasoning import (CONTENT, REASONING, TOOL_CALL, TOOL_CALL_ARGUMENTS, TOOL_CALL_START, Piece, RepetitionGuard,
                         ReplySplitter, StopStrings)
 from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
@@ -50,6 +50,9 @@ N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
 # state_cache.py), in units of one recurrent state.
 N_CHECKPOINTS = 4
 MAX_DRAFT_TOKENS = 8  # each draft token costs one more recurrent-state snapshot in the context
+# What `auto` times its steps after, at load (any ordinary text: only the shapes matter).
+_CALIBRATION_TEXT = "The lighthouse keeper climbed the stairs every evening to light the lamp for the ships. " * 3
+_CALIBRATION_TOKENS = 32
 
 # Used only when a (non-Qwen3.5) GGUF carries no template: plain ChatML, which Qwen models speak.
 _CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -214,6 +217,8 @@ class ChatSession:
                 self._spec, notice = open_speculator(self._model, self._ctx, draft_tokens, self.threads)
                 if notice:
                     self.warnings.append(notice)
+            if self._spec and speculative == AUTO:
+                self._drop_drafting_unless_it_can_pay(n_ctx, draft_tokens)
         except ChatError:
             if getattr(self, "_ctx", None):
                 self._ctx.close()
@@ -803,6 +808,21 @@ class ChatSession:
             self._spec.feed(tokens, pos)
         else:
             self._spec.note(len(tokens), pos)
+
+    def _drop_drafting_unless_it_can_pay(self, n_ctx: int, draft_tokens: int) -> None:
+        """`auto`: time a plain step, a verify and a draft on this machine; when drafting would
+        lose even with the best acceptance real weights reach, decode plainly from the start, on a
+        context without the rollback snapshots and hidden-state rows that cost every plain step
+        time too (the MTP block stays loaded: loading the model again would cost more)."""
+        filler = self._model.tokenize(_CALIBRATION_TEXT)[:_CALIBRATION_TOKENS]
+        notice = drafting_verdict(step_costs(self._spec, filler), draft_tokens)
+        if notice is None:
+            return
+        self.warnings.append(notice)
+        self._spec.close()
+        self._spec = None
+        self._ctx.close()
+        self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH)
 
     @staticmethod
     def _drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import time
 from collections import deque
 
 import numpy as np
@@ -271,6 +272,63 @@ def open_speculator(model: native.Model, target: native.Context, n_draft: int,
         return Speculator(model, target, n_draft, threads), None
     except ChatError as e:
         return None, f"speculative decoding off: {e}"
+
+
+# --- whether drafting can pay on this machine -------------------------------------------------
+
+# The best acceptance upstream measured on real weights at 3 drafts (MTP.md): if drafting loses
+# even there, it loses on every real conversation.
+BEST_REAL_ACCEPTANCE = 0.85
+
+
+def expected_speedup(plain_s: float, verify_s: float, draft_s: float, n_draft: int,
+                     acceptance: float = BEST_REAL_ACCEPTANCE) -> float:
+    """Decode speed with drafting over plain decoding, from the cost of a plain step (`plain_s`,
+    one token), of verifying n_draft + 1 tokens in one decode and of one draft: a step emits
+    1 + a + a² + … + a^n tokens on average when each draft is right with probability a."""
+    emitted = sum(acceptance ** i for i in range(n_draft + 1))
+    return emitted * plain_s / (n_draft * draft_s + verify_s)
+
+
+def step_costs(spec: "Speculator", filler: list[int], reps: int = 3) -> tuple[float, float, float]:
+    """(plain step, verify of n_draft + 1 tokens, one draft), in seconds, on this machine now:
+    timed after `filler` (a short prompt), the fastest of `reps` rounds after one warm-up of each
+    shape (the fastest: what the machine can do, not what a passing load left of it). Both
+    contexts are left empty."""
+    target, n = spec._target, spec.n_draft
+    timings: dict[str, list[float]] = {"plain": [], "verify": [], "draft": []}
+    target.decode(filler, 0)
+    spec.feed(filler, 0)
+    pos = len(filler)
+    for round_ in range(reps + 1):
+        for shape in timings:
+            start = time.perf_counter()
+            if shape == "plain":
+                target.decode(filler[:1], pos)
+                pos += 1
+            elif shape == "verify":
+                target.decode(filler[:n + 1], pos, logits_all=True)
+                target.trim(pos + 1)  # keep one: a step that accepted no draft
+                pos += 1
+            else:
+                spec.draft(filler[0], pos, 1)
+            if round_:  # round 0 warms each shape up (its first graph is built then)
+                timings[shape].append(time.perf_counter() - start)
+    target.clear()
+    spec.clear()
+    return min(timings["plain"]), min(timings["verify"]), min(timings["draft"])
+
+
+def drafting_verdict(costs: tuple[float, float, float], n_draft: int) -> str | None:
+    """None when drafting can pay with these costs, else the notice that says why it is off."""
+    plain_s, verify_s, draft_s = costs
+    speedup = expected_speedup(plain_s, verify_s, draft_s, n_draft)
+    if speedup >= 1.0:
+        return None
+    return (f"speculative decoding off: on this machine checking {n_draft + 1} tokens in one pass takes "
+            f"{verify_s / plain_s:.1f}x one token's time and a draft {draft_s / plain_s:.2f}x, so even at "
+            f"{BEST_REAL_ACCEPTANCE:.0%} of drafts right it would decode at {speedup:.2f}x plain speed "
+            f"(measured at load; speculative=mtp, or --mtp, drafts anyway)")
 
 
 # A model state with its drafting side: target bytes, drafting bytes, their length and this mark.

