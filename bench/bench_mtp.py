@@ -130,6 +130,12 @@ def measure(name: str, command, args, env: dict, health: str = "/health") -> dic
     acc = f", drafts accepted {result['acceptance']:.2f}" if "acceptance" in result else ""
     print(f"  {name}: {result['tps']:.2f} tokens/s{acc}{' (a reply ended early!)' if result['short'] else ''}",
           flush=True)
+    # `--speculative auto` says at load when it found that drafting cannot pay here, and why.
+    verdict = [line for line in server.log.read_text(errors="replace").splitlines()
+               if "speculative decoding off" in line] if server.log.is_file() else []
+    if verdict:
+        result["verdict"] = verdict[0].strip()
+        print(f"    {result['verdict']}", flush=True)
     return result
 
 

@@ -162,7 +162,8 @@ def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlle
     timed = []
     for verify_s in (3.0, 1.2):
         monkeypatch.setattr(session_module, "step_costs",
-                            lambda spec, filler, v=verify_s: timed.append(len(filler)) or (1.0, v, 0.1))
+                            lambda spec, filler, v=verify_s: timed.append(len(filler))
+                            or {"plain": 1.0, "verify": v, "draft": 0.1, "feed": 0.05})
         with _session(controlled, "auto", prefill=False) as s:
             if verify_s == 3.0:
                 assert s.speculative == "off" and s._spec is None and s._ctx.n_rollback == 0
@@ -177,12 +178,15 @@ def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlle
 
 def test_the_verdict_at_load_on_hand_made_costs():
     # 3 drafts each right with probability 0.85 emit 1 + .85 + .85² + .85³ = 3.29 tokens a step.
-    assert expected_speedup(1.0, 1.0, 0.0, 3) == pytest.approx(1 + 0.85 + 0.85 ** 2 + 0.85 ** 3)
-    assert expected_speedup(1.0, 2.0, 0.5, 2, acceptance=1.0) == pytest.approx(1.0)  # 3 tokens for 3 s
-    assert drafting_verdict((1.0, 1.2, 0.1), 3) is None
-    notice = drafting_verdict((0.030, 0.067, 0.009), 2)  # measured here on the 0.8B-dimension file
+    assert expected_speedup(1.0, 1.0, 3) == pytest.approx(1 + 0.85 + 0.85 ** 2 + 0.85 ** 3)
+    assert expected_speedup(1.0, 3.0, 2, acceptance=1.0) == pytest.approx(1.0)  # 3 tokens for 3 s
+    assert drafting_verdict({"plain": 1.0, "verify": 1.2, "draft": 0.1, "feed": 0.05}, 3) is None
+    # Measured here on the 0.8B-dimension file: a step of 2 drafts costs 18.4 + 66.9 + 1.5 ms.
+    notice = drafting_verdict({"plain": 0.0304, "verify": 0.0669, "draft": 0.0092, "feed": 0.0015}, 2)
     assert notice.startswith("speculative decoding off: on this machine checking 3 tokens in one pass takes 2.2x")
-    assert "0.91x plain speed" in notice
+    assert "0.90x plain speed" in notice
+    # Break-even at the best real acceptance is not enough: the margin covers what is not timed.
+    assert drafting_verdict({"plain": 1.0, "verify": 2.5725, "draft": 0.0, "feed": 0.0}, 2) is not None
 
 
 def test_auto_policy_keeps_the_cheaper_way_and_probes_less_and_less():
