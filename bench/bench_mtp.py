@@ -236,8 +236,10 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p in ("llama.cpp", "example")]
     binary = llama_cpp_tool(args.workdir.parent / "runtime", "llama-server") if "llama.cpp" in peers else None
     python = peers_venv(args.workdir.parent / "server") if "example" in peers else None
-    # As bench_server.py: every server waits passively (spinning threads cost each other dearly on a shared machine).
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    # Servers run as users run them (llama.cpp's default, spinning thread waits): one at a time, so
+    # they never spin against each other. (Passive waits slow every decode's many small barriers,
+    # plain decoding most, which would flatter drafting.)
+    env = dict(os.environ)
     rows = []
     for size in args.sizes.split(","):
         for rate in (float(a) for a in args.acceptance.split(",")):
