@@ -642,3 +642,19 @@ def test_a_tool_round_is_one_decode_and_a_resent_prompt_answers_alike(tiny_gguf,
         list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
         assert (s.last_reply.content, s.last_reply.tool_calls) == (reply.content, reply.tool_calls)
         assert 0 < s.stats["cached_tokens"] < n_prompt
+
+
+def test_a_short_system_prompt_gets_no_checkpoint_of_its_own_and_a_long_one_does(tiny_gguf):
+    from qwen35.runtime.session import MIN_PREFIX_CHECKPOINT
+    from qwen35.runtime.state_cache import PREFIX
+
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        for system, tools, kept in (("Be brief.", None, False), ("Be brief.", TOOLS, True),
+                                    ("You are a helpful agent. " * 20, None, True)):
+            s.cache.forget()
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello there."}]
+            for _ in s.respond(messages, tools=tools, temp=0, max_tokens=2):
+                pass
+            prefix = s._prefix_boundary(messages, tools or [])
+            assert (prefix >= MIN_PREFIX_CHECKPOINT) == kept
+            assert any(c.kind == PREFIX for c in s.cache.checkpoints()) == kept, (system[:20], bool(tools))
