@@ -156,8 +156,9 @@ class ChatSession:
     `speculative` ("auto", "mtp" or "off") decodes with the model's own multi-token-prediction head
     (speculative.py): it drafts `draft_tokens` tokens and the model checks them in one pass, so a
     step can emit several tokens; the tokens are the model's own, as without it (greedy: the same
-    tokens). "auto" uses it when the GGUF has an MTP block and as long as it measures faster than
-    plain decoding (speculative.DraftPolicy); "mtp" always (an error for a GGUF without one).
+    tokens). "auto" uses it when the GGUF has an MTP block, when timing its steps at load shows it
+    can pay on this machine (speculative.drafting_verdict), and as long as it then measures faster
+    than plain decoding (speculative.DraftPolicy); "mtp" always (an error for a GGUF without one).
     Either way, a llama-cpp-python without the hidden-state functions it needs gives a warning
     and plain decoding.
     """
