@@ -45,13 +45,13 @@ def _speculative_options(fn):
                         help="Always draft with the model's MTP head, or never (the default).")(fn)
 
 
-def _speculative(mtp: bool | None, speculative: str | None) -> str:
+def _speculative(mtp: bool | None, speculative: str | None, default: str | None = "off") -> str | None:
     chosen = {"mtp" if mtp else "off"} if mtp is not None else set()
     if speculative is not None:
         chosen.add(speculative)
     if len(chosen) > 1:
         raise click.UsageError(f"--{'mtp' if mtp else 'no-mtp'} and --speculative {speculative} disagree: give one")
-    return chosen.pop() if chosen else "off"
+    return chosen.pop() if chosen else default
 
 
 @main.command()
@@ -245,9 +245,9 @@ def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, spe
     MTP head (unless --no-mtp), generation with and without speculative decoding, and its acceptance."""
     from .runtime.bench import bench as run_bench, format_json, format_markdown
 
-    given = None if mtp is None and speculative is None else _speculative(mtp, speculative)
+    # (Neither flag: runtime.bench measures both ways when the GGUF has an MTP head.)
     result = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads, force=force,
-                       speculative=given, draft_tokens=draft_tokens)
+                       speculative=_speculative(mtp, speculative, default=None), draft_tokens=draft_tokens)
     click.echo(format_json(result) if as_json else format_markdown(result))
 
 

@@ -19,7 +19,7 @@ import time
 from . import cpu
 from .modelfile import read_model_file
 from .session import ChatSession
-from .speculative import MTP, OFF, mtp_block_count, staging_api
+from .speculative import AUTO, MTP, OFF, staging_api
 from .system import peak_rss
 
 
@@ -29,8 +29,9 @@ def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     """One result per thread count (default: the session's own choice), and the fastest at generating.
     `speculative` None: both ways when the GGUF has an MTP head and this llama.cpp can run it."""
     if speculative is None:
-        has_head = mtp_block_count(read_model_file(model)) > 0 and staging_api()[0] is not None
-        speculative = MTP if has_head else OFF
+        can_draft = ChatSession._drafting_possible(read_model_file(model), AUTO, draft_tokens) \
+            and staging_api()[0] is not None
+        speculative = MTP if can_draft else OFF
     with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads[0] if threads else None,
                      seed=1, force=force, prefill=False, speculative=speculative, draft_tokens=draft_tokens) as s:
         drafting = s.speculative != "off"

@@ -284,5 +284,6 @@ def test_the_command_line_names_one_mode():
     assert _speculative(None, None) == "off"
     assert _speculative(True, None) == "mtp" and _speculative(False, None) == "off"
     assert _speculative(None, "auto") == "auto" and _speculative(True, "mtp") == "mtp"
+    assert _speculative(None, None, default=None) is None and _speculative(False, None, default=None) == "off"
     with pytest.raises(click.UsageError, match="disagree"):
         _speculative(False, "auto")
