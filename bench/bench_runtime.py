@@ -38,6 +38,7 @@ def model_0_8b(workdir: Path) -> Path:
         return gguf
     from qwen35.convert import convert
 
+    workdir.mkdir(parents=True, exist_ok=True)
     # The same cached random-weight checkpoint as bench_convert.py (in the parent work directory).
     ckpt = ensure_checkpoint(workdir.parent, bench_config(DEFAULT_CONFIG, None), "qwen3.5-0.8b")
     print(f"converting {ckpt} to {gguf} …", flush=True)

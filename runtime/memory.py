@@ -12,7 +12,7 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
 - vocabulary: llama.cpp's token tables and BPE merge ranks (~430 bytes a token, measured);
 - KV cache: only for the full-attention layers (one in four in Qwen3.5), n_ctx cells of K and V in f16;
 - recurrent state: the Gated DeltaNet layers' fixed-size convolution and state matrices, which do
-  not grow with the context;
+  not grow with the context, and READ_BACK snapshots of it (state_cache.py);
 - saved checkpoints: copies of that recurrent state kept at turn boundaries;
 - compute and output buffers for a prompt batch, and the context's own bookkeeping (graph and
   scheduler metadata, the thread pool and its malloc arenas: 13-30 MiB measured at 2 threads);
@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from ..gguf_header import TensorInfo
 from .modelfile import ModelFile
 from .repack import cpu_features, repacked
+from .state_cache import READ_BACK
 from .system import available_ram, current_rss
 
 VOCAB_BYTES_PER_TOKEN = 430
@@ -199,6 +200,8 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     kv_cache = n_ctx_cells * n_full * kv_width * F16
 
     recurrent = recurrent_state_bytes(mf)
+    # A drafting context keeps draft_tokens snapshots (counted with the drafting), a plain one READ_BACK.
+    snapshots = 0 if draft_tokens else READ_BACK * recurrent
     # Peak activations of a prompt batch: the widest per-token tensors of a layer (the q/k/v conv
     # channels, the FFN) plus the f16 attention mask; fitted to llama.cpp's reported compute buffer.
     n_embd = mf.arch_key("embedding_length", 0)
@@ -221,7 +224,7 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
                     + mtp_compute + mf.n_tokens * F32 + overhead)
     return MemoryEstimate(
         weights=weights, repacked=copies, weights_idle=idle, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN,
-        kv_cache=kv_cache, recurrent=recurrent,
+        kv_cache=kv_cache, recurrent=recurrent + snapshots,
         checkpoints=n_checkpoints * recurrent, buffers=compute + output + overhead,
         process=current_rss() if process is None else process, n_ctx=n_ctx, drafting=drafting,
         vision=vision_bytes(mmproj, image_max_tokens) if mmproj else 0, image_max_tokens=image_max_tokens)

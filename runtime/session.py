@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import constraints, native
 from .constraints import Constraint
@@ -38,7 +38,7 @@ from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator,
                           open_speculator, split_state, staging_api, step_costs)
 from .reasoning import (CONTENT, REASONING, TOOL_CALL, TOOL_CALL_ARGUMENTS, TOOL_CALL_START, Piece, RepetitionGuard,
                         ReplySplitter, StopStrings)
-from .state_cache import PREFIX, PROMPT, TURN, Checkpoint, StateCache, image_cells, position
+from .state_cache import PREFIX, PROMPT, READ_BACK, TURN, Checkpoint, StateCache, image_cells, position
 from .system import performance_cores
 from .template import ChatTemplate
 from .tools import ToolCallReader, check_tools, nfc, prepare_messages
@@ -217,7 +217,7 @@ class ChatSession:
             # snapshots to roll back the rejected ones.
             self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH,
                                        n_outputs=draft_tokens + 1 if drafting else 1,
-                                       n_rollback=draft_tokens if drafting else 0)
+                                       n_rollback=draft_tokens if drafting else READ_BACK)
             if drafting:
                 self._spec, notice = open_speculator(self._model, self._ctx, draft_tokens, self.threads)
                 if notice:
@@ -539,8 +539,9 @@ class ChatSession:
         in_reasoning = _opens_reasoning(prompt_text)
         constraint_samplers = constraints.samplers(self._model, request.constraint, in_reasoning=in_reasoning)
         # Where to keep the state (see state_cache.py); a turn boundary may be the prompt's end.
-        # Each boundary inside the prompt ends a decode (costing about one token's decode more); the
-        # prompt's end costs nothing: its snapshot is taken after the last decode.
+        # A boundary inside the prompt ends a decode (costing about one token's decode more), unless
+        # it is among the last few (READ_BACK); the prompt's end costs nothing: its snapshot is
+        # taken after the last decode.
         boundaries = {len(prompt): PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)}}
         prefix = self._prefix_boundary(conversation, tools)
         if prefix >= MIN_PREFIX_CHECKPOINT:
@@ -566,21 +567,35 @@ class ChatSession:
         notices: list[str] = []
         finish = "interrupted"
         sampler = native.Sampler(request.sampling, self._model.n_vocab, constraint_samplers)
+        inner = sorted(b for b in boundaries if len(self.cache.tokens) < b < len(prompt))
+        # The last boundary, when it lies among the prompt's last READ_BACK tokens, ends no decode:
+        # it is read back from the context's snapshots once the reply's first token is out.
+        late = inner.pop() if inner and self._can_read_back(prompt, inner[-1]) else None
+
+        def keep_prompt_state() -> list[int]:
+            """The checkpoints at the prompt's end and at the late boundary, taken before the reply's
+            first token is evaluated; returns what must be evaluated again before it."""
+            self.cache.snapshot(boundaries[len(prompt)])  # (an identical prompt restores a shallower one:
+            # its last token must be evaluated again for the logits that start the reply)
+            if late is None:
+                return []
+            self.cache.snapshot_back(late, boundaries[late])
+            return prompt[late:]
+
         try:
-            for n in sorted(b for b in boundaries if len(self.cache.tokens) < b < len(prompt)):
+            for n in inner:
                 if not self._evaluate(prompt[len(self.cache.tokens):n], logits=False):
                     return
                 self.cache.snapshot(boundaries[n])
-            if not self._evaluate(prompt[len(self.cache.tokens):], logits=True):
+            if not self._evaluate(prompt[len(self.cache.tokens):], logits=True,
+                                  last_batch=len(prompt) - late + 1 if late else 1):
                 return
-            self.cache.snapshot(boundaries[len(prompt)])  # (an identical prompt restores a shallower one:
-            # its last token must be evaluated again for the logits that start the reply)
             stats["prompt_tokens"] = len(prompt) - reused + ahead
             if self._image_work[0]:
                 stats["image_tokens"], stats["image_encode_s"] = self._image_work
             stats["prompt_s"] = time.perf_counter() - start
             stats["prompt_tps"] = (len(prompt) - reused) / stats["prompt_s"]
-            pieces = self._generate(sampler, request, splitter, stats, notices, start)
+            pieces = self._generate(sampler, request, splitter, stats, notices, start, keep_prompt_state)
             try:
                 while True:
                     try:
@@ -615,6 +630,8 @@ class ChatSession:
                 if tool_calls:
                     message["tool_calls"] = tool_calls
                 self.messages.append(message)
+            if self._governor:
+                self._governor.reply_ended()
             stats.update(finish_reason=finish, context_tokens=len(self.cache.tokens),
                          total_s=time.perf_counter() - start)
             self.stats = stats
@@ -623,8 +640,10 @@ class ChatSession:
                 self._start_prefill()
 
     def _generate(self, sampler: native.Sampler, request: _Request, splitter: ReplySplitter,
-                  stats: dict, notices: list[str], start: float):
-        """The reply's pieces as they are sampled; returns why it ended.
+                  stats: dict, notices: list[str], start: float, keep_prompt_state: Callable[[], list[int]]):
+        """The reply's pieces as they are sampled; returns why it ended. `keep_prompt_state` is
+        called once the first token is out, before anything else is evaluated; what it returns is
+        evaluated again first.
 
         With speculation, one step evaluates the last token and the MTP head's drafts and samples
         every row while the samples match the drafts (Speculator.step); those tokens then go
@@ -637,6 +656,7 @@ class ChatSession:
         first = time.perf_counter()
         stats["ttft_s"] = first - start
         n = 0
+        again: list[int] | None = None  # prompt tokens to evaluate again, once keep_prompt_state ran
         verified: _Verified | None = None  # the last speculative step, while its tokens are looked at
         drafted, accepted = (self._spec.drafted, self._spec.accepted) if self._spec else (0, 0)
         try:
@@ -674,10 +694,12 @@ class ChatSession:
                     token = verified.next()  # sampled after the tokens before it, all evaluated
                     continue
                 verified = self._keep(verified)
+                if again is None:
+                    again = keep_prompt_state()
                 step = time.perf_counter()
                 n_draft = min(self.draft_tokens, self.n_ctx - held - 1,
                               (max_tokens - n - 1) if max_tokens is not None else self.draft_tokens)
-                if len(pending) == 1 and n_draft > 0 and self._policy.drafts():
+                if len(pending) == 1 and not again and n_draft > 0 and self._policy.drafts():
                     tokens = self.cache.tokens
                     batch, sampled = self._spec.step(token, position(tokens), sampler, n_draft, self._model.is_eog,
                                                      cells=len(tokens))
@@ -685,17 +707,22 @@ class ChatSession:
                     token = verified.next()
                     self._policy.record(True, time.perf_counter() - step, len(sampled))
                 else:
-                    self._evaluate(pending, logits=True)
+                    self._evaluate(again + pending, logits=True)
                     token = sampler.sample(self._ctx)
-                    if len(pending) == 1:
+                    if len(pending) == 1 and not again:
                         if self._governor:
                             self._governor.token_done(time.perf_counter() - step)
                         if self._spec:
                             self._policy.record(False, time.perf_counter() - step, 1)
+                again = []
                 elapsed = time.perf_counter() - first
                 stats["gen_tps"] = n / elapsed if elapsed > 0 else None
         finally:
             self._keep(verified)
+            if again is None:  # the reply ended at its first token: the state still ends the prompt
+                again = keep_prompt_state()
+                if again:
+                    self._evaluate(again, logits=False)
             if self._spec:
                 stats["drafted_tokens"] = self._spec.drafted - drafted
                 stats["accepted_tokens"] = self._spec.accepted - accepted
@@ -779,8 +806,16 @@ class ChatSession:
         left to evaluate (its logits start the reply)."""
         return self.cache.restore(prompt, len(prompt) - 1 if need_logits else len(prompt))
 
-    def _evaluate(self, tokens: list[int], *, logits: bool) -> bool:
-        """Feed cells (`_cells`: tokens, and images' stand-ins) in batches. Returns False if
+    def _can_read_back(self, prompt: list[int], boundary: int) -> bool:
+        """Whether the state at `boundary` can be read back from the snapshots of the decode that
+        ends `prompt` (StateCache.snapshot_back): near enough the end, text from the token before
+        it on, and a context that keeps them (a drafting one keeps its own for the drafts)."""
+        return (self._spec is None and len(prompt) - boundary <= self._ctx.n_rollback
+                and min(prompt[boundary - 1:]) >= 0)
+
+    def _evaluate(self, tokens: list[int], *, logits: bool, last_batch: int = 1) -> bool:
+        """Feed cells (`_cells`: tokens, and images' stand-ins) in batches, the last one holding at
+        least `last_batch` cells when they are text. Returns False if
         interrupted between batches; the state stays consistent either way (`cache.tokens` lists
         exactly what has been evaluated)."""
         step = self._ctx.n_batch
@@ -798,6 +833,8 @@ class ChatSession:
                 i += image.n_tokens
                 continue
             end = min(i + step, len(tokens))
+            if 0 < len(tokens) - end < last_batch:
+                end = max(i + 1, len(tokens) - last_batch)
             end = next((j for j in range(i, end) if tokens[j] < 0), end)
             chunk = tokens[i:end]
             pos = position(held)
@@ -846,7 +883,7 @@ class ChatSession:
         self._spec.close()
         self._spec = None
         self._ctx.close()
-        self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH)
+        self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH, n_rollback=READ_BACK)
 
     @staticmethod
     def _drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:

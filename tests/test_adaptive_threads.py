@@ -94,6 +94,33 @@ def test_a_slow_phase_that_fewer_threads_do_not_help_backs_off():
     assert 2 <= tries <= 8  # 16, 32, 64, … tokens apart
 
 
+def test_a_probe_under_way_when_a_reply_ends_does_not_reach_the_next_prompt():
+    m = Machine()
+    g = governed(m)
+    run(m, g, 4)  # the first window: the one try at a thread fewer starts
+    assert m.threads == 1
+    g.reply_ended()
+    assert m.threads == 2 and g.changes == [1, 2]
+    run(m, g, 3)
+    g.reply_ended()  # tokens of two replies never make one window
+    run(m, g, 3)
+    assert g.changes == [1, 2]
+
+
+def test_one_slow_window_on_a_quiet_machine_does_not_make_it_keep_fewer_threads():
+    """A hiccup (the VM, a page fault storm) makes one 2-thread window twice as slow: the probe
+    at 1 thread that follows is faster than that window, but not by what a busy core would give."""
+    m = Machine()
+    g = governed(m)
+    run(m, g, 40)
+    quiet = m.token_time
+    m.token_time = lambda: 0.100
+    run(m, g, 4)
+    m.token_time = quiet
+    run(m, g, 4)  # the probe's window, judged at its end
+    assert m.threads == 2 and g.changes == [1, 2, 1, 2]
+
+
 def test_without_proc_stat_it_still_probes_up_now_and_then():
     m = Machine()
     g = ThreadGovernor(2, lambda n: setattr(m, "threads", n), idle=lambda: None, clock=lambda: m.now)

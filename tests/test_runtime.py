@@ -658,3 +658,64 @@ def test_a_short_system_prompt_gets_no_checkpoint_of_its_own_and_a_long_one_does
             prefix = s._prefix_boundary(messages, tools or [])
             assert (prefix >= MIN_PREFIX_CHECKPOINT) == kept
             assert any(c.kind == PREFIX for c in s.cache.checkpoints()) == kept, (system[:20], bool(tools))
+
+
+def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resumes_alike(tiny_gguf, monkeypatch):
+    """With thinking off the next turn diverges 4 tokens before the prompt's end (the generation
+    prompt's empty think block): that state is read back from the context's snapshots after the
+    first token is out, not kept by ending a decode there. The next turn resumes from it with the
+    logits of evaluating everything, also after a reply that ended at its first token."""
+    from qwen35.runtime import native
+    from qwen35.runtime.state_cache import READ_BACK
+
+    decodes, first_sample, sampled_from = [], [], []
+    real_decode, real_sample = native.Context.decode, native.Sampler.sample
+    monkeypatch.setattr(native.Context, "decode",
+                        lambda self, tokens, pos, **kw: (decodes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
+    monkeypatch.setattr(native.Sampler, "sample",
+                        lambda self, ctx, *row: (first_sample or first_sample.append(len(decodes)),
+                                                 sampled_from.append(ctx.logits(-1)), real_sample(self, ctx, *row))[2])
+
+    def first_logits(session, conversation):
+        sampled_from.clear()
+        for _ in session.respond(conversation, temp=0, max_tokens=1, think=False):
+            pass
+        return sampled_from[0]
+
+    messages = [{"role": "user", "content": "Tell me about lighthouses. " * 4}]
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        for max_tokens in (3, 1):
+            s.cache.forget()
+            decodes.clear(), first_sample.clear()
+            reply = "".join(p.text for p in s.respond(messages, temp=0, max_tokens=max_tokens, think=False))
+            prompt = _prompt_tokens(s, messages, think=False)
+            assert decodes[:first_sample[0]] == [len(prompt)]  # the whole prompt in one decode
+            kept = sorted(len(c.tokens) for c in s.cache.checkpoints())  # (the prompt's end is a tool round's boundary)
+            boundary = kept[0]
+            assert kept == [boundary, len(prompt)] and 0 < len(prompt) - boundary <= READ_BACK
+            # The reply's first evaluated step carries the prompt's tail again.
+            assert decodes[first_sample[0]] == len(prompt) - boundary + (1 if max_tokens > 1 else 0)
+            assert s.context_tokens()[:len(prompt)] == prompt
+
+            nxt = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+            resumed = first_logits(s, nxt)
+            assert s.stats["cached_tokens"] == boundary
+            with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as other:
+                full = first_logits(other, nxt)
+                assert other.stats["cached_tokens"] == 0
+            np.testing.assert_allclose(resumed, full, atol=1e-3 * np.abs(full).max())
+            assert resumed.argmax() == full.argmax()
+
+
+def test_the_last_batch_of_a_prompt_holds_the_tail_that_is_read_back(tiny_gguf, monkeypatch):
+    from qwen35.runtime import native
+    from qwen35.runtime.session import N_BATCH
+
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        sizes = []
+        real_decode = native.Context.decode
+        monkeypatch.setattr(native.Context, "decode",
+                            lambda self, tokens, pos, **kw: (sizes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
+        tokens = s.tokenize("Lighthouses and their keepers. " * 200)[:N_BATCH + 2]
+        assert s._evaluate(tokens, logits=True, last_batch=5)
+        assert sizes == [N_BATCH - 3, 5] and s.cache.tokens == tokens

