@@ -22,7 +22,7 @@ import json
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -229,6 +229,11 @@ class ChatSession:
                 self._ctx.close()
             self._model.close()
             raise
+        if drafting and self._spec is None:  # decoding plainly after all: the MTP block's weights
+            # stay loaded (loading the model again would cost more), its context and snapshots are gone
+            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget)
+            self.memory = replace(plain, weights=self.memory.weights, repacked=self.memory.repacked,
+                                  weights_idle=self.memory.weights_idle)
         self.n_ctx = self._ctx.n_ctx
         self.draft_tokens = draft_tokens if self._spec else 0
         self._policy = DraftPolicy(speculative if self._spec else OFF)

@@ -168,6 +168,7 @@ def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlle
         with _session(controlled, "auto", prefill=False) as s:
             if verify_s == 3.0:
                 assert s.speculative == "off" and s._spec is None and s._ctx.n_rollback == READ_BACK
+                assert s.memory.drafting == 0 and "MTP" not in s.memory.describe()
                 assert any("checking 4 tokens in one pass takes 3.0x one token's time" in w for w in s.warnings)
                 plain = s.send("Tell me about lighthouses.", max_tokens=30).content
                 assert "drafted_tokens" not in s.stats
