@@ -179,11 +179,13 @@ def vision_bytes(mmproj: ModelFile, image_max_tokens: int) -> int:
 
 def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int,
              features: frozenset[str] | None = None, process: int | None = None,
-             mmproj: ModelFile | None = None, image_max_tokens: int = 0, draft_tokens: int = 0) -> MemoryEstimate:
+             mmproj: ModelFile | None = None, image_max_tokens: int = 0, draft_tokens: int = 0,
+             read_back: int = READ_BACK) -> MemoryEstimate:
     """`features`: the CPU features llama.cpp reports (default: this machine's); `process`: what
     the process holds before loading (default: this one's resident memory now); `mmproj`: the
     vision tower's header, when images may be shown, each at most `image_max_tokens` tokens;
-    `draft_tokens`: speculative decoding's drafts per step (0: off)."""
+    `draft_tokens`: speculative decoding's drafts per step (0: off); `read_back`: the recurrent-state
+    snapshots a plain context keeps (0 where memory is too short for them: see ChatSession)."""
     features = cpu_features() if features is None else features
     n_layer = mf.arch_key("block_count", 0)
     main_layers = n_layer - mf.arch_key("nextn_predict_layers", 0)
@@ -200,8 +202,8 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     kv_cache = n_ctx_cells * n_full * kv_width * F16
 
     recurrent = recurrent_state_bytes(mf)
-    # A drafting context keeps draft_tokens snapshots (counted with the drafting), a plain one READ_BACK.
-    snapshots = 0 if draft_tokens else READ_BACK * recurrent
+    # A drafting context keeps draft_tokens snapshots (counted with the drafting), a plain one read_back.
+    snapshots = 0 if draft_tokens else read_back * recurrent
     # Peak activations of a prompt batch: the widest per-token tensors of a layer (the q/k/v conv
     # channels, the FFN) plus the f16 attention mask; fitted to llama.cpp's reported compute buffer.
     n_embd = mf.arch_key("embedding_length", 0)
@@ -248,9 +250,10 @@ def check_fits(mf: ModelFile, est: MemoryEstimate, available: int | None = None,
     if est.needed <= available:
         return None
     features = cpu_features() if features is None else features
+    # What would fit, at the least a session needs (it does without the read-back snapshots if it must).
     again = dict(n_batch=n_batch, n_checkpoints=n_checkpoints, threads=threads, features=features,
                  process=est.process, mmproj=mmproj, image_max_tokens=est.image_max_tokens,
-                 draft_tokens=draft_tokens)
+                 draft_tokens=draft_tokens, read_back=0)
     advice = []
     if mmproj is not None:
         for budget in SMALLER_IMAGE_BUDGETS:

@@ -201,6 +201,12 @@ class ChatSession:
             if not check_fits(mf, plain, **sizes):  # it fits without the MTP head: leave it out
                 self.warnings.append("speculative decoding off: the MTP head would not fit in memory")
                 drafting, self.memory, problem = False, plain, None
+        self._read_back = READ_BACK
+        if problem and not drafting:
+            lean = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, read_back=0)
+            if not check_fits(mf, lean, **sizes):  # it fits without the read-back snapshots: turn
+                # boundaries near a prompt's end then end a decode (slower to the first token, not wrong)
+                self._read_back, self.memory, problem = 0, lean, None
         if problem and not force:
             raise ChatError(problem)
 
@@ -217,7 +223,7 @@ class ChatSession:
             # snapshots to roll back the rejected ones.
             self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH,
                                        n_outputs=draft_tokens + 1 if drafting else 1,
-                                       n_rollback=draft_tokens if drafting else READ_BACK)
+                                       n_rollback=draft_tokens if drafting else self._read_back)
             if drafting:
                 self._spec, notice = open_speculator(self._model, self._ctx, draft_tokens, self.threads)
                 if notice:
@@ -231,7 +237,7 @@ class ChatSession:
             raise
         if drafting and self._spec is None:  # decoding plainly after all: the MTP block's weights
             # stay loaded (loading the model again would cost more), its context and snapshots are gone
-            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget)
+            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, read_back=self._read_back)
             self.memory = replace(plain, weights=self.memory.weights, repacked=self.memory.repacked,
                                   weights_idle=self.memory.weights_idle)
         self.n_ctx = self._ctx.n_ctx
@@ -888,7 +894,7 @@ class ChatSession:
         self._spec.close()
         self._spec = None
         self._ctx.close()
-        self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH, n_rollback=READ_BACK)
+        self._ctx = native.Context(self._model, n_ctx, self.threads, N_BATCH, n_rollback=self._read_back)
 
     @staticmethod
     def _drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:

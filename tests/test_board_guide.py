@@ -48,9 +48,11 @@ def release_model(config_name: str) -> ModelFile:
 
 def best_fit(mf_by_profile: dict[str, ModelFile], n_ctx: int, available: int) -> str:
     for name in memory.SMALLER_PROFILES:
-        need = memory.estimate(mf_by_profile[name], n_ctx, **SIZES).needed
-        if need <= available:
-            return f"{name} ({need / memory.GIB:.1f})"
+        # With the read-back snapshots where they fit, else without (as ChatSession loads it).
+        for read_back in (memory.READ_BACK, 0):
+            need = memory.estimate(mf_by_profile[name], n_ctx, **SIZES, read_back=read_back).needed
+            if need <= available:
+                return f"{name} ({need / memory.GIB:.1f})"
     return "—"
 
 

@@ -285,7 +285,8 @@ def test_refuses_a_model_that_does_not_fit(tiny_gguf, monkeypatch):
     est = memory.estimate(mf, 4096, **sizes)
     assert memory.check_fits(mf, est, available=est.needed + 1, **sizes) is None
     # Room for the Q4_K_M version of this model (its weights are smaller than Q8_0's), not this one.
-    q4 = memory.estimate(memory.as_profile(mf, "q4_k_m"), 4096, **sizes, process=est.process)
+    # (Advice counts what a session needs at least: without the read-back snapshots.)
+    q4 = memory.estimate(memory.as_profile(mf, "q4_k_m"), 4096, **sizes, process=est.process, read_back=0)
     assert q4.weights < est.weights
     message = memory.check_fits(mf, est, available=q4.needed + 1, **sizes)
     assert "as Q4_K_M would need about" in message and "qwen35 convert CHECKPOINT -q q4_k_m" in message
@@ -719,3 +720,22 @@ def test_the_last_batch_of_a_prompt_holds_the_tail_that_is_read_back(tiny_gguf, 
         tokens = s.tokenize("Lighthouses and their keepers. " * 200)[:N_BATCH + 2]
         assert s._evaluate(tokens, logits=True, last_batch=5)
         assert sizes == [N_BATCH - 3, 5] and s.cache.tokens == tokens
+
+
+def test_where_memory_is_short_of_the_read_back_snapshots_turn_boundaries_end_a_decode(tiny_gguf, monkeypatch):
+    """The snapshots are a speed-up, not a need: a model that fits only without them loads without
+    them, and a turn boundary near the prompt's end then ends a decode (same turn, same reuse)."""
+    from qwen35.runtime import session as session_module
+
+    one_state = memory.recurrent_state_bytes(read_model_file(tiny_gguf))
+    real_check = session_module.check_fits
+    monkeypatch.setattr(session_module, "check_fits", lambda mf, est, **kw: "too big" if est.recurrent > one_state
+                        else real_check(mf, est, **kw))
+    with ChatSession(tiny_gguf, n_ctx=1024, threads=2, prefill=False) as s:
+        assert s._ctx.n_rollback == 0 and s.memory.recurrent == one_state
+        messages = [{"role": "user", "content": "Tell me about lighthouses."}]
+        reply = "".join(p.text for p in s.respond(messages, temp=0, max_tokens=3, think=False))
+        boundary = min(len(c.tokens) for c in s.cache.checkpoints())
+        nxt = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        list(s.respond(nxt, temp=0, max_tokens=2, think=False))
+        assert s.stats["cached_tokens"] == boundary
