@@ -63,6 +63,7 @@ class _Job:
 
     kwargs: dict
     loop: asyncio.AbstractEventLoop
+    stream: bool = True  # a whole reply needs no pieces: posting each would wake the loop per token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -97,7 +98,8 @@ class Server:
                 if job.cancelled.is_set():
                     self.session.interrupt()
                 for piece in pieces:
-                    job.post("piece", piece)
+                    if job.stream:
+                        job.post("piece", piece)
                 job.post("done", self.session.last_reply)
             except ContextFull as e:
                 job.post("error", BadRequest(str(e), code="context_length_exceeded"))
@@ -164,7 +166,7 @@ class Server:
             self._authorize(request)
             body = await _read_json(request)
             kwargs, options = self._parse(body)
-            job = _Job(kwargs, asyncio.get_running_loop())
+            job = _Job(kwargs, asyncio.get_running_loop(), stream=options["stream"])
             try:
                 self._jobs.put_nowait(job)
             except queue.Full:
