@@ -599,7 +599,7 @@ class ChatSession:
                     return
                 self.cache.snapshot(boundaries[n])
             if not self._evaluate(prompt[len(self.cache.tokens):], logits=True,
-                                  last_batch=len(prompt) - late + 1 if late else 1):
+                                  last_batch=1 if late is None else len(prompt) - late + 1):
                 return
             stats["prompt_tokens"] = len(prompt) - reused + ahead
             if self._image_work[0]:

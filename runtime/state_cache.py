@@ -138,13 +138,10 @@ class StateCache:
         last len − n_tokens + 1 cells, at most READ_BACK from the end. The live state is left at
         n_tokens (llama.cpp rolls the recurrent state back at the next decode): the caller
         evaluates the rest again, e.g. with the reply's first token."""
-        key = tuple(self.tokens[:n_tokens])
-        self._ctx.trim(position(key))
-        self.tokens = list(key)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return
-        self._put(Checkpoint(key, self._ctx.get_state(PARTIAL_ONLY), full=False, kind=kind))
+        # After the trim, reading the state reads the snapshot llama.cpp will roll back to.
+        self._ctx.trim(position(self.tokens[:n_tokens]))
+        del self.tokens[n_tokens:]
+        self.snapshot(kind)
 
     def put(self, checkpoint: Checkpoint) -> None:
         """Add a checkpoint read from elsewhere (a saved session)."""
