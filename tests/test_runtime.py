@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -612,20 +613,49 @@ def test_stop_strings_end_the_answer(fresh):
     assert stopped.finish_reason == "stop"
 
 
+@dataclass
+class _Watched:
+    decodes: list
+    decodes_before_sample: list
+    sampled_from: list
+
+    def clear(self) -> None:
+        self.decodes.clear(), self.decodes_before_sample.clear(), self.sampled_from.clear()
+
+    @property
+    def prompt_decodes(self) -> list:
+        """The decodes before the reply's first sample."""
+        return self.decodes[:self.decodes_before_sample[0]]
+
+
+def _watch_the_model(monkeypatch) -> _Watched:
+    """Record what a session asks of llama.cpp: the tokens of every decode, and for every sample
+    the decodes made before it and the logits it drew from."""
+    from qwen35.runtime import native
+
+    watched = _Watched([], [], [])
+    real_decode, real_sample = native.Context.decode, native.Sampler.sample
+
+    def decode(self, tokens, pos, **kw):
+        watched.decodes.append(len(tokens))
+        return real_decode(self, tokens, pos, **kw)
+
+    def sample(self, ctx, *row):
+        watched.decodes_before_sample.append(len(watched.decodes))
+        watched.sampled_from.append(ctx.logits(-1))
+        return real_sample(self, ctx, *row)
+
+    monkeypatch.setattr(native.Context, "decode", decode)
+    monkeypatch.setattr(native.Sampler, "sample", sample)
+    return watched
+
+
 def test_a_tool_round_is_one_decode_and_a_resent_prompt_answers_alike(tiny_gguf, monkeypatch):
     """The snapshot at a prompt's end is taken after its last decode, so with thinking off a tool
     round (whose whole prompt the next round starts with) is one decode, not one and then its last
     token alone. An identical prompt sent again restores a shallower checkpoint and gives the same
     greedy reply."""
-    from qwen35.runtime import native
-
-    decodes, first_sample = [], []
-    real_decode, real_sample = native.Context.decode, native.Sampler.sample
-    monkeypatch.setattr(native.Context, "decode",
-                        lambda self, tokens, pos, **kw: (decodes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
-    monkeypatch.setattr(native.Sampler, "sample",
-                        lambda self, ctx, *row: (first_sample or first_sample.append(len(decodes)),
-                                                 real_sample(self, ctx, *row))[1])
+    watched = _watch_the_model(monkeypatch)
     messages = [{"role": "user", "content": "Is the network up? " * 5}]
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
         list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
@@ -633,11 +663,11 @@ def test_a_tool_round_is_one_decode_and_a_resent_prompt_answers_alike(tiny_gguf,
             messages += [{"role": "assistant", "content": "", "tool_calls": [{"id": f"call_{round_}", "type": "function",
                              "function": {"name": "search", "arguments": '{"query": "status"}'}}]},
                          {"role": "tool", "tool_call_id": f"call_{round_}", "content": f"result {round_}"}]
-            decodes.clear(), first_sample.clear()
+            watched.clear()
             list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
             reply = s.last_reply
             n_prompt = reply.stats["prompt_tokens"] + reply.stats["cached_tokens"]
-            prompt_decodes = decodes[:first_sample[0]]
+            prompt_decodes = watched.prompt_decodes
             assert sum(prompt_decodes) == reply.stats["prompt_tokens"] < 0.5 * n_prompt
             assert len(prompt_decodes) == 1, prompt_decodes
         list(s.respond(messages, tools=TOOLS, temp=0, max_tokens=3, think=False))
@@ -666,36 +696,29 @@ def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resume
     prompt's empty think block): that state is read back from the context's snapshots after the
     first token is out, not kept by ending a decode there. The next turn resumes from it with the
     logits of evaluating everything, also after a reply that ended at its first token."""
-    from qwen35.runtime import native
     from qwen35.runtime.state_cache import READ_BACK
 
-    decodes, first_sample, sampled_from = [], [], []
-    real_decode, real_sample = native.Context.decode, native.Sampler.sample
-    monkeypatch.setattr(native.Context, "decode",
-                        lambda self, tokens, pos, **kw: (decodes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
-    monkeypatch.setattr(native.Sampler, "sample",
-                        lambda self, ctx, *row: (first_sample or first_sample.append(len(decodes)),
-                                                 sampled_from.append(ctx.logits(-1)), real_sample(self, ctx, *row))[2])
+    watched = _watch_the_model(monkeypatch)
 
     def first_logits(session, conversation):
-        sampled_from.clear()
+        watched.clear()
         for _ in session.respond(conversation, temp=0, max_tokens=1, think=False):
             pass
-        return sampled_from[0]
+        return watched.sampled_from[0]
 
     messages = [{"role": "user", "content": "Tell me about lighthouses. " * 4}]
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
         for max_tokens in (3, 1):
             s.cache.forget()
-            decodes.clear(), first_sample.clear()
+            watched.clear()
             reply = "".join(p.text for p in s.respond(messages, temp=0, max_tokens=max_tokens, think=False))
             prompt = _prompt_tokens(s, messages, think=False)
-            assert decodes[:first_sample[0]] == [len(prompt)]  # the whole prompt in one decode
+            assert watched.prompt_decodes == [len(prompt)]  # the whole prompt in one decode
             kept = sorted(len(c.tokens) for c in s.cache.checkpoints())  # (the prompt's end is a tool round's boundary)
             boundary = kept[0]
             assert kept == [boundary, len(prompt)] and 0 < len(prompt) - boundary <= READ_BACK
             # The reply's first evaluated step carries the prompt's tail again.
-            assert decodes[first_sample[0]] == len(prompt) - boundary + (1 if max_tokens > 1 else 0)
+            assert watched.decodes[len(watched.prompt_decodes)] == len(prompt) - boundary + (1 if max_tokens > 1 else 0)
             assert s.context_tokens()[:len(prompt)] == prompt
 
             nxt = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
@@ -709,17 +732,13 @@ def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resume
 
 
 def test_the_last_batch_of_a_prompt_holds_the_tail_that_is_read_back(tiny_gguf, monkeypatch):
-    from qwen35.runtime import native
     from qwen35.runtime.session import N_BATCH
 
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
-        sizes = []
-        real_decode = native.Context.decode
-        monkeypatch.setattr(native.Context, "decode",
-                            lambda self, tokens, pos, **kw: (sizes.append(len(tokens)), real_decode(self, tokens, pos, **kw)))
+        watched = _watch_the_model(monkeypatch)
         tokens = s.tokenize("Lighthouses and their keepers. " * 200)[:N_BATCH + 2]
         assert s._evaluate(tokens, logits=True, last_batch=5)
-        assert sizes == [N_BATCH - 3, 5] and s.cache.tokens == tokens
+        assert watched.decodes == [N_BATCH - 3, 5] and s.cache.tokens == tokens
 
 
 def test_where_memory_is_short_of_the_read_back_snapshots_turn_boundaries_end_a_decode(tiny_gguf, monkeypatch):
