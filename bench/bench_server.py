@@ -300,16 +300,29 @@ def gguf_formatter(model: Path):
     return lambda messages, tools: formatter(messages=messages, tools=tools, enable_thinking=False).prompt
 
 
+def peer_python(python: Path, model: Path) -> list[str]:
+    """How to start a peer's Python: through bench/without_amx.py where qwen35 withholds AMX for
+    this model (its kernels crash on this CPU: the peers would crash too), so both sides place the
+    weights alike."""
+    from qwen35.runtime import cpu
+
+    offered = [name for name, _ in cpu.extra_buffers().original]
+    if cpu.AMX not in offered or cpu.place_weights(model).use_amx:
+        return [str(python)]
+    return [str(python), str(Path(__file__).with_name("without_amx.py"))]
+
+
 def make_servers(args, model: Path, env: dict) -> list[Server]:
     python = peers_venv(args.workdir)
+    peer = peer_python(python, model)
     ours = Ours([sys.executable, "-m", "qwen35.cli", "serve", str(model), "--port", "{port}", "-t",
                  str(args.threads), "-c", str(N_CTX)], args.workdir / "ours.log", env)
-    installed = Installed([str(python), "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+    installed = Installed([*peer, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
                            "--port", "{port}", "--n_threads", str(args.threads), "--n_threads_batch",
                            str(args.threads), "--n_ctx", str(N_CTX), "--chat_template_kwargs",
                            '{"enable_thinking": false}'], args.workdir / "llama_cpp_server.log", env,
                           gguf_formatter(model))
-    example = Example([str(python), str(SDIST_SERVER / "server.py"), "-C", "{config}"],
+    example = Example([*peer, str(SDIST_SERVER / "server.py"), "-C", "{config}"],
                       args.workdir / "example.log", env)
     example.command[-1] = str(example_config(args.workdir, model, args.threads, example.port))
     return [ours, installed, example]

@@ -457,6 +457,13 @@ class ChatSession:
         if self._spec:
             self._spec.set_threads(threads)
 
+    def idle(self) -> None:
+        """Nothing waits (a server between requests): read out now the checkpoint that a prompt of
+        another conversation would otherwise have to read first (StateCache.secure_live), so that
+        switching conversations costs that prompt nothing."""
+        self._settle()
+        self.cache.secure_live()
+
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
         self._settle()

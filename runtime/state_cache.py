@@ -24,6 +24,8 @@ Two kinds, chosen by cost:
   checkpoints stay partial and usable: restoring one loads the full checkpoint that extends it,
   then its recurrent state, and trims the KV cache. One copy of the live prefix per switch — a
   memcpy (tens of ms for thousands of tokens) against the seconds its re-evaluation would take.
+  A server does that read while it is idle instead (`secure_live`: a full checkpoint at the live
+  state's end), so that the request that switches conversations does not wait for it.
 
 Images: a key is a list of KV cells, not only of tokens. An image fills n_tokens cells but (M-RoPE)
 advances the position by only n_pos, and has no token ids; so in a key it is n_tokens negative
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 
 from .native import FULL, PARTIAL_ONLY, Context
 
-PREFIX, TURN, PROMPT = "prefix", "turn", "prompt"  # where a checkpoint was taken
+PREFIX, TURN, PROMPT, REPLY = "prefix", "turn", "prompt", "reply"  # where a checkpoint was taken
 
 # The recurrent states a plain context keeps of its last decode's final tokens (llama.cpp's
 # n_rs_seq, made for rolling back drafts), so that a boundary among a prompt's last tokens is kept
@@ -98,6 +100,7 @@ class StateCache:
         self.max_bytes = max_bytes
         self.tokens: list[int] = []
         self._entries: OrderedDict[tuple[int, ...], Checkpoint] = OrderedDict()
+        self._insurance: tuple[int, ...] | None = None  # the key secure_live took for the live state
 
     # --- what the cache holds -------------------------------------------------------------------
 
@@ -147,6 +150,22 @@ class StateCache:
         """Add a checkpoint read from elsewhere (a saved session)."""
         self._put(checkpoint)
 
+    def secure_live(self) -> bool:
+        """Take now, while nothing waits, the full checkpoint that another conversation's prompt
+        would otherwise have to take first (`_keep_live`): one at the live state's end, which keeps
+        every checkpoint the live state holds reachable. The live state stays as it is. Returns
+        whether it read a state.
+
+        It insures the live conversation until the next prompt: one that goes on with it drops the
+        insurance (the live state carries it again, and it would hold only a superseded branch);
+        one that replaces it keeps it, as that conversation's checkpoint."""
+        if self._insurance is not None or not self._doomed(()):
+            return False
+        key = tuple(self.tokens)
+        self._put(Checkpoint(key, self._ctx.get_state(FULL), full=True, kind=REPLY))
+        self._insurance = key if key in self._entries else None
+        return True
+
     def restore(self, prompt: list[int], limit: int) -> int:
         """Bring the live state to the longest prefix of `prompt` (at most `limit` tokens) it can
         reach without evaluating anything; returns that prefix's length."""
@@ -158,6 +177,9 @@ class StateCache:
             if live < n <= limit and (best is None or n > len(best.tokens)) and tuple(prompt[:n]) == c.tokens \
                     and self._reachable(c):
                 best = c
+        insurance, self._insurance = self._insurance, None
+        if insurance is not None and (live >= 0 or best is not None and self._holds(best.tokens)):
+            self._entries.pop(insurance, None)  # the live conversation goes on: see secure_live
         if best is None:
             if live >= 0:
                 return live  # the state is already there: just continue
@@ -191,12 +213,14 @@ class StateCache:
         """Empty the live state (full checkpoints stay usable, partial ones go)."""
         self._ctx.clear()
         self.tokens = []
+        self._insurance = None
         self._drop_stale()
 
     def forget(self) -> None:
         """Empty the live state and drop every checkpoint."""
         self._ctx.clear()
         self.tokens = []
+        self._insurance = None
         self._entries.clear()
 
     # --- internals ------------------------------------------------------------------------------
@@ -211,14 +235,19 @@ class StateCache:
             f.full and len(f.tokens) > len(c.tokens) and f.tokens[:len(c.tokens)] == c.tokens
             for f in self._entries.values())
 
+    def _doomed(self, target: tuple[int, ...]) -> list[Checkpoint]:
+        """The checkpoints that would be lost if the live state became `target`: partial ones it
+        holds that `target` does not, and that no full checkpoint extends."""
+        return [c for c in self._entries.values()
+                if not c.full and self._holds(c.tokens) and c.tokens != target[:len(c.tokens)]
+                and not any(f.full and f.tokens[:len(c.tokens)] == c.tokens and len(f.tokens) > len(c.tokens)
+                            for f in self._entries.values())]
+
     def _keep_live(self, target: tuple[int, ...]) -> None:
         """The live state is about to become `target`: if it holds checkpoints that would then be
         lost, read the deepest of them out in full first (the shallower ones stay reachable through
         it), so that conversation can resume later."""
-        doomed = [c for c in self._entries.values()
-                  if not c.full and self._holds(c.tokens) and c.tokens != target[:len(c.tokens)]
-                  and not any(f.full and f.tokens[:len(c.tokens)] == c.tokens and len(f.tokens) > len(c.tokens)
-                              for f in self._entries.values())]
+        doomed = self._doomed(target)
         if not doomed:
             return
         deepest = max(doomed, key=lambda c: len(c.tokens))

@@ -507,6 +507,49 @@ def test_reused_state_of_an_interleaved_conversation_gives_the_same_logits(tiny_
     np.testing.assert_allclose(reused, full, atol=1e-3 * np.abs(full).max())
 
 
+def test_an_idle_session_reads_the_switch_checkpoint_ahead_so_the_next_conversation_waits_for_none(tiny_gguf):
+    from qwen35.runtime.native import FULL
+    from qwen35.runtime.state_cache import REPLY
+
+    a = [{"role": "user", "content": "first conversation " * 10}]
+    b = [{"role": "user", "content": "second conversation " * 10}]
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        reads = []
+        get_state = s.cache._ctx.get_state
+        s.cache._ctx.get_state = lambda flags: reads.append(flags) or get_state(flags)
+        for _ in s.respond(a, temp=0, max_tokens=3):
+            pass
+        reads.clear()
+        s.idle()
+        s.idle()  # once is enough
+        assert reads == [FULL] and [c.kind for c in s.cache.checkpoints()].count(REPLY) == 1
+        reads.clear()
+        for _ in s.respond(b, temp=0, max_tokens=3):
+            assert FULL not in reads  # A's state is not read out on the way (it used to be, here)
+            break
+        for _ in s.respond(b, temp=0, max_tokens=3):
+            pass
+        s.idle()
+        a += [{"role": "assistant", "content": s.last_reply.content}, {"role": "user", "content": "more"}]
+        for _ in s.respond(a, temp=0, max_tokens=3):
+            reused = _last_logits(s)
+            break
+        assert s.stats["cached_tokens"] > 20  # A resumed from the checkpoints its insurance kept
+        # A conversation that goes on drops its own insurance: only a superseded branch is in it.
+        s.idle()
+        a += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
+        insured = [c.tokens for c in s.cache.checkpoints() if c.kind == REPLY]
+        for _ in s.respond(a, temp=0, max_tokens=3):
+            break
+        assert s.stats["cached_tokens"] > 20
+        assert len([c for c in s.cache.checkpoints() if c.kind == REPLY]) == len(insured) - 1
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as other:
+        for _ in other.respond(a[:3], temp=0, max_tokens=3):
+            full = _last_logits(other)
+            break
+    np.testing.assert_allclose(reused, full, atol=1e-3 * np.abs(full).max())
+
+
 def test_a_forced_tool_call_streams_as_a_call_with_an_id(fresh):
     from qwen35.runtime.constraints import tool_call_constraint
 

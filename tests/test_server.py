@@ -321,6 +321,25 @@ def _wait_idle(server, timeout=10.0) -> None:
         time.sleep(0.01)
 
 
+def test_an_idle_server_secures_the_live_conversation_for_the_next_switch(server, client):
+    from qwen35.runtime.server import IDLE_S
+    from qwen35.runtime.state_cache import REPLY
+
+    client.chat.completions.create(model="tiny", messages=user("A conversation to come back to."), **GREEDY)
+    _wait_idle(server)
+    insured = lambda: [c.tokens for c in server.session.cache.checkpoints() if c.kind == REPLY]  # noqa: E731
+    end = time.monotonic() + 10 * IDLE_S + 5
+    while tuple(server.session.cache.tokens) not in insured():
+        assert time.monotonic() < end, "the idle worker took no checkpoint of the live state"
+        time.sleep(IDLE_S / 4)
+    # Another conversation replaces the live state without reading it (it is in the cache already),
+    # and the first one comes back from it.
+    client.chat.completions.create(model="tiny", messages=user("Something else entirely, please."), **GREEDY)
+    r = client.chat.completions.create(model="tiny", messages=user("A conversation to come back to.") + [
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Back again."}], **GREEDY)
+    assert r.usage.prompt_tokens_details.cached_tokens > 5
+
+
 def test_a_client_that_goes_away_stops_its_generation(server, client):
     stream = client.chat.completions.create(model="tiny", messages=user("Write forever."), stream=True,
                                             temperature=1.0, seed=5, max_tokens=3000, reasoning_effort="none")
