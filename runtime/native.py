@@ -333,8 +333,11 @@ class Context:
         """The next position (not the cell count, after an image)."""
         return L.llama_memory_seq_pos_max(self._mem, SEQ) + 1
 
+    def state_size(self, flags: int) -> int:
+        return L.llama_state_seq_get_size_ext(self._ctx, SEQ, flags)
+
     def get_state(self, flags: int) -> bytearray:
-        size = L.llama_state_seq_get_size_ext(self._ctx, SEQ, flags)
+        size = self.state_size(flags)
         data = bytearray(size)  # written in place: no second copy of a state that can be large
         written = L.llama_state_seq_get_data_ext(self._ctx, (ctypes.c_uint8 * size).from_buffer(data), size, SEQ, flags)
         if written != size:

@@ -593,12 +593,13 @@ class ChatSession:
         def keep_prompt_state() -> list[int]:
             """The checkpoints at the prompt's end and at the late boundary, taken before the reply's
             first token is evaluated; returns what must be evaluated again before it."""
-            self.cache.snapshot(boundaries[len(prompt)])  # (an identical prompt restores a shallower one:
-            # its last token must be evaluated again for the logits that start the reply)
+            # (An identical prompt restores a shallower checkpoint than the end's: its last token
+            # must be evaluated again for the logits that start the reply.)
             if late is None:
+                self.cache.snapshot(boundaries[len(prompt)])
                 return []
-            self.cache.snapshot_back(late, boundaries[late])
-            return prompt[late:]
+            again = self.cache.snapshot_end_and_back(late, boundaries[len(prompt)], boundaries[late])
+            return prompt[len(prompt) - again:] if again else []
 
         try:
             for n in inner:

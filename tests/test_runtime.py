@@ -507,9 +507,13 @@ def test_reused_state_of_an_interleaved_conversation_gives_the_same_logits(tiny_
     np.testing.assert_allclose(reused, full, atol=1e-3 * np.abs(full).max())
 
 
-def test_an_idle_session_reads_the_switch_checkpoint_ahead_so_the_next_conversation_waits_for_none(tiny_gguf):
+def test_an_idle_session_reads_the_switch_checkpoint_ahead_so_the_next_conversation_waits_for_none(tiny_gguf,
+                                                                                                   monkeypatch):
+    from qwen35.runtime import state_cache
     from qwen35.runtime.native import FULL
     from qwen35.runtime.state_cache import REPLY
+
+    monkeypatch.setattr(state_cache, "FULL_END_MAX_KV", -1)  # partial checkpoints only: they need insuring
 
     a = [{"role": "user", "content": "first conversation " * 10}]
     b = [{"role": "user", "content": "second conversation " * 10}]
@@ -734,13 +738,19 @@ def test_a_short_system_prompt_gets_no_checkpoint_of_its_own_and_a_long_one_does
             assert any(c.kind == PREFIX for c in s.cache.checkpoints()) == kept, (system[:20], bool(tools))
 
 
-def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resumes_alike(tiny_gguf, monkeypatch):
+@pytest.mark.parametrize("full_end", [False, True], ids=["tail-evaluated-again", "end-restored-in-full"])
+def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resumes_alike(tiny_gguf, monkeypatch,
+                                                                                        full_end):
     """With thinking off the next turn diverges 4 tokens before the prompt's end (the generation
     prompt's empty think block): that state is read back from the context's snapshots after the
-    first token is out, not kept by ending a decode there. The next turn resumes from it with the
-    logits of evaluating everything, also after a reply that ended at its first token."""
+    first token is out, not kept by ending a decode there. Then the prompt's tail is evaluated
+    again with the first token, or (a prompt whose KV is small) the end's full checkpoint is
+    restored. The next turn resumes from the boundary with the logits of evaluating everything,
+    also after a reply that ended at its first token."""
+    from qwen35.runtime import state_cache
     from qwen35.runtime.state_cache import READ_BACK
 
+    monkeypatch.setattr(state_cache, "FULL_END_MAX_KV", float("inf") if full_end else -1)
     watched = _watch_the_model(monkeypatch)
 
     def first_logits(session, conversation):
@@ -760,8 +770,11 @@ def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resume
             kept = sorted(len(c.tokens) for c in s.cache.checkpoints())  # (the prompt's end is a tool round's boundary)
             boundary = kept[0]
             assert kept == [boundary, len(prompt)] and 0 < len(prompt) - boundary <= READ_BACK
-            # The reply's first evaluated step carries the prompt's tail again.
-            assert watched.decodes[len(watched.prompt_decodes)] == len(prompt) - boundary + (1 if max_tokens > 1 else 0)
+            assert [c.full for c in sorted(s.cache.checkpoints(), key=lambda c: len(c.tokens))] == [False, full_end]
+            # The reply's first evaluated step carries the prompt's tail again, or only the first token.
+            again = 0 if full_end else len(prompt) - boundary
+            assert watched.decodes[len(watched.prompt_decodes):][:1] == ([again + 1] if max_tokens > 1 else
+                                                                        [again] if again else [])
             assert s.context_tokens()[:len(prompt)] == prompt
 
             nxt = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
