@@ -43,7 +43,7 @@ import urllib.request
 from pathlib import Path
 
 from bench_runtime import llama_cpp_tool
-from bench_server import Server, example_config, get, peers_venv, SDIST_SERVER
+from bench_server import Server, example_config, get, peer_python, peers_venv, SDIST_SERVER, withholds_amx
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": None, "0.8b": "qwen3.5-0.8b.config.RECONSTRUCTED.json", "4b": "qwen3.5-4b.config.RECONSTRUCTED.json",
@@ -158,13 +158,16 @@ def example(python: Path, model: Path, args, n_draft: int):
         if n_draft:
             config["model"].update(draft_model="draft-mtp", draft_model_num_pred_tokens=n_draft)
         path.write_text(json.dumps(config, indent=1))
-        return [str(python), str(SDIST_SERVER / "server.py"), "-C", str(path)]
+        return [*peer_python(python, model), str(SDIST_SERVER / "server.py"), "-C", str(path)]
     return command
 
 
-def bench_file(size: str, rate: float, args, env: dict, binary: Path | None, python: Path | None) -> list[dict]:
+def bench_file(size: str, rate: float, args, env: dict, peers: list[str], python: Path | None) -> list[dict]:
     model = controlled_gguf(size, rate, args.workdir)
     print(f"{model}", flush=True)
+    # llama-server places the weights as qwen35 does: built without AMX where qwen35 withholds it.
+    binary = llama_cpp_tool(args.workdir.parent / "runtime", "llama-server", without_amx=withholds_amx(model)) \
+        if "llama.cpp" in peers else None
     row = {"size": size, "rate": rate}
     plain = {"qwen35": measure("qwen35 plain", ours(model, args, ["--no-mtp"]), args, env)}
     if binary:
@@ -234,7 +237,6 @@ def main() -> None:
     args.draft = [int(n) for n in args.draft.split(",")]
     args.workdir.mkdir(parents=True, exist_ok=True)
     peers = [p for p in args.peers.split(",") if p in ("llama.cpp", "example")]
-    binary = llama_cpp_tool(args.workdir.parent / "runtime", "llama-server") if "llama.cpp" in peers else None
     python = peers_venv(args.workdir.parent / "server") if "example" in peers else None
     # Servers run as users run them (llama.cpp's default, spinning thread waits): one at a time, so
     # they never spin against each other. (Passive waits slow every decode's many small barriers,
@@ -243,7 +245,7 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         for rate in (float(a) for a in args.acceptance.split(",")):
-            rows += bench_file(size, rate, args, env, binary, python)
+            rows += bench_file(size, rate, args, env, peers, python)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
     print(f"\n{args.threads} threads, {args.reps} reps of {args.tokens} decoded tokens, Q4_K_M, context {N_CTX}")

@@ -52,20 +52,24 @@ def llama_bench_binary(workdir: Path) -> Path:
     return llama_cpp_tool(workdir, "llama-bench")
 
 
-def llama_cpp_tool(workdir: Path, target: str) -> Path:
+def llama_cpp_tool(workdir: Path, target: str, *, without_amx: bool = False) -> Path:
     """A llama.cpp tool (llama-bench, llama-server) built once in `workdir`/llama-bench-build from
     the pinned sdist; one build directory, so its libraries are compiled once for every tool. The
-    server is built without its web UI (which would be fetched from the network)."""
-    build = workdir / "llama-bench-build"
+    server is built without its web UI (which would be fetched from the network). `without_amx`:
+    in a build of its own with the AMX kernels compiled out (-march=native would build them on an
+    AMX CPU), for a machine where qwen35 withholds them — the binaries cannot be told to."""
+    build = workdir / ("llama-bench-build-noamx" if without_amx else "llama-bench-build")
     binary = build / "bin" / target
     if binary.is_file():
         return binary
     print(f"building {target} in {build} (several minutes) …", flush=True)
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    flags = [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"] if without_amx else []
     subprocess.run(["cmake", "-S", str(ensure_sdist(workdir.parent)), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     f"-DLLAMA_BUILD_SERVER={'ON' if target == 'llama-server' else 'OFF'}", "-DLLAMA_BUILD_UI=OFF",
                     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
-                    "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
+                    "-DBUILD_SHARED_LIBS=OFF", *flags], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), "--target", target, "-j", "2"], check=True,
                    stdout=subprocess.DEVNULL)
     return binary

@@ -300,16 +300,19 @@ def gguf_formatter(model: Path):
     return lambda messages, tools: formatter(messages=messages, tools=tools, enable_thinking=False).prompt
 
 
-def peer_python(python: Path, model: Path) -> list[str]:
-    """How to start a peer's Python: through bench/without_amx.py where qwen35 withholds AMX for
-    this model (its kernels crash on this CPU: the peers would crash too), so both sides place the
-    weights alike."""
+def withholds_amx(model: Path) -> bool:
+    """Whether qwen35 keeps llama.cpp's AMX buffer type from this model on this machine (where its
+    kernels crash or err: the peers would crash too, unless they are kept from it alike)."""
     from qwen35.runtime import cpu
 
     offered = [name for name, _ in cpu.extra_buffers().original]
-    if cpu.AMX not in offered or cpu.place_weights(model).use_amx:
-        return [str(python)]
-    return [str(python), str(Path(__file__).with_name("without_amx.py"))]
+    return cpu.AMX in offered and not cpu.place_weights(model).use_amx
+
+
+def peer_python(python: Path, model: Path) -> list[str]:
+    """How to start a peer's Python: through bench/without_amx.py where qwen35 withholds AMX, so
+    both sides place the weights alike."""
+    return [str(python), str(Path(__file__).with_name("without_amx.py"))] if withholds_amx(model) else [str(python)]
 
 
 def make_servers(args, model: Path, env: dict) -> list[Server]:
