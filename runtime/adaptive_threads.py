@@ -15,7 +15,10 @@ with 1, 20.2 quiet with 2). So between tokens this watches the time per token:
 - below the maximum, it tries one thread more when the machine has an idle core again (from
   /proc/stat), or every so often where that cannot be read, and keeps it if it is faster;
 - a reply ending mid-probe ends the probe (`reply_ended`): the next prompt is evaluated on the
-  threads the governor trusts, and windows never mix the tokens of two replies.
+  threads the governor trusts, and windows never mix the tokens of two replies;
+- below the maximum, a prompt starts on every thread again when other programs left the cores
+  idle while nothing of ours ran, since the last reply ended (`prompt_starting`): a prompt on one
+  thread of two takes twice as long, and the next reply would otherwise wait FIRST_WAIT tokens.
 
 Quiet, nothing changes after that first try: the baseline holds and no probe runs.
 """
@@ -35,6 +38,7 @@ SLOWER = 1.3  # a window this much slower than the quiet baseline means cores ar
 # busy core on 2: 0.38x the time per token with a thread fewer; freed again: 0.59x with one more).
 BETTER = 0.8
 FIRST_WAIT, MAX_WAIT = 16, 1024  # tokens before the next probe in a direction; doubles after each failure
+MIN_GAP_S = 0.1  # a pause between replies shorter than this says too little about the cores
 
 
 def idle_core_seconds(stat: Path = Path("/proc/stat")) -> Optional[float]:
@@ -51,10 +55,12 @@ class ThreadGovernor:
 
     def __init__(self, max_threads: int, apply: Callable[[int], None], *,
                  idle: Callable[[], Optional[float]] = idle_core_seconds,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cores: Optional[int] = None) -> None:
         self.max_threads = max_threads
         self.threads = max_threads
         self._apply, self._idle, self._clock = apply, idle, clock
+        self._cores = cores or os.cpu_count() or max_threads
+        self._ended: Optional[tuple[float, Optional[float]]] = None  # (clock, idle) when the last reply ended
         self.quiet: dict[int, float] = {}  # threads -> best window median seen
         self._window: list[float] = []
         self._probe: Optional[tuple[int, float]] = None  # (threads before, their median) while probing
@@ -92,6 +98,21 @@ class ThreadGovernor:
             before, _ = self._probe
             self._probe = None
             self._set(before)
+        self._ended = (self._clock(), self._idle())
+
+    def prompt_starting(self) -> None:
+        """A prompt is about to be evaluated. Below the maximum, if the cores stayed idle since the
+        last reply ended (less than half a core busy: nothing of ours ran meanwhile), go back to
+        every thread now and watch afresh."""
+        ended, self._ended = self._ended, None
+        if self.threads >= self.max_threads or ended is None:
+            return
+        (then, idle_then), now, idle = ended, self._clock(), self._idle()
+        if idle is None or idle_then is None or now - then < MIN_GAP_S:
+            return
+        if self._cores - (idle - idle_then) / (now - then) < 0.5:
+            self._set(self.max_threads)
+            self._wait, self._since = {-1: 0, +1: FIRST_WAIT}, {-1: 0, +1: 0}
 
     def _start_probe(self, direction: int, median: float) -> None:
         self._probe = (self.threads, median)

@@ -601,6 +601,8 @@ class ChatSession:
             again = self.cache.snapshot_end_and_back(late, boundaries[len(prompt)], boundaries[late])
             return prompt[len(prompt) - again:] if again else []
 
+        if self._governor:
+            self._governor.prompt_starting()
         try:
             for n in inner:
                 if not self._evaluate(prompt[len(self.cache.tokens):n], logits=False):

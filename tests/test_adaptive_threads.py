@@ -33,7 +33,7 @@ class Machine:
 def governed(machine: Machine) -> ThreadGovernor:
     def apply(n):
         machine.threads = n
-    return ThreadGovernor(2, apply, idle=lambda: machine.idle, clock=lambda: machine.now)
+    return ThreadGovernor(2, apply, idle=lambda: machine.idle, clock=lambda: machine.now, cores=machine.CORES)
 
 
 def run(machine, governor, tokens):
@@ -105,6 +105,43 @@ def test_a_probe_under_way_when_a_reply_ends_does_not_reach_the_next_prompt():
     g.reply_ended()  # tokens of two replies never make one window
     run(m, g, 3)
     assert g.changes == [1, 2]
+
+
+def pause(machine: Machine, seconds: float) -> None:
+    """Between replies: nothing of ours runs, other programs keep their cores."""
+    machine.now += seconds
+    machine.idle += (machine.CORES - machine.busy) * seconds
+
+
+def test_a_prompt_after_the_cores_freed_between_replies_starts_on_every_thread():
+    m = Machine()
+    g = governed(m)
+    run(m, g, 40)
+    m.busy = 1
+    run(m, g, 40)
+    assert m.threads == 1
+    g.reply_ended()
+    m.busy = 0
+    pause(m, 1.0)
+    g.prompt_starting()
+    assert m.threads == 2
+    run(m, g, 100)  # and it stays there while the machine is quiet
+    assert m.threads == 2
+
+
+def test_a_prompt_while_the_cores_stay_taken_keeps_fewer_threads():
+    m = Machine()
+    g = governed(m)
+    run(m, g, 40)
+    m.busy = 1
+    run(m, g, 40)
+    for gap in (1.0, 0.01):  # taken all along; a pause too short to tell
+        g.reply_ended()
+        if gap < 0.1:
+            m.busy = 0
+        pause(m, gap)
+        g.prompt_starting()
+        assert m.threads == 1, gap
 
 
 def test_one_slow_window_on_a_quiet_machine_does_not_make_it_keep_fewer_threads():
