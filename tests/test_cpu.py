@@ -127,7 +127,8 @@ def test_the_probe_compares_logits_with_and_without_a_buffer_type():
 
 def test_taking_a_buffer_type_away_moves_its_weights_to_plain_cpu_memory_with_the_same_results():
     extra = cpu.extra_buffers()
-    available = {name for name, _ in extra.original}
+    # (AMX left out: its kernels crash on some machines, this project's Intel Xeon among them.)
+    available = {name for name, _ in extra.original} - {cpu.AMX}
     if "CPU_REPACK" not in available:
         pytest.skip("this llama.cpp build has no CPU_REPACK")
     path = str(build_tiny_gguf("q4_0"))
@@ -144,7 +145,7 @@ def test_taking_a_buffer_type_away_moves_its_weights_to_plain_cpu_memory_with_th
             ctx.close()
             model.close()
     finally:
-        extra.use(available)
+        extra.use({name for name, _ in extra.original})
     (with_repack, a), (without, b) = results.values()
     assert "CPU_REPACK" in with_repack and "CPU_REPACK" not in without
     assert without["CPU"] > with_repack["CPU"]  # the repacked weights are back in plain memory
