@@ -321,10 +321,13 @@ def _wait_idle(server, timeout=10.0) -> None:
         time.sleep(0.01)
 
 
-def test_an_idle_server_secures_the_live_conversation_for_the_next_switch(server, client):
+def test_an_idle_server_secures_the_live_conversation_for_the_next_switch(server, client, monkeypatch):
+    from qwen35.runtime import state_cache
     from qwen35.runtime.server import IDLE_S
     from qwen35.runtime.state_cache import REPLY
 
+    # Partial checkpoints only (a short prompt's end is otherwise kept full, and needs no insuring).
+    monkeypatch.setattr(state_cache, "FULL_END_MAX_KV", -1)
     client.chat.completions.create(model="tiny", messages=user("A conversation to come back to."), **GREEDY)
     _wait_idle(server)
     insured = lambda: [c.tokens for c in server.session.cache.checkpoints() if c.kind == REPLY]  # noqa: E731
