@@ -132,14 +132,16 @@ class StateCache:
 
     # --- changing the state ---------------------------------------------------------------------
 
-    def snapshot(self, kind: str) -> None:
-        """Keep the live state at its current position (a partial checkpoint)."""
+    def snapshot(self, kind: str, *, full: bool = False) -> None:
+        """Keep the live state at its current position: a partial checkpoint, or a full one (which
+        replaces a partial one there)."""
         key = tuple(self.tokens)
-        if not key or key in self._entries:
+        held = self._entries.get(key)
+        if not key or held is not None and (held.full or not full):
             if key:
                 self._entries.move_to_end(key)
             return
-        self._put(Checkpoint(key, self._ctx.get_state(PARTIAL_ONLY), full=False, kind=kind))
+        self._put(Checkpoint(key, self._ctx.get_state(FULL if full else PARTIAL_ONLY), full=full, kind=kind))
 
     def snapshot_back(self, n_tokens: int, kind: str) -> None:
         """Keep the state the live one had at its first `n_tokens` cells, read from the context's
@@ -159,9 +161,9 @@ class StateCache:
         full (FULL_END_MAX_KV), since it is restored after the read back; else the live state is
         left at n_tokens."""
         key, tail = tuple(self.tokens), self.tokens[n_tokens:]
-        kv = self._ctx.state_size(FULL) - self._ctx.state_size(PARTIAL_ONLY)
-        if key not in self._entries and kv <= FULL_END_MAX_KV * self._ctx.state_size(PARTIAL_ONLY):
-            self._put(Checkpoint(key, self._ctx.get_state(FULL), full=True, kind=end_kind))
+        if key not in self._entries:
+            recurrent = self._ctx.state_size(PARTIAL_ONLY)
+            self.snapshot(end_kind, full=self._ctx.state_size(FULL) - recurrent <= FULL_END_MAX_KV * recurrent)
         else:
             self.snapshot(end_kind)
         end = self._entries.get(key)
@@ -188,7 +190,7 @@ class StateCache:
         if self._insurance is not None or not self._doomed(()):
             return False
         key = tuple(self.tokens)
-        self._put(Checkpoint(key, self._ctx.get_state(FULL), full=True, kind=REPLY))
+        self.snapshot(REPLY, full=True)
         self._insurance = key if key in self._entries else None
         return True
 
@@ -257,17 +259,18 @@ class StateCache:
     def _reachable(self, c: Checkpoint) -> bool:
         """A full checkpoint always is; a partial one while the live state holds its prefix, or a
         full checkpoint does (restored first)."""
-        return c.full or self._holds(c.tokens) or any(
-            f.full and len(f.tokens) > len(c.tokens) and f.tokens[:len(c.tokens)] == c.tokens
-            for f in self._entries.values())
+        return c.full or self._holds(c.tokens) or self._extended_by_full(c)
+
+    def _extended_by_full(self, c: Checkpoint) -> bool:
+        return any(f.full and len(f.tokens) > len(c.tokens) and f.tokens[:len(c.tokens)] == c.tokens
+                   for f in self._entries.values())
 
     def _doomed(self, target: tuple[int, ...]) -> list[Checkpoint]:
         """The checkpoints that would be lost if the live state became `target`: partial ones it
         holds that `target` does not, and that no full checkpoint extends."""
         return [c for c in self._entries.values()
                 if not c.full and self._holds(c.tokens) and c.tokens != target[:len(c.tokens)]
-                and not any(f.full and f.tokens[:len(c.tokens)] == c.tokens and len(f.tokens) > len(c.tokens)
-                            for f in self._entries.values())]
+                and not self._extended_by_full(c)]
 
     def _keep_live(self, target: tuple[int, ...]) -> None:
         """The live state is about to become `target`: if it holds checkpoints that would then be
