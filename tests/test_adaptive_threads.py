@@ -4,7 +4,7 @@ with 1), with a fake clock and a fake /proc/stat idle counter."""
 
 from __future__ import annotations
 
-from qwen35.runtime.adaptive_threads import MAX_WAIT, ThreadGovernor, idle_core_seconds
+from qwen35.runtime.adaptive_threads import MAX_WAIT, MIN_GAP_S, ThreadGovernor, idle_core_seconds
 
 
 class Machine:
@@ -40,6 +40,16 @@ def run(machine, governor, tokens):
     return sum(machine.step(governor) for _ in range(tokens))
 
 
+def busy_after_quiet(busy_tokens: int) -> tuple[Machine, ThreadGovernor]:
+    """40 quiet tokens, then `busy_tokens` with another program holding a core."""
+    m = Machine()
+    g = governed(m)
+    run(m, g, 40)
+    m.busy = 1
+    run(m, g, busy_tokens)
+    return m, g
+
+
 def test_quiet_machine_keeps_every_thread_after_one_try():
     m = Machine()
     g = governed(m)
@@ -71,11 +81,7 @@ def test_busy_core_drops_a_thread_and_keeps_it():
 
 
 def test_back_to_all_threads_when_the_machine_frees():
-    m = Machine()
-    g = governed(m)
-    run(m, g, 40)
-    m.busy = 1
-    run(m, g, 200)
+    m, g = busy_after_quiet(200)
     m.busy = 0
     run(m, g, 40)
     assert m.threads == 2 and g.changes == [1, 2, 1, 2]
@@ -114,11 +120,7 @@ def pause(machine: Machine, seconds: float) -> None:
 
 
 def test_a_prompt_after_the_cores_freed_between_replies_starts_on_every_thread():
-    m = Machine()
-    g = governed(m)
-    run(m, g, 40)
-    m.busy = 1
-    run(m, g, 40)
+    m, g = busy_after_quiet(40)
     assert m.threads == 1
     g.reply_ended()
     m.busy = 0
@@ -130,14 +132,10 @@ def test_a_prompt_after_the_cores_freed_between_replies_starts_on_every_thread()
 
 
 def test_a_prompt_while_the_cores_stay_taken_keeps_fewer_threads():
-    m = Machine()
-    g = governed(m)
-    run(m, g, 40)
-    m.busy = 1
-    run(m, g, 40)
-    for gap in (1.0, 0.01):  # taken all along; a pause too short to tell
+    m, g = busy_after_quiet(40)
+    for gap in (1.0, MIN_GAP_S / 10):  # taken all along; a pause too short to tell
         g.reply_ended()
-        if gap < 0.1:
+        if gap < MIN_GAP_S:
             m.busy = 0
         pause(m, gap)
         g.prompt_starting()
