@@ -91,7 +91,9 @@ def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, see
 
 
 def _from_bf16(raw: np.ndarray) -> np.ndarray:
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    bits = raw.astype(np.uint32)
+    bits <<= 16  # in place: a 9B embedding is 4 GB in float32
+    return bits.view(np.float32)
 
 
 def _to_bf16(values: np.ndarray) -> np.ndarray:
@@ -118,14 +120,17 @@ def acceptance_transform(ckpt_dir: Path, rate: float, seed: int):
 
     with Checkpoint(ckpt_dir) as ckpt:
         name = next(n for n in ckpt.tensors if n.endswith("embed_tokens.weight"))
-        info = ckpt.tensors[name]
-        embedding = _from_bf16(ckpt.read_rows(name, 0, info.rows))
-    vocab, hidden = embedding.shape
-    unit = embedding[:N_REGULAR] / np.linalg.norm(embedding[:N_REGULAR], axis=1, keepdims=True)
+        vocab, hidden = ckpt.tensors[name].shape
+        unit = _from_bf16(ckpt.read_rows(name, 0, N_REGULAR))
+    # Row blocks, in place: whole-matrix temporaries of a 9B vocabulary would take ~20 GB.
+    blocks = [slice(start, start + 16384) for start in range(0, N_REGULAR, 16384)]
+    for rows in blocks:
+        unit[rows] /= np.sqrt(np.add.reduce(unit[rows] * unit[rows], axis=1))[:, None]
     succ = successor_cycle(seed)
     # Logit of the successor ~ 12·|unit·rmsnorm(e)|: a decided greedy choice at any quantization.
-    output = np.zeros((vocab, hidden), np.float32)
-    output[succ] = unit * (12.0 / np.sqrt(hidden))
+    output = np.zeros((vocab, hidden), np.uint16)  # BF16 bits; 0 is 0.0
+    for rows in blocks:
+        output[succ[rows]] = _to_bf16(unit[rows] * np.float32(12.0 / np.sqrt(hidden)))
     noise = np.random.default_rng(seed + 1).standard_normal((hidden, hidden)).astype(np.float32) / np.sqrt(hidden)
     sigma = noise_for_rate(unit, noise, rate, seed)
     fc = np.zeros((hidden, 2 * hidden), np.float32)  # [embedding part | hidden-state part]
@@ -133,7 +138,7 @@ def acceptance_transform(ckpt_dir: Path, rate: float, seed: int):
 
     def transform(tensor: str, raw: np.ndarray):
         if tensor == "lm_head.weight":
-            return [(tensor, _to_bf16(output))]
+            return [(tensor, output)]
         if tensor == "mtp.fc.weight":
             return [(tensor, _to_bf16(fc))]
         if tensor.endswith(_ZEROED) or tensor.endswith(_NEUTRAL_NORMS):

@@ -44,6 +44,17 @@ def test_fused_and_per_expert_layouts_give_identical_gguf_contents(tmp_path):
     assert gguf_contents(out[0])[1] == gguf_contents(out[1])[1] == gguf_contents(out[2])[1]
 
 
+def test_a_checkpoint_rewritten_in_shards_converts_to_the_same_gguf(tmp_path):
+    # (The MTP bench's 9B fixtures are rewritten a shard at a time, to bound the memory it takes.)
+    whole = write_checkpoint(tmp_path / "whole", tiny_config(), seed=5)
+    byte_level_tokenizer(whole)
+    sharded = rewrite_checkpoint(whole, tmp_path / "sharded", lambda n, raw: [(n, raw)], shard_bytes=64 * 1024)
+    assert len(list(sharded.glob("model.safetensors-*-of-*.safetensors"))) > 2
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    out = [Conversion(ckpt, ["f32"], tmp_path / f"{ckpt.name}.gguf").run()[0].path for ckpt in (whole, sharded)]
+    assert gguf_contents(out[0])[1] == gguf_contents(out[1])[1]
+
+
 def test_mtp_num_hidden_layers_zero_writes_no_mtp_block(tmp_path):
     meta, out = gguf_contents(convert(tiny_config(mtp_num_hidden_layers=0), tmp_path))
     assert meta["qwen35.block_count"] == 4 and meta["qwen35.nextn_predict_layers"] == 0

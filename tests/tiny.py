@@ -62,36 +62,64 @@ def byte_level_tokenizer(checkpoint_dir: Path) -> None:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def rewrite_checkpoint(src: Path, dst: Path, transform) -> Path:
+def rewrite_checkpoint(src: Path, dst: Path, transform, shard_bytes: int = 2 * 1024**3) -> Path:
     """Copy a checkpoint, passing every tensor through transform(name, raw array) → [(name, array)].
 
-    Raw arrays are as Checkpoint reads them (BF16 as uint16 bits), so values survive exactly.
+    Raw arrays are as Checkpoint reads them (BF16 as uint16 bits), so values survive exactly. The
+    output is written a shard at a time (at most about `shard_bytes` of tensors held), so a 9B
+    checkpoint is rewritten in a few GB of memory; one shard is a single `model.safetensors`.
     """
+    import os
     import shutil
+
+    from qwen35.convert.checkpoint import Checkpoint
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors*"))
+    shards: list[tuple[Path, list[str]]] = []
+    pending: list[tuple[str, object]] = []
+
+    def flush() -> None:
+        path = dst / f"shard-{len(shards)}.partial"
+        _write_safetensors(path, pending)
+        shards.append((path, [name for name, _ in pending]))
+        pending.clear()
+
+    with Checkpoint(src) as ckpt:
+        for name, info in ckpt.tensors.items():
+            pending += transform(name, ckpt.read_rows(name, 0, info.rows).reshape(info.shape))
+            if sum(array.nbytes for _, array in pending) >= shard_bytes:
+                flush()
+    if pending or not shards:
+        flush()
+    if len(shards) == 1:
+        os.replace(shards[0][0], dst / "model.safetensors")
+        return dst
+    weight_map = {}
+    for i, (path, names) in enumerate(shards, 1):
+        file_name = f"model.safetensors-{i:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(path, dst / file_name)
+        weight_map.update((name, file_name) for name in names)
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return dst
+
+
+def _write_safetensors(path: Path, tensors) -> None:
     import struct
 
     import numpy as np
 
-    from qwen35.convert.checkpoint import Checkpoint
-
     dtypes = {np.dtype("<u2"): "BF16", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors*"))
-    out = []
-    with Checkpoint(src) as ckpt:
-        for name, info in ckpt.tensors.items():
-            raw = ckpt.read_rows(name, 0, info.rows).reshape(info.shape)
-            out += transform(name, raw)
     header, offset = {}, 0
-    for name, array in out:
+    for name, array in tensors:
         header[name] = {"dtype": dtypes[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     raw_header = json.dumps(header).encode()
     raw_header += b" " * (-len(raw_header) % 8)
-    with open(dst / "model.safetensors", "wb") as f:
+    with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw_header)) + raw_header)
-        for _, array in out:
-            f.write(np.ascontiguousarray(array).tobytes())
-    return dst
+        for _, array in tensors:
+            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy of a GB-sized tensor
 
 
 def split_fused_experts(name, raw):
