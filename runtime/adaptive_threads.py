@@ -8,10 +8,12 @@ with 1, 20.2 quiet with 2). So between tokens this watches the time per token:
 - at each thread count it keeps the best time it has seen (the quiet baseline of that count);
 - after its first window it tries one thread fewer once, so that a machine already busy when the
   reply starts is noticed too (quiet, that costs one window of slower tokens per session);
-- when tokens take SLOWER × that baseline, or longer than one thread fewer has been seen to take,
-  cores are taken: it tries one thread fewer for a window of tokens and keeps it if it is faster
-  (else it goes back and waits longer before trying again, so a slow phase that threads do not
-  explain costs little);
+- when tokens take SLOWER × that baseline, or so long that one thread fewer has been seen to beat
+  them by what a kept probe must (BETTER), cores are taken: it tries one thread fewer for a window
+  of tokens and keeps it if it is that much faster (else it goes back and waits longer before
+  trying again, so a slow phase that threads do not explain costs little). Where a decode barely
+  gains from its last thread (memory-bound: 0.8B on 2 cores, ~15 %), the jitter of a quiet VM then
+  starts no probe that could not be kept;
 - below the maximum, it tries one thread more when the machine has an idle core again (from
   /proc/stat), or every so often where that cannot be read, and keeps it if it is faster;
 - a reply ending mid-probe ends the probe (`reply_ended`): the next prompt is evaluated on the
@@ -82,7 +84,8 @@ class ThreadGovernor:
         if self._probe:
             self._judge_probe(median)
         elif self.threads > 1 and self._since[-1] >= self._wait[-1] and (
-                median > SLOWER * self.quiet[self.threads] or median > self.quiet.get(self.threads - 1, float("inf"))
+                median > SLOWER * self.quiet[self.threads]
+                or BETTER * median > self.quiet.get(self.threads - 1, float("inf"))
                 or self.threads - 1 not in self.quiet):
             self._start_probe(-1, median)
         elif self.threads < self.max_threads and self._since[+1] >= self._wait[+1] and (

@@ -156,6 +156,18 @@ def test_one_slow_window_on_a_quiet_machine_does_not_make_it_keep_fewer_threads(
     assert m.threads == 2 and g.changes == [1, 2, 1, 2]
 
 
+def test_jitter_starts_no_probe_where_the_second_thread_gains_little():
+    """A memory-bound decode (2 threads 0.050 s, 1 thread 0.057 s) on a quiet VM where every third
+    window is 25 % slower: after the first try, no window is slow enough that a thread fewer could
+    be kept, so none is tried (each try costs a window of slower tokens)."""
+    m = Machine()
+    tokens = iter(range(10**6))
+    m.token_time = lambda: {1: 0.057, 2: 0.050}[m.threads] * (1.25 if next(tokens) // 4 % 3 == 2 else 1.0)
+    g = governed(m)
+    run(m, g, 1000)
+    assert g.changes == [1, 2] and m.threads == 2
+
+
 def test_without_proc_stat_it_still_probes_up_now_and_then():
     m = Machine()
     g = ThreadGovernor(2, lambda n: setattr(m, "threads", n), idle=lambda: None, clock=lambda: m.now)
