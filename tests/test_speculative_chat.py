@@ -148,6 +148,11 @@ def test_a_grammar_checks_every_drafted_token(controlled):
 def test_auto_falls_back_to_plain_decoding_when_no_draft_is_accepted(monkeypatch):
     # Past the check at load (whose verdict depends on the machine), as where drafting could pay.
     monkeypatch.setattr(session_module, "drafting_verdict", lambda costs, n: None)
+    # The policy sees fixed step costs, a verify twice a plain step's (it is never cheaper): the
+    # clock of a loaded machine (CI beside a build) made it draft far longer than this test allows.
+    record = DraftPolicy.record
+    monkeypatch.setattr(DraftPolicy, "record",
+                        lambda self, drafting, seconds, tokens: record(self, drafting, 2.0 if drafting else 1.0, tokens))
     never = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.0)
     with _session(never, "auto", prefill=False) as s:
         s.send("Tell me about lighthouses.", max_tokens=200)
