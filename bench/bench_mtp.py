@@ -20,7 +20,8 @@ Servers, one at a time, on 127.0.0.1, same GGUF, threads and context:
 Decode tokens/s is measured the same way for all, from the client: each repetition times one
 request for 1 token and one for K+1 tokens (different prompts of the same length, temperature 0;
 the models never end a reply early), and K / (difference) is the decode rate: prompt and request
-costs cancel. The median of --reps repetitions.
+costs cancel. The median of --reps repetitions; in each, every setting of a file is started afresh,
+in an order that turns each repetition, so that the machine's drift falls on all settings alike.
 
 Issue 10's goal (a moonshot): at acceptance 0.8, ≥ 1.5× plain decoding on the 4B file, ahead of
 both peers' MTP on every row; `auto` never more than 3% slower than plain.
@@ -85,18 +86,15 @@ def chat(base: str, prompt: str, max_tokens: int) -> tuple[float, dict]:
     return time.perf_counter() - start, reply
 
 
-def decode_rate(server: Server, tokens: int, reps: int) -> dict:
-    """Decode tokens/s from the client (see the module docstring), and what the server says of its drafts."""
+def decode_gaps(server: Server, tokens: int, rep: int) -> dict:
+    """One repetition's decode time of `tokens` tokens, from the client (see the module docstring),
+    and what the server says of its drafts."""
     chat(server.base, "Warm up: say something.", 8)
     before = _draft_counters(server)
-    gaps, short = [], False
-    for rep in range(reps):
-        one, _ = chat(server.base, f"Story {2 * rep}: tell me about lighthouse number {2 * rep}.", 1)
-        many, reply = chat(server.base, f"Story {2 * rep + 1}: tell me about lighthouse number {2 * rep + 1}.",
-                           tokens + 1)
-        gaps.append(many - one)
-        short |= (reply.get("usage") or {}).get("completion_tokens", tokens + 1) != tokens + 1
-    result = {"tps": tokens / statistics.median(gaps), "short": short}
+    one, _ = chat(server.base, f"Story {2 * rep}: tell me about lighthouse number {2 * rep}.", 1)
+    many, reply = chat(server.base, f"Story {2 * rep + 1}: tell me about lighthouse number {2 * rep + 1}.",
+                       tokens + 1)
+    result = {"gap": many - one, "short": (reply.get("usage") or {}).get("completion_tokens", tokens + 1) != tokens + 1}
     timings = reply.get("timings") or {}
     if timings.get("draft_n"):
         result["acceptance"] = timings["draft_n_accepted"] / timings["draft_n"]
@@ -116,19 +114,19 @@ def _draft_counters(server: Server) -> tuple[float, float] | None:
     return tuple(float(v.group(1)) for v in values) if all(values) else None
 
 
-def measure(name: str, command, args, env: dict, health: str = "/health") -> dict:
-    """Start a server (`command(port)`), measure its decode rate, stop it."""
+def measure(name: str, command, args, env: dict, rep: int, health: str = "/health") -> dict:
+    """Start a server (`command(port)`), time one repetition of its decoding, stop it."""
     server = Plain([], args.workdir / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log", env)
     server.name, server.health = name, health
     server.command = command(server.port)
     server.start()
     try:
         server.wait_ready()
-        result = decode_rate(server, args.tokens, args.reps)
+        result = decode_gaps(server, args.tokens, rep)
     finally:
         server.stop()
     acc = f", drafts accepted {result['acceptance']:.2f}" if "acceptance" in result else ""
-    print(f"  {name}: {result['tps']:.2f} tokens/s{acc}{' (a reply ended early!)' if result['short'] else ''}",
+    print(f"  {name}: {args.tokens / result['gap']:.2f} tokens/s{acc}{' (a reply ended early!)' if result['short'] else ''}",
           flush=True)
     # `--speculative auto` says at load when it found that drafting cannot pay here, and why.
     verdict = [line for line in server.log.read_text(errors="replace").splitlines()
@@ -137,6 +135,15 @@ def measure(name: str, command, args, env: dict, health: str = "/health") -> dic
         result["verdict"] = verdict[0].strip()
         print(f"    {result['verdict']}", flush=True)
     return result
+
+
+def summarize(runs: list[dict], tokens: int) -> dict:
+    """The median decode rate over repetitions, and the drafts accepted (their mean)."""
+    out = {"tps": tokens / statistics.median(r["gap"] for r in runs), "short": any(r["short"] for r in runs)}
+    accepted = [r["acceptance"] for r in runs if "acceptance" in r]
+    if accepted:
+        out["acceptance"] = statistics.mean(accepted)
+    return out
 
 
 def ours(model: Path, args, flags: list[str]):
@@ -163,33 +170,44 @@ def example(python: Path, model: Path, args, n_draft: int):
 
 
 def bench_file(size: str, rate: float, args, env: dict, peers: list[str], python: Path | None) -> list[dict]:
+    """Every server setting on this file, each started afresh for each repetition, in an order that
+    turns by one each repetition: the machine's speed drifts by ±20 % within minutes (README), which
+    a setting measured in one stretch would take for its own."""
     model = controlled_gguf(size, rate, args.workdir)
     print(f"{model}", flush=True)
     # llama-server places the weights as qwen35 does: built without AMX where qwen35 withholds it.
     binary = llama_cpp_tool(args.workdir.parent / "runtime", "llama-server", without_amx=withholds_amx(model)) \
         if "llama.cpp" in peers else None
-    row = {"size": size, "rate": rate}
-    plain = {"qwen35": measure("qwen35 plain", ours(model, args, ["--no-mtp"]), args, env)}
+    settings = {("plain", "qwen35"): ("qwen35 plain", ours(model, args, ["--no-mtp"]), "/health")}
     if binary:
-        plain["llama.cpp"] = measure("llama-server plain", llama_server(binary, model, args, []), args, env)
+        settings["plain", "llama.cpp"] = ("llama-server plain", llama_server(binary, model, args, []), "/health")
     if python:
-        plain["example"] = measure("example plain", example(python, model, args, 0), args, env, "/healthz")
+        settings["plain", "example"] = ("example plain", example(python, model, args, 0), "/healthz")
+    for n in args.draft:
+        settings[n, "qwen35"] = (f"qwen35 --mtp --draft {n}", ours(model, args, ["--mtp", "--draft", str(n)]), "/health")
+        if n == args.auto_draft:
+            settings[n, "auto"] = (f"qwen35 auto --draft {n}",
+                                   ours(model, args, ["--speculative", "auto", "--draft", str(n)]), "/health")
+        if binary:
+            settings[n, "llama.cpp"] = (f"llama-server draft-mtp n-max {n}", llama_server(
+                binary, model, args, ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(n)]), "/health")
+        if python:
+            settings[n, "example"] = (f"example draft-mtp {n}", example(python, model, args, n), "/healthz")
+    keys = list(settings)
+    runs: dict = {key: [] for key in keys}
+    for rep in range(args.reps):
+        print(f" repetition {rep + 1}/{args.reps}", flush=True)
+        turn = rep * len(keys) // args.reps
+        for key in keys[turn:] + keys[:turn]:
+            name, command, health = settings[key]
+            runs[key].append(measure(name, command, args, env, rep, health))
+    result = {key: summarize(r, args.tokens) for key, r in runs.items()}
+    plain = {server: result["plain", server] for server in ("qwen35", "llama.cpp", "example")
+             if ("plain", server) in result}
     rows = []
     for n in args.draft:
-        r = dict(row, n=n, plain=plain, mtp={}, auto=None)
-        r["mtp"]["qwen35"] = measure(f"qwen35 --mtp --draft {n}", ours(model, args, ["--mtp", "--draft", str(n)]),
-                                     args, env)
-        if n == args.auto_draft:
-            r["auto"] = measure(f"qwen35 auto --draft {n}",
-                                ours(model, args, ["--speculative", "auto", "--draft", str(n)]), args, env)
-        if binary:
-            r["mtp"]["llama.cpp"] = measure(
-                f"llama-server draft-mtp n-max {n}",
-                llama_server(binary, model, args, ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(n)]), args, env)
-        if python:
-            r["mtp"]["example"] = measure(f"example draft-mtp {n}", example(python, model, args, n), args, env,
-                                          "/healthz")
-        rows.append(r)
+        mtp = {server: result[n, server] for server in ("qwen35", "llama.cpp", "example") if (n, server) in result}
+        rows.append({"size": size, "rate": rate, "n": n, "plain": plain, "mtp": mtp, "auto": result.get((n, "auto"))})
     return rows
 
 
