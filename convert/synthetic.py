@@ -324,18 +324,34 @@ PREPROCESSOR_CONFIG = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.
                        "temporal_patch_size": 2, "merge_size": 2}
 
 
-def _write_safetensors(path: Path, tensors: list[_Tensor], writer: _ChunkWriter) -> None:
+def safetensors_header(tensors) -> bytes:
+    """The length prefix and JSON header of a safetensors file holding `tensors`, (name, dtype,
+    shape, nbytes) each, in that order."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     # Pad with spaces so the data starts 8-byte aligned, as the reference implementation does.
     header_bytes += b" " * (-len(header_bytes) % 8)
+    return struct.pack("<Q", len(header_bytes)) + header_bytes
+
+
+def shard_file_name(i: int, n: int) -> str:
+    """Shard i (from 1) of n, as the sharded checkpoints here are named."""
+    return f"model.safetensors-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_shard_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_safetensors(path: Path, tensors: list[_Tensor], writer: _ChunkWriter) -> None:
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
+        f.write(safetensors_header((t.name, t.dtype, t.shape, t.nbytes) for t in tensors))
         for t in tensors:
             writer.write(f, t)
 
@@ -413,14 +429,10 @@ def write_checkpoint(
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
-            file_name = f"model.safetensors-{i:05d}-of-{len(shards):05d}.safetensors"
+            file_name = shard_file_name(i, len(shards))
             _write_safetensors(out / file_name, shard, writer)
             weight_map.update((t.name, file_name) for t in shard)
-        index = {
-            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_shard_index(out, weight_map, sum(t.nbytes for t in tensors))
 
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if vision and "vision_config" in config:

@@ -483,6 +483,8 @@ def _mtp_tensors(tensors: dict, generator, residual_scale: float) -> dict:
 def _write_safetensors(checkpoint: Path, tensors: dict, shards: int) -> None:
     from safetensors.torch import save_file
 
+    from qwen35.convert.synthetic import shard_file_name, write_shard_index
+
     metadata = {"format": "pt"}
     if shards == 1:
         save_file(tensors, checkpoint / "model.safetensors", metadata=metadata)
@@ -490,15 +492,11 @@ def _write_safetensors(checkpoint: Path, tensors: dict, shards: int) -> None:
     names = list(tensors)
     weight_map = {}
     for i in range(shards):
-        shard_name = f"model.safetensors-{i + 1:05d}-of-{shards:05d}.safetensors"
+        shard_name = shard_file_name(i + 1, shards)
         shard = {name: tensors[name] for name in names[i::shards]}
         save_file(shard, checkpoint / shard_name, metadata=metadata)
         weight_map.update(dict.fromkeys(shard, shard_name))
-    total_size = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(checkpoint / "model.safetensors.index.json", {
-        "metadata": {"total_size": total_size},
-        "weight_map": dict(sorted(weight_map.items())),
-    })
+    write_shard_index(checkpoint, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 def _reference_logits(model_class, checkpoint: Path, prompt: np.ndarray) -> np.ndarray:

@@ -73,15 +73,16 @@ def rewrite_checkpoint(src: Path, dst: Path, transform, shard_bytes: int = 2 * 1
     import shutil
 
     from qwen35.convert.checkpoint import Checkpoint
+    from qwen35.convert.synthetic import shard_file_name, write_shard_index
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors*"))
-    shards: list[tuple[Path, list[str]]] = []
+    shards: list[tuple[Path, list[str], int]] = []  # (file, its tensors, their bytes)
     pending: list[tuple[str, object]] = []
 
     def flush() -> None:
         path = dst / f"shard-{len(shards)}.partial"
         _write_safetensors(path, pending)
-        shards.append((path, [name for name, _ in pending]))
+        shards.append((path, [name for name, _ in pending], sum(array.nbytes for _, array in pending)))
         pending.clear()
 
     with Checkpoint(src) as ckpt:
@@ -95,29 +96,22 @@ def rewrite_checkpoint(src: Path, dst: Path, transform, shard_bytes: int = 2 * 1
         os.replace(shards[0][0], dst / "model.safetensors")
         return dst
     weight_map = {}
-    for i, (path, names) in enumerate(shards, 1):
-        file_name = f"model.safetensors-{i:05d}-of-{len(shards):05d}.safetensors"
+    for i, (path, names, _) in enumerate(shards, 1):
+        file_name = shard_file_name(i, len(shards))
         os.replace(path, dst / file_name)
         weight_map.update((name, file_name) for name in names)
-    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_shard_index(dst, weight_map, sum(nbytes for *_, nbytes in shards))
     return dst
 
 
 def _write_safetensors(path: Path, tensors) -> None:
-    import struct
-
     import numpy as np
 
+    from qwen35.convert.synthetic import safetensors_header
+
     dtypes = {np.dtype("<u2"): "BF16", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
-    header, offset = {}, 0
-    for name, array in tensors:
-        header[name] = {"dtype": dtypes[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    raw_header = json.dumps(header).encode()
-    raw_header += b" " * (-len(raw_header) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw_header)) + raw_header)
+        f.write(safetensors_header((name, dtypes[a.dtype], a.shape, a.nbytes) for name, a in tensors))
         for _, array in tensors:
             f.write(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy of a GB-sized tensor
 
