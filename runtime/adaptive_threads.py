@@ -6,14 +6,15 @@ waiting for it (measured on 2 cores with one `yes > /dev/null`: 4.3 tokens/s wit
 with 1, 20.2 quiet with 2). So between tokens this watches the time per token:
 
 - at each thread count it keeps the best time it has seen (the quiet baseline of that count);
-- after its first window it tries one thread fewer once, so that a machine already busy when the
-  reply starts is noticed too (quiet, that costs one window of slower tokens per session);
-- when tokens take SLOWER × that baseline, or so long that one thread fewer has been seen to beat
-  them by what a kept probe must (BETTER), cores are taken: it tries one thread fewer for a window
-  of tokens and keeps it if it is that much faster (else it goes back and waits longer before
-  trying again, so a slow phase that threads do not explain costs little). Where a decode barely
-  gains from its last thread (memory-bound: 0.8B on 2 cores, ~15 %), the jitter of a quiet VM then
-  starts no probe that could not be kept;
+- it tries one thread fewer only after a window in which other programs took cores from ours (the
+  machine's busy time, from /proc/stat, less this process's CPU time: TAKEN), and then when tokens
+  take SLOWER × that baseline, or so long that one thread fewer has been seen to beat them by what
+  a kept probe must (BETTER), or when one thread fewer was never tried — so a machine busy from the
+  start is noticed too. It tries for a window of tokens and keeps it if it is that much faster
+  (else it goes back and waits longer before trying again). A quiet machine is never made to try:
+  a slower window there is the VM's jitter, which fewer threads do not cure (each try costs a
+  window of slower tokens: ~7 % of a 64-token reply at 4B on 2 cores). Where /proc/stat cannot be
+  read, the times alone decide, and it tries one thread fewer once per session;
 - below the maximum, it tries one thread more when the machine has an idle core again (from
   /proc/stat), or every so often where that cannot be read, and keeps it if it is faster;
 - a reply ending mid-probe ends the probe (`reply_ended`): the next prompt is evaluated on the
@@ -22,7 +23,7 @@ with 1, 20.2 quiet with 2). So between tokens this watches the time per token:
   idle while nothing of ours ran, since the last reply ended (`prompt_starting`): a prompt on one
   thread of two takes twice as long, and the next reply would otherwise wait FIRST_WAIT tokens.
 
-Quiet, nothing changes after that first try: the baseline holds and no probe runs.
+Quiet, nothing changes: the baseline holds and no probe runs.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ SLOWER = 1.3  # a window this much slower than the quiet baseline means cores ar
 # busy core on 2: 0.38x the time per token with a thread fewer; freed again: 0.59x with one more).
 BETTER = 0.8
 FIRST_WAIT, MAX_WAIT = 16, 1024  # tokens before the next probe in a direction; doubles after each failure
+# Cores other programs must have taken from our threads, on average over a window, before one thread
+# fewer is tried (a `yes` beside 2 threads on 2 cores: ~0.67; quiet: below 0.1, /proc/stat counting
+# in 10 ms ticks). A slower window without it is the VM's jitter or memory, which fewer threads do
+# not cure. The hypervisor's own use of our cores shows as steal time, which counts as taken.
+TAKEN = 0.3
 MIN_GAP_S = 0.1  # a pause between replies shorter than this says too little about the cores
 
 
@@ -57,10 +63,11 @@ class ThreadGovernor:
 
     def __init__(self, max_threads: int, apply: Callable[[int], None], *,
                  idle: Callable[[], Optional[float]] = idle_core_seconds,
-                 clock: Callable[[], float] = time.monotonic, cores: Optional[int] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, own_cpu: Callable[[], float] = time.process_time,
+                 cores: Optional[int] = None) -> None:
         self.max_threads = max_threads
         self.threads = max_threads
-        self._apply, self._idle, self._clock = apply, idle, clock
+        self._apply, self._idle, self._clock, self._own_cpu = apply, idle, clock, own_cpu
         self._cores = cores or os.cpu_count() or max_threads
         self._ended: Optional[tuple[float, Optional[float]]] = None  # (clock, idle) when the last reply ended
         self.quiet: dict[int, float] = {}  # threads -> best window median seen
@@ -68,7 +75,7 @@ class ThreadGovernor:
         self._probe: Optional[tuple[int, float]] = None  # (threads before, their median) while probing
         self._wait = {-1: 0, +1: FIRST_WAIT}
         self._since = {-1: 0, +1: 0}
-        self._mark = (clock(), idle())
+        self._mark = self._now()
         self.changes: list[int] = []  # thread counts applied, in order (for benches and tests)
 
     def token_done(self, seconds: float) -> None:
@@ -77,13 +84,13 @@ class ThreadGovernor:
             return
         median = statistics.median(self._window)
         self._window = []
-        idle_cores = self._idle_cores()
+        idle_cores, others = self._cores_since_mark()
         self.quiet[self.threads] = min(self.quiet.get(self.threads, median), median)
         for direction in self._since:
             self._since[direction] += WINDOW
         if self._probe:
             self._judge_probe(median)
-        elif self.threads > 1 and self._since[-1] >= self._wait[-1] and (
+        elif self.threads > 1 and self._since[-1] >= self._wait[-1] and (others is None or others >= TAKEN) and (
                 median > SLOWER * self.quiet[self.threads]
                 or BETTER * median > self.quiet.get(self.threads - 1, float("inf"))
                 or self.threads - 1 not in self.quiet):
@@ -136,12 +143,19 @@ class ThreadGovernor:
         self.threads = threads
         self.changes.append(threads)
         self._apply(threads)
-        self._mark = (self._clock(), self._idle())
+        self._mark = self._now()
 
-    def _idle_cores(self) -> Optional[float]:
-        """Cores idle on average since the last window (other programs' and ours counted alike)."""
-        now, idle = self._clock(), self._idle()
-        (then, idle_then), self._mark = self._mark, (now, idle)
-        if idle is None or idle_then is None or now <= then:
-            return None
-        return (idle - idle_then) / (now - then)
+    def _now(self) -> tuple[float, Optional[float], float]:
+        return self._clock(), self._idle(), self._own_cpu()
+
+    def _cores_since_mark(self) -> tuple[Optional[float], Optional[float]]:
+        """Since the last window, on average: the cores idle (other programs' and ours counted
+        alike), and the cores other programs took beyond those our threads leave them (what one
+        thread fewer could give back); None where /proc/stat cannot be read."""
+        now = self._now()
+        (then, idle_then, own_then), self._mark = self._mark, now
+        if now[1] is None or idle_then is None or now[0] <= then:
+            return None, None
+        span = now[0] - then
+        idle, own = (now[1] - idle_then) / span, (now[2] - own_then) / span
+        return idle, self._cores - idle - own - (self._cores - self.threads)
