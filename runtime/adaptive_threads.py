@@ -13,8 +13,9 @@ with 1, 20.2 quiet with 2). So between tokens this watches the time per token:
   start is noticed too. It tries for a window of tokens and keeps it if it is that much faster
   (else it goes back and waits longer before trying again). A quiet machine is never made to try:
   a slower window there is the VM's jitter, which fewer threads do not cure (each try costs a
-  window of slower tokens: ~7 % of a 64-token reply at 4B on 2 cores). Where /proc/stat cannot be
-  read, the times alone decide, and it tries one thread fewer once per session;
+  window of slower tokens: ~7 % of a 64-token reply at 4B on 2 cores); only tokens MUCH_SLOWER than
+  the baseline are tried without it (what takes our cores may not show in /proc/stat). Where
+  /proc/stat cannot be read, the times alone decide, and it tries one thread fewer once per session;
 - below the maximum, it tries one thread more when the machine has an idle core again (from
   /proc/stat), or every so often where that cannot be read, and keeps it if it is faster;
 - a reply ending mid-probe ends the probe (`reply_ended`): the next prompt is evaluated on the
@@ -46,14 +47,35 @@ FIRST_WAIT, MAX_WAIT = 16, 1024  # tokens before the next probe in a direction; 
 # in 10 ms ticks). A slower window without it is the VM's jitter or memory, which fewer threads do
 # not cure. The hypervisor's own use of our cores shows as steal time, which counts as taken.
 TAKEN = 0.3
+# Tokens this much slower than the baseline are tried on a thread fewer whatever /proc/stat says:
+# what takes our cores may not show there (a cgroup's CPU quota; a host's load outside our cpuset
+# lines). Quiet jitter stays below it; one busy core on 2 makes tokens 4.7x slower.
+MUCH_SLOWER = 2.0
 MIN_GAP_S = 0.1  # a pause between replies shorter than this says too little about the cores
 
 
-def idle_core_seconds(stat: Path = Path("/proc/stat")) -> Optional[float]:
-    """Idle time summed over all CPUs since boot, in seconds (None where /proc/stat is missing)."""
+def usable_cpus() -> Optional[frozenset[int]]:
+    """The CPUs this process may run on (a container's or `taskset`'s cpuset), None where unknown."""
     try:
-        fields = stat.read_text().split("\n", 1)[0].split()
-        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")  # idle + iowait
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def idle_core_seconds(stat: Path = Path("/proc/stat"), cpus: Optional[frozenset[int]] = None) -> Optional[float]:
+    """Idle time since boot, in seconds, summed over `cpus` (default: every CPU); None where
+    /proc/stat is missing. Counting only the CPUs we may run on keeps a big host's other CPUs,
+    idle or busy, out of what the governor reads of ours."""
+    try:
+        lines = stat.read_text().splitlines()
+        rows = [line.split() for line in lines if line.startswith("cpu")]
+        if cpus is None:
+            rows = rows[:1]  # the "cpu" line: all of them
+        else:
+            rows = [r for r in rows[1:] if int(r[0][3:]) in cpus]
+            if len(rows) != len(cpus):
+                return None
+        return sum(int(r[4]) + int(r[5]) for r in rows) / os.sysconf("SC_CLK_TCK")  # idle + iowait
     except (OSError, ValueError, IndexError):
         return None
 
@@ -62,11 +84,14 @@ class ThreadGovernor:
     """Call `token_done(seconds)` after each generated token; it calls `apply(n)` to change threads."""
 
     def __init__(self, max_threads: int, apply: Callable[[int], None], *,
-                 idle: Callable[[], Optional[float]] = idle_core_seconds,
+                 idle: Optional[Callable[[], Optional[float]]] = None,
                  clock: Callable[[], float] = time.monotonic, own_cpu: Callable[[], float] = time.process_time,
                  cores: Optional[int] = None) -> None:
         self.max_threads = max_threads
         self.threads = max_threads
+        if idle is None:
+            cpus = usable_cpus()
+            idle, cores = (lambda: idle_core_seconds(cpus=cpus)), cores or (len(cpus) if cpus else None)
         self._apply, self._idle, self._clock, self._own_cpu = apply, idle, clock, own_cpu
         self._cores = cores or os.cpu_count() or max_threads
         self._ended: Optional[tuple[float, Optional[float]]] = None  # (clock, idle) when the last reply ended
@@ -90,10 +115,12 @@ class ThreadGovernor:
             self._since[direction] += WINDOW
         if self._probe:
             self._judge_probe(median)
-        elif self.threads > 1 and self._since[-1] >= self._wait[-1] and (others is None or others >= TAKEN) and (
-                median > SLOWER * self.quiet[self.threads]
-                or BETTER * median > self.quiet.get(self.threads - 1, float("inf"))
-                or self.threads - 1 not in self.quiet):
+        elif self.threads > 1 and self._since[-1] >= self._wait[-1] and (
+                median > MUCH_SLOWER * self.quiet[self.threads]
+                or (others is None or others >= TAKEN) and (
+                    median > SLOWER * self.quiet[self.threads]
+                    or BETTER * median > self.quiet.get(self.threads - 1, float("inf"))
+                    or self.threads - 1 not in self.quiet)):
             self._start_probe(-1, median)
         elif self.threads < self.max_threads and self._since[+1] >= self._wait[+1] and (
                 idle_cores is None or idle_cores >= 0.5 or self._wait[+1] >= MAX_WAIT):
