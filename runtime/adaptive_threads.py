@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .system import usable_cpus
+
 WINDOW = 4  # tokens per measurement
 SLOWER = 1.3  # a window this much slower than the quiet baseline means cores are taken
 # A probe is kept if it is at least this much faster than what it replaced. Quiet, windows of one
@@ -52,14 +54,6 @@ TAKEN = 0.3
 # lines). Quiet jitter stays below it; one busy core on 2 makes tokens 4.7x slower.
 MUCH_SLOWER = 2.0
 MIN_GAP_S = 0.1  # a pause between replies shorter than this says too little about the cores
-
-
-def usable_cpus() -> Optional[frozenset[int]]:
-    """The CPUs this process may run on (a container's or `taskset`'s cpuset), None where unknown."""
-    try:
-        return frozenset(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
 
 
 def idle_core_seconds(stat: Path = Path("/proc/stat"), cpus: Optional[frozenset[int]] = None) -> Optional[float]:

@@ -46,14 +46,22 @@ def _cpu_list(text: str) -> list[int]:
     return cpus
 
 
+def usable_cpus() -> frozenset[int] | None:
+    """The CPUs this process may run on (a container's or `taskset`'s cpuset), None where unknown."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def read_cpus(root: str | Path = "/", allowed: set[int] | None = None) -> list[Cpu]:
     """The online logical CPUs this process may run on (`allowed`: default, its affinity)."""
     base = Path(root) / "sys/devices/system/cpu"
     online = _read(base / "online")
     ids = _cpu_list(online) if online else sorted(
         int(p.name[3:]) for p in base.glob("cpu[0-9]*") if p.name[3:].isdigit())
-    if allowed is None and Path(root) == Path("/") and hasattr(os, "sched_getaffinity"):
-        allowed = os.sched_getaffinity(0)
+    if allowed is None and Path(root) == Path("/"):
+        allowed = usable_cpus()
     if allowed is not None:
         ids = [i for i in ids if i in allowed]
     by_capacity = all(_read(base / f"cpu{i}/cpu_capacity") for i in ids)
@@ -68,7 +76,7 @@ def read_cpus(root: str | Path = "/", allowed: set[int] | None = None) -> list[C
 
 
 def _fallback_count() -> int:
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    allowed = usable_cpus() or range(os.cpu_count() or 1)
     return max(1, len(allowed))
 
 
