@@ -32,9 +32,11 @@ from .tools import check_tools, prepare_messages
 
 MAX_BODY = 16 << 20  # bytes of one request
 KEEPALIVE_S = 1.0  # an SSE comment this often while nothing else is sent
-# Idle this long, the worker secures the live conversation (ChatSession.idle: a state read, ~10-30 ms
-# on 2 cores) so that the next conversation's request does not wait for it. An agent's next request
-# in a tool loop usually comes sooner, and then goes on from the live state, which needs nothing.
+# Idle this long, the worker evaluates the known start of the last conversation's next request and
+# secures the live conversation (ChatSession.idle: that prefill, then a state read, ~10-30 ms on 2
+# cores) so that the next conversation's request does not wait for it; a request arriving meanwhile
+# stops it. A client whose next request comes sooner (an agent's quick tool, a batch of unrelated
+# prompts) never waits for either.
 IDLE_S = 0.2
 
 _SAMPLING_FIELDS = {"temperature": ("temp", 0, 2), "top_p": ("top_p", 0, 1), "top_k": ("top_k", 0, None),
@@ -96,7 +98,7 @@ class Server:
                 job = self._jobs.get(timeout=IDLE_S)
             except queue.Empty:
                 try:
-                    self.session.idle()
+                    self.session.idle(busy=lambda: not self._jobs.empty())
                 except Exception:  # noqa: BLE001 - then the next switch reads the state itself
                     pass
                 job = self._jobs.get()
@@ -494,7 +496,7 @@ def serve(model: str, *, host: str, port: int, api_key: str | None, session_opti
     """Load MODEL and serve it until interrupted."""
     if not is_loopback(host) and not api_key:
         raise ChatError(f"refusing to listen on {host} (beyond this machine) without --api-key")
-    with ChatSession(model, prefill=False, **session_options) as session:
+    with ChatSession(model, **session_options) as session:
         for warning in session.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         server = Server(session, model_name=session.model_file.path.stem, api_key=api_key, queue_size=queue_size)

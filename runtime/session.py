@@ -54,6 +54,10 @@ MAX_DRAFT_TOKENS = 8  # each draft token costs one more recurrent-state snapshot
 # there costs about what evaluating it again in a later conversation's first batch would (measured
 # on 2 cores: a 17-token system turn split off a 137-token prompt added ~50 ms, about 9 tokens' worth).
 MIN_PREFIX_CHECKPOINT = 64
+# A server's prefill between requests (ChatSession.idle) evaluates this many tokens per decode, so
+# that a request arriving meanwhile waits for at most one such step (2 cores: 0.8B ~60 ms, 4B
+# ~250 ms), not for the whole guess.
+PREFILL_STEP = 8
 # What `auto` times its steps after, at load (any ordinary text: only the shapes matter).
 _CALIBRATION_TEXT = "The lighthouse keeper climbed the stairs every evening to light the lamp for the ships. " * 3
 _CALIBRATION_TOKENS = 32
@@ -145,9 +149,11 @@ class ChatSession:
     evaluate only what no earlier prompt evaluated, for several interleaved conversations.
 
     With `prefill` (the default), after each reply the part of the next prompt that is already known
-    (the answer as the template re-renders it, up to the next user message) is evaluated in a
-    background thread while the user reads and types; it is counted in the next turn's
-    prompt_tokens. Turn it off for one-shot use, where there is no next turn.
+    (the answer as the template re-renders it, up to the next user message, or into the tool
+    results after a reply that called tools) is evaluated in a background thread while the user
+    reads and types, or the tools run; it is counted in the next turn's prompt_tokens. `respond`
+    does the same with the reply as OpenAI clients send it back (content and tool calls). Turn it
+    off for one-shot use, where there is no next turn.
 
     With `adapt_threads` (the default), the session runs on fewer threads while other programs keep
     cores busy and returns to `threads` when they are free (adaptive_threads.py; measured by
@@ -261,8 +267,9 @@ class ChatSession:
         self.cache = StateCache(self._model_state, cache_bytes)
         self._stop = threading.Event()
         self._prefill_enabled = prefill
-        self._prefill: threading.Thread | None = None
+        self._prefill_thread: threading.Thread | None = None
         self._prefilled = (0, 0)  # positions of the tokens the last prefill evaluated
+        self._guess: tuple[list[dict], list[dict]] | None = None  # respond()'s next prompt start, for idle()
 
         self._image_max_tokens = image_max_tokens
         self._projector: Projector | None = None
@@ -387,6 +394,7 @@ class ChatSession:
         self.messages = []
         self.cache.forget()
         self._prefilled = (0, 0)
+        self._guess = None
         self.stats = {}
         self._images = {}
         self._free_tokenized()
@@ -407,7 +415,7 @@ class ChatSession:
         self.messages = [dict(m) for m in messages]
         self._hold_images([], images)
         if self._prefill_enabled and self.messages:
-            self._start_prefill()
+            self._start_prefill(self._conversation(), self.tools)
 
     @property
     def model_fingerprint(self) -> dict:
@@ -457,12 +465,19 @@ class ChatSession:
         if self._spec:
             self._spec.set_threads(threads)
 
-    def idle(self) -> None:
-        """Nothing waits (a server between requests): read out now the checkpoint that a prompt of
-        another conversation would otherwise have to read first (StateCache.secure_live), so that
-        switching conversations costs that prompt nothing."""
+    def idle(self, busy: Callable[[], bool] = lambda: False) -> None:
+        """Nothing waits (a server between requests): evaluate the known start of the next prompt
+        of the conversation `respond` last answered (see _prefill), in small steps, stopping as soon
+        as `busy()` says a request waits; then read out the checkpoint that a prompt of another
+        conversation would otherwise have to read first (StateCache.secure_live), so that switching
+        conversations costs that prompt nothing. Done at idle, not at once after the reply: a client
+        that sends its next, unrelated, request at once never waits for a guess about it."""
         self._settle()
-        self.cache.secure_live()
+        guess, self._guess = self._guess, None
+        if guess is not None and not busy():
+            self._prefill(*guess, guess=True, busy=busy)
+        if not busy():
+            self.cache.secure_live()
 
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
@@ -517,7 +532,7 @@ class ChatSession:
         self._images = images
 
     def close(self) -> None:
-        if getattr(self, "_prefill", None):
+        if getattr(self, "_prefill_thread", None):
             self._settle()
         if getattr(self, "_tokenized", None):
             self._free_tokenized()
@@ -546,6 +561,7 @@ class ChatSession:
                         record: bool) -> Iterator[Piece]:
         start = time.perf_counter()
         self._settle()  # waiting for the prefill counts in the time to first token
+        self._guess = None  # (about the reply before: this turn replaces it)
         conversation = history + new
         tools = request.tools
         prompt_text = self.template.render(conversation, add_generation_prompt=True, think=request.think,
@@ -657,8 +673,15 @@ class ChatSession:
                          total_s=time.perf_counter() - start)
             self.stats = stats
             self.last_reply = Reply(reasoning, content, tool_calls, finish, stats, notices, answer.cut_off)
-            if record and self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
-                self._start_prefill()
+            if self._prefill_enabled and stats["ttft_s"] is not None and finish != "context":
+                if record:
+                    self._start_prefill(self._conversation(), tools)
+                elif finish != "interrupted":
+                    # The caller will send the whole conversation again, with this reply as OpenAI
+                    # clients send one back: its content and tool calls, usually not its reasoning.
+                    # Evaluated by idle(), when no request waits.
+                    reply = {"role": "assistant", "content": content, "tool_calls": tool_calls}
+                    self._guess = (conversation + prepare_messages([reply]), tools)
 
     def _generate(self, sampler: native.Sampler, request: _Request, splitter: ReplySplitter,
                   stats: dict, notices: list[str], start: float, keep_prompt_state: Callable[[], list[int]]):
@@ -758,37 +781,50 @@ class ChatSession:
 
     # --- the model state ------------------------------------------------------------------------
 
-    def _start_prefill(self) -> None:
-        """Evaluate, in the background, the start of the next prompt that is already known: the
-        tokens every next message's rendering shares (found by rendering two different ones)."""
-        conversation = self._conversation()
-        try:
-            a, b = (self._render_cells(conversation + [{"role": "user", "content": text}], add_generation_prompt=False,
-                                       think=None, tools=self.tools)
-                    for text in ("A.", "B?"))
-        except ChatError:
-            return  # (an image it cannot show: the next turn says so)
-        known = a[:_common_prefix(a, b)]
-        if not known or len(known) >= self.n_ctx - 1:
-            return
+    def _start_prefill(self, conversation: list[dict], tools: list[dict]) -> None:
+        """The prefill (below) of a recorded conversation, in a background thread while the user
+        reads and types (or the tools run)."""
         self._stop.clear()
+        self._prefill_thread = threading.Thread(target=self._prefill, args=(conversation, tools),
+                                                name="qwen35-prefill")
+        self._prefill_thread.start()
 
-        def work() -> None:
-            try:
-                start = self._reuse(known, need_logits=False)
-                self._evaluate(known[start:], logits=False)  # stops early if interrupted
-                self._prefilled = (start, len(self.cache.tokens))
-            except ChatError:
-                pass  # the state stays consistent; the next turn evaluates what is missing
+    def _prefill(self, conversation: list[dict], tools: list[dict], *, guess: bool = False,
+                 busy: Callable[[], bool] | None = None) -> None:
+        """Evaluate the start of the next prompt that is already known: the tokens every next
+        message's rendering shares (found by rendering two different ones) — a user message's, or
+        the tool results' after a reply that called tools. That is the last reply as the template
+        renders it again (before a user message Qwen3.5's template drops the turn's think block, so
+        the turn is evaluated again from its boundary before it) and the next turn's opening.
 
-        self._prefill = threading.Thread(target=work, name="qwen35-prefill")
-        self._prefill.start()
+        `guess`: the conversation's last turn is only what the client will probably send back (a
+        server's). Before tool results the template keeps the turn as written, and a client that
+        sends the reasoning back goes on from the state as the model left it: then the guess is
+        evaluated only where it goes on from that state too, never in its place. (Before a user
+        message the state as left serves no next prompt; the checkpoints that do stay reachable.)
+        `busy`: stop between steps of PREFILL_STEP tokens when it says a request waits."""
+        following = "tool" if conversation[-1].get("tool_calls") else "user"
+        try:
+            a, b = (self._render_cells(conversation + [{"role": following, "content": text}],
+                                       add_generation_prompt=False, think=None, tools=tools)
+                    for text in ("A.", "B?"))
+            known = a[:_common_prefix(a, b)]
+            held = self.cache.tokens
+            if not known or len(known) >= self.n_ctx - 1 \
+                    or guess and following == "tool" and known[:len(held)] != held:
+                return
+            start = self._reuse(known, need_logits=False)
+            # (stops early if interrupted, or when a request waits)
+            self._evaluate(known[start:], logits=False, stop=busy, step=PREFILL_STEP if busy else None)
+            self._prefilled = (start, len(self.cache.tokens))
+        except ChatError:
+            pass  # (an image it cannot show: the next turn says so; the state stays consistent)
 
     def _settle(self) -> None:
         """Wait for the prefill: the llama.cpp context is used by one thread at a time."""
-        if self._prefill is not None:
-            self._prefill.join()
-            self._prefill = None
+        if self._prefill_thread is not None:
+            self._prefill_thread.join()
+            self._prefill_thread = None
 
     def _conversation(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -834,16 +870,17 @@ class ChatSession:
         return (self._spec is None and len(prompt) - boundary <= self._ctx.n_rollback
                 and min(prompt[boundary - 1:]) >= 0)
 
-    def _evaluate(self, tokens: list[int], *, logits: bool, last_batch: int = 1) -> bool:
+    def _evaluate(self, tokens: list[int], *, logits: bool, last_batch: int = 1,
+                  stop: Callable[[], bool] | None = None, step: int | None = None) -> bool:
         """Feed cells (`_cells`: tokens, and images' stand-ins) in batches, the last one holding at
         least `last_batch` cells when they are text. Returns False if
         interrupted between batches; the state stays consistent either way (`cache.tokens` lists
         exactly what has been evaluated)."""
-        step = self._ctx.n_batch
+        step = min(step or self._ctx.n_batch, self._ctx.n_batch)
         held = self.cache.tokens
         i = 0
         while i < len(tokens):
-            if i and self._stop.is_set():
+            if i and (self._stop.is_set() or stop is not None and stop()):
                 return False
             if tokens[i] < 0:  # an image starts here
                 image = self._image_cells[self._image_at[tokens[i]]]

@@ -179,15 +179,17 @@ class StateCache:
         self._put(checkpoint)
 
     def secure_live(self) -> bool:
-        """Take now, while nothing waits, the full checkpoint that another conversation's prompt
-        would otherwise have to take first (`_keep_live`): one at the live state's end, which keeps
-        every checkpoint the live state holds reachable. The live state stays as it is. Returns
-        whether it read a state.
+        """Take now, while nothing waits, a full checkpoint at the live state's end: what another
+        conversation's prompt would otherwise have to read first (`_keep_live`), and more — every
+        checkpoint the live state holds stays reachable through it, and so does what it holds
+        past them (a server's prefill of the next prompt's start, a reply the next prompt goes on
+        from). The live state stays as it is. Returns whether it read a state.
 
         It insures the live conversation until the next prompt: one that goes on with it drops the
         insurance (the live state carries it again, and it would hold only a superseded branch);
         one that replaces it keeps it, as that conversation's checkpoint."""
-        if self._insurance is not None or not self._doomed(()):
+        end = self._entries.get(tuple(self.tokens))
+        if self._insurance is not None or not self.tokens or end is not None and end.full:
             return False
         key = tuple(self.tokens)
         self.snapshot(REPLY, full=True)

@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -8,6 +10,7 @@ from tests.fixtures import FIXTURES, cached_fixture
 
 # The interactive chat keeps its conversations under $XDG_STATE_HOME: never the user's own in tests.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="qwen35-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], ignore_errors=True)
 
 
 def _fixture_cache_root() -> Path:

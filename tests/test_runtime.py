@@ -454,12 +454,136 @@ def test_tool_results_continue_a_conversation_as_the_template_renders_it(fresh):
     held = _first_context(fresh.stream({"role": "tool", "tool_call_id": "call_1", "content": "all good"},
                                        tools=TOOLS), fresh)
     assert held == _prompt_tokens_with_tools(fresh, fresh.messages[:3])
-    assert fresh.tokenize("<tool_response>\nall good\n</tool_response>")[1:4] == held[-20:][5:8] or \
-        "all good" in fresh.render()
+    tail = fresh.tokenize("<|im_start|>user\n<tool_response>\nall good\n</tool_response><|im_end|>\n"
+                          "<|im_start|>assistant\n<think>\n")
+    assert held[-len(tail):] == tail
 
 
 def _prompt_tokens_with_tools(session: ChatSession, messages: list[dict]) -> list[int]:
     return session.tokenize(session.template.render(messages, add_generation_prompt=True, think=None, tools=TOOLS))
+
+
+# --- the known start of the next prompt, evaluated between turns ---------------------------------
+
+
+def _known_start(session: ChatSession, conversation: list[dict], following: str, tools=None) -> list[int]:
+    """What every next prompt after `conversation` starts with, when a `following` message comes."""
+    from qwen35.runtime.session import _common_prefix
+
+    a, b = (session._render_cells(conversation + [{"role": following, "content": text}], add_generation_prompt=False,
+                                  think=None, tools=tools) for text in ("A.", "B?"))
+    return a[:_common_prefix(a, b)]
+
+
+def test_prefill_after_a_turn_with_its_own_tools_goes_on_from_that_turn(fresh):
+    """Tools given for one turn: the next prompt's start is rendered with them, so the prefill goes
+    on from the turn's prompt (rendered without them it would evaluate the whole conversation anew)."""
+    held = _context_while_replying(fresh, "Is the network up?", tools=TOOLS)
+    fresh._settle()
+    following = "tool" if fresh.messages[-1].get("tool_calls") else "user"
+    after = fresh.context_tokens()
+    # (The prompt ended `<think>\n`; the next rendering of the turn drops its think block.)
+    boundary = len(held) - len(fresh.tokenize("<think>\n"))
+    assert after[:boundary] == held[:boundary]
+    assert after == _known_start(fresh, fresh._conversation(), following, TOOLS)
+    assert fresh.stats["prompt_tokens"] == len(held)
+
+
+def test_after_tool_calls_the_prefill_reaches_into_the_tool_results(fresh):
+    from qwen35.runtime.tools import prepare_messages
+
+    fresh.messages = prepare_messages([
+        {"role": "user", "content": "Is the network up?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"query": "up?"}'}}]}])
+    fresh._start_prefill(fresh._conversation(), TOOLS)
+    fresh._settle()
+    tail = fresh.tokenize("</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n")
+    assert fresh.context_tokens()[-len(tail):] == tail
+
+
+def test_respond_prefills_between_requests_and_answers_as_without_it(tiny_gguf):
+    """Two requests of one conversation (respond(), as `qwen35 serve` answers them), with the
+    prefill and without: the same greedy answers; with it, between the requests the model state
+    becomes the known start of the second prompt (the reply as the client sends it back, and the
+    next turn's opening), and the second request evaluates only the rest."""
+    from qwen35.runtime.tools import prepare_messages
+
+    first = [{"role": "user", "content": "Tell me about harbours and their lights. " * 3}]
+    results = []
+    for prefill in (True, False):
+        with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=5, temp=0, max_tokens=6, prefill=prefill) as s:
+            for _ in s.respond(first, think=False):
+                pass
+            reply = {"role": "assistant", "content": s.last_reply.content}
+            s.idle()  # (a server: when no request waits)
+            between = s.context_tokens()
+            known = _known_start(s, prepare_messages(first + [reply]), "user")
+            for _ in s.respond(first + [reply, {"role": "user", "content": "More."}], think=False):
+                pass
+            results.append((reply, s.last_reply.content, s.last_reply.stats, between, known))
+    (reply, answer, stats, between, known), (plain_reply, plain_answer, plain_stats, _, _) = results
+    assert (reply, answer) == (plain_reply, plain_answer)
+    assert between == known
+    assert plain_stats["prefilled_tokens"] == 0 and stats["prefilled_tokens"] > 0
+    # The prefilled tokens are the request's work, done ahead: they count as evaluated, not cached.
+    assert stats["prompt_tokens"] == plain_stats["prompt_tokens"]
+    assert stats["cached_tokens"] == plain_stats["cached_tokens"]
+
+
+def test_a_request_that_arrives_stops_the_prefill_between_two_steps(tiny_gguf):
+    from qwen35.runtime.session import PREFILL_STEP
+
+    first = [{"role": "user", "content": "Tell me a story about a fox."}]
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=5, temp=0, max_tokens=40, think=False) as s:
+        for _ in s.respond(first):
+            pass
+        left = s.context_tokens()
+        s.idle(busy=lambda: True)  # a request already waits: nothing is evaluated
+        assert s.context_tokens() == left
+        reply = {"role": "assistant", "content": s.last_reply.content}
+        for _ in s.respond(first):  # (the same reply again, and its guess)
+            pass
+        steps = []
+        s.idle(busy=lambda: steps.append(1) or len(steps) > 1)  # a request arrives after the first step
+        known = _known_start(s, __import__("qwen35.runtime.tools", fromlist=["x"]).prepare_messages(
+            first + [reply]), "user")
+        start, end = s._prefilled
+        assert end - start == PREFILL_STEP < len(known) - start and s.context_tokens() == known[:end]
+        for _ in s.respond(first + [reply, {"role": "user", "content": "More."}]):
+            pass
+        answer = s.last_reply.content
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=5, temp=0, max_tokens=40, think=False,
+                     prefill=False) as plain:
+        for _ in plain.respond(first + [reply, {"role": "user", "content": "More."}]):
+            pass
+        assert plain.last_reply.content == answer
+
+
+def test_a_server_whose_guess_was_wrong_restores_what_the_next_prompt_needs(tiny_gguf):
+    """The client sends back something else than the reply: the state the prefill moved away
+    from is restored (read out in full before), so that prompt evaluates no more than without
+    the prefill, and answers the same."""
+    first = [{"role": "user", "content": "Is the network up?"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"query": "up?"}'}}]}
+    results = []
+    for prefill in (True, False):
+        with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=5, temp=0, max_tokens=6, prefill=prefill) as s:
+            for _ in s.respond(first, tools=TOOLS, think=False):
+                pass
+            s.idle()
+            opening = s.tokenize("<|im_end|>\n<|im_start|>user\n")
+            assert (s.context_tokens()[-len(opening):] == opening) == prefill  # the guess was evaluated
+            # (as bench_server's tool loop does: the calls are the client's, not the model's reply)
+            second = first + [call, {"role": "tool", "tool_call_id": "call_1", "content": "all good"}]
+            for _ in s.respond(second, tools=TOOLS, think=False):
+                pass
+            results.append((s.last_reply.content, s.last_reply.stats))
+    (answer, stats), (plain_answer, plain_stats) = results
+    assert answer == plain_answer
+    assert stats["prompt_tokens"] == plain_stats["prompt_tokens"] and stats["prefilled_tokens"] == 0
+
 
 
 def test_interleaved_conversations_each_keep_their_reuse(tiny_gguf):

@@ -33,7 +33,7 @@ GREEDY = dict(temperature=0, seed=1, max_tokens=8)
 
 @pytest.fixture(scope="module")
 def server():
-    with ChatSession(build_tiny_gguf(), n_ctx=4096, threads=2, prefill=False, cache_ram=256 << 20) as session:
+    with ChatSession(build_tiny_gguf(), n_ctx=4096, threads=2, cache_ram=256 << 20) as session:
         srv = Server(session, model_name="tiny", queue_size=64)
         http = listen(srv, "127.0.0.1", 0)
         srv.base_url = f"http://127.0.0.1:{http_port(http)}"
@@ -341,6 +341,26 @@ def test_an_idle_server_secures_the_live_conversation_for_the_next_switch(server
     r = client.chat.completions.create(model="tiny", messages=user("A conversation to come back to.") + [
         {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Back again."}], **GREEDY)
     assert r.usage.prompt_tokens_details.cached_tokens > 5
+
+
+def test_between_requests_the_server_evaluates_the_next_ones_known_start(server, client):
+    from qwen35.runtime.server import IDLE_S
+
+    messages = user("Tell me a story about a fox.")
+    r = client.chat.completions.create(model="tiny", messages=messages, reasoning_effort="none", **GREEDY)
+    _wait_idle(server)
+    opening = server.session.tokenize("<|im_end|>\n<|im_start|>user\n")
+    end = time.monotonic() + 10 * IDLE_S + 5
+    while server.session.context_tokens()[-len(opening):] != opening:  # the idle worker's prefill
+        assert time.monotonic() < end, "the idle server evaluated nothing of the next request"
+        time.sleep(IDLE_S / 4)
+    history = messages + [{"role": "assistant", "content": r.choices[0].message.content}]
+    r2 = client.chat.completions.create(model="tiny", messages=history + user("And then?"), reasoning_effort="none",
+                                        **GREEDY)
+    stats = server.session.last_reply.stats
+    assert stats["prefilled_tokens"] >= len(opening)
+    # (counted as evaluated for the request, not as cached)
+    assert r2.usage.prompt_tokens - r2.usage.prompt_tokens_details.cached_tokens == stats["prompt_tokens"]
 
 
 def test_a_client_that_goes_away_stops_its_generation(server, client):
