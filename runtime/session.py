@@ -268,7 +268,8 @@ class ChatSession:
         self._stop = threading.Event()
         self._prefill_enabled = prefill
         self._prefill_thread: threading.Thread | None = None
-        self._prefilled = (0, 0)  # positions of the tokens the last prefill evaluated
+        # The last prefill: where its evaluation started, and the tokens held at its end.
+        self._prefilled: tuple[int, tuple[int, ...]] = (0, ())
         self._guess: tuple[list[dict], list[dict]] | None = None  # respond()'s next prompt start, for idle()
 
         self._image_max_tokens = image_max_tokens
@@ -393,7 +394,7 @@ class ChatSession:
         self._settle()
         self.messages = []
         self.cache.forget()
-        self._prefilled = (0, 0)
+        self._prefilled = (0, ())
         self._guess = None
         self.stats = {}
         self._images = {}
@@ -490,7 +491,7 @@ class ChatSession:
             "version": _SESSION_VERSION,
             "model": _fingerprint(self.model_file),
             "system": self.system, "think": self.think, "messages": self.messages, "tools": self.tools,
-            "tokens": tokens, "prefilled": list(self._prefilled),
+            "tokens": tokens, "prefilled": [self._prefilled[0], len(self._prefilled[1])],
             "checkpoint_tokens": len(ck.tokens) if ck else 0,
             "state_bytes": len(state), "checkpoint_bytes": len(checkpoint),
             "images": [[image_id, len(data)] for image_id, data in self._images.items()],
@@ -526,7 +527,8 @@ class ChatSession:
         n = header["checkpoint_tokens"]
         if checkpoint:
             self.cache.put(Checkpoint(tuple(tokens[:n]), bytearray(checkpoint), full=False, kind=TURN))
-        self._prefilled = tuple(header["prefilled"])
+        first, end = header["prefilled"]
+        self._prefilled = (first, tuple(tokens[:end]) if end else ())
         self.system, self.think, self.messages = header["system"], header["think"], header["messages"]
         self.tools = header.get("tools") or []
         self._images = images
@@ -582,10 +584,12 @@ class ChatSession:
             boundaries[prefix] = PREFIX
 
         reused = self._reuse(prompt)
-        # Tokens the prefill evaluated for this prompt are work for it, not reuse.
-        first, end = self._prefilled
-        ahead = end - first if reused >= end > first else 0
-        self._prefilled = (0, 0)
+        # Tokens the prefill evaluated for this prompt are work for it, not reuse (when they are
+        # this prompt's: a server's guess may have been another).
+        first, ahead_of = self._prefilled
+        end = len(ahead_of)
+        ahead = end - first if reused >= end > first and tuple(prompt[:end]) == ahead_of else 0
+        self._prefilled = (0, ())
         if record:
             self.messages.extend(new)
         stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
@@ -816,7 +820,7 @@ class ChatSession:
             start = self._reuse(known, need_logits=False)
             # (stops early if interrupted, or when a request waits)
             self._evaluate(known[start:], logits=False, stop=busy, step=PREFILL_STEP if busy else None)
-            self._prefilled = (start, len(self.cache.tokens))
+            self._prefilled = (start, tuple(self.cache.tokens))
         except ChatError:
             pass  # (an image it cannot show: the next turn says so; the state stays consistent)
 
