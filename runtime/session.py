@@ -58,6 +58,7 @@ MIN_PREFIX_CHECKPOINT = 64
 # that a request arriving meanwhile waits for at most one such step (2 cores: 0.8B ~60 ms, 4B
 # ~250 ms), not for the whole guess.
 PREFILL_STEP = 8
+MAX_PREFILLS_KEPT = 16  # prefills remembered for the accounting (prompt_tokens vs cached_tokens)
 # What `auto` times its steps after, at load (any ordinary text: only the shapes matter).
 _CALIBRATION_TEXT = "The lighthouse keeper climbed the stairs every evening to light the lamp for the ships. " * 3
 _CALIBRATION_TOKENS = 32
@@ -268,8 +269,9 @@ class ChatSession:
         self._stop = threading.Event()
         self._prefill_enabled = prefill
         self._prefill_thread: threading.Thread | None = None
-        # The last prefill: where its evaluation started, and the tokens held at its end.
-        self._prefilled: tuple[int, tuple[int, ...]] = (0, ())
+        # Recent prefills, by the tokens held at their end: where their evaluation started. Kept per
+        # conversation (a server's turns interleave), until a prompt uses one.
+        self._prefilled: dict[tuple[int, ...], int] = {}
         self._guess: tuple[list[dict], list[dict]] | None = None  # respond()'s next prompt start, for idle()
 
         self._image_max_tokens = image_max_tokens
@@ -394,7 +396,7 @@ class ChatSession:
         self._settle()
         self.messages = []
         self.cache.forget()
-        self._prefilled = (0, ())
+        self._prefilled = {}
         self._guess = None
         self.stats = {}
         self._images = {}
@@ -491,7 +493,8 @@ class ChatSession:
             "version": _SESSION_VERSION,
             "model": _fingerprint(self.model_file),
             "system": self.system, "think": self.think, "messages": self.messages, "tools": self.tools,
-            "tokens": tokens, "prefilled": [self._prefilled[0], len(self._prefilled[1])],
+            "tokens": tokens, "prefilled": next(([first, len(key)] for key, first in self._prefilled.items()
+                                                 if list(key) == tokens[:len(key)]), [0, 0]),
             "checkpoint_tokens": len(ck.tokens) if ck else 0,
             "state_bytes": len(state), "checkpoint_bytes": len(checkpoint),
             "images": [[image_id, len(data)] for image_id, data in self._images.items()],
@@ -528,7 +531,7 @@ class ChatSession:
         if checkpoint:
             self.cache.put(Checkpoint(tuple(tokens[:n]), bytearray(checkpoint), full=False, kind=TURN))
         first, end = header["prefilled"]
-        self._prefilled = (first, tuple(tokens[:end]) if end else ())
+        self._prefilled = {tuple(tokens[:end]): first} if end else {}
         self.system, self.think, self.messages = header["system"], header["think"], header["messages"]
         self.tools = header.get("tools") or []
         self._images = images
@@ -586,10 +589,12 @@ class ChatSession:
         reused = self._reuse(prompt)
         # Tokens the prefill evaluated for this prompt are work for it, not reuse (when they are
         # this prompt's: a server's guess may have been another).
-        first, ahead_of = self._prefilled
-        end = len(ahead_of)
-        ahead = end - first if reused >= end > first and tuple(prompt[:end]) == ahead_of else 0
-        self._prefilled = (0, ())
+        ahead = 0
+        for key, first in list(self._prefilled.items()):
+            if reused >= len(key) > first and tuple(prompt[:len(key)]) == key:
+                ahead = len(key) - first
+                del self._prefilled[key]
+                break
         if record:
             self.messages.extend(new)
         stats = {"prompt_tokens": 0, "prefilled_tokens": ahead, "cached_tokens": reused - ahead, "ttft_s": None,
@@ -820,7 +825,10 @@ class ChatSession:
             start = self._reuse(known, need_logits=False)
             # (stops early if interrupted, or when a request waits)
             self._evaluate(known[start:], logits=False, stop=busy, step=PREFILL_STEP if busy else None)
-            self._prefilled = (start, tuple(self.cache.tokens))
+            if len(self.cache.tokens) > start:
+                self._prefilled[tuple(self.cache.tokens)] = start
+                while len(self._prefilled) > MAX_PREFILLS_KEPT:
+                    del self._prefilled[next(iter(self._prefilled))]
         except ChatError:
             pass  # (an image it cannot show: the next turn says so; the state stays consistent)
 

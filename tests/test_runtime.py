@@ -548,7 +548,7 @@ def test_a_request_that_arrives_stops_the_prefill_between_two_steps(tiny_gguf):
         s.idle(busy=lambda: steps.append(1) or len(steps) > 1)  # a request arrives after the first step
         known = _known_start(s, __import__("qwen35.runtime.tools", fromlist=["x"]).prepare_messages(
             first + [reply]), "user")
-        start, held = s._prefilled
+        ((held, start),) = s._prefilled.items()
         end = len(held)
         assert end - start == PREFILL_STEP < len(known) - start and s.context_tokens() == known[:end] == list(held)
         for _ in s.respond(first + [reply, {"role": "user", "content": "More."}]):
@@ -559,6 +559,23 @@ def test_a_request_that_arrives_stops_the_prefill_between_two_steps(tiny_gguf):
         for _ in plain.respond(first + [reply, {"role": "user", "content": "More."}]):
             pass
         assert plain.last_reply.content == answer
+
+
+def test_prefilled_tokens_count_as_evaluated_when_conversations_interleave(tiny_gguf):
+    """Two conversations answered in turn, each prefilled while idle: each request's prompt_tokens
+    holds what its own conversation's prefill evaluated for it, though the other came between."""
+    chats = {name: [{"role": "user", "content": f"Conversation {name}: tell me a story about a fox."}]
+             for name in "AB"}
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=5, temp=0, max_tokens=6, think=False) as s:
+        for turn in range(3):
+            for name, messages in chats.items():
+                for _ in s.respond(messages):
+                    pass
+                if turn:
+                    assert s.last_reply.stats["prefilled_tokens"] > 0, (turn, name)
+                s.idle()
+                messages += [{"role": "assistant", "content": s.last_reply.content},
+                             {"role": "user", "content": f"Turn {turn}: and then?"}]
 
 
 def test_a_server_whose_guesses_are_wrong_evaluates_no_more_than_without_them(tiny_gguf):
