@@ -116,16 +116,19 @@ class Server:
                 for piece in pieces:
                     if job.stream:
                         job.post("piece", piece)
-                job.post("done", self.session.last_reply)
+                outcome = "done", self.session.last_reply
             except ContextFull as e:
-                job.post("error", BadRequest(str(e), code="context_length_exceeded"))
+                outcome = "error", BadRequest(str(e), code="context_length_exceeded")
             except ChatError as e:
-                job.post("error", BadRequest(str(e)))
+                outcome = "error", BadRequest(str(e))
             except Exception as e:  # noqa: BLE001 - reported to the client, and the server goes on
-                job.post("error", BadRequest(f"internal error: {e}", 500, "server_error"))
-            finally:
-                with self._lock:
-                    self._current = None
+                outcome = "error", BadRequest(f"internal error: {e}", 500, "server_error")
+            # The job stops being current before its handler hears the outcome: the handler's
+            # closing _cancel must then find nothing to interrupt (it set the session's stop flag
+            # for whatever ran next, which cut the idle prefill short).
+            with self._lock:
+                self._current = None
+            job.post(*outcome)
 
     def _cancel(self, job: _Job) -> None:
         job.cancelled.set()

@@ -476,6 +476,7 @@ class ChatSession:
         conversations costs that prompt nothing. Done at idle, not at once after the reply: a client
         that sends its next, unrelated, request at once never waits for a guess about it."""
         self._settle()
+        self._stop.clear()  # (an interrupt that came after its reply had ended is for no one now)
         guess, self._guess = self._guess, None
         if guess is not None and not busy():
             self._prefill(*guess, guess=True, busy=busy)

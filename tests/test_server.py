@@ -421,3 +421,12 @@ def test_load_with_disconnects_loses_nothing_and_mixes_nothing(server):
     assert not problems, problems[:5]
     assert answered[0] == 8 * sum(1 for j in range(20) if j % 7 != 3)
     _wait_idle(server)
+
+
+def test_a_finished_requests_closing_cancel_interrupts_nothing_after_it(server, client):
+    # Each handler cancels its job as it closes (a no-op once the job is done): if the job were
+    # still current then, the session's stop flag would stay set for whatever runs next.
+    for i in range(5):
+        client.chat.completions.create(model="tiny", messages=user(f"Request {i}."), **GREEDY)
+        _wait_idle(server)
+        assert not server.session._stop.is_set()
