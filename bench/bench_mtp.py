@@ -21,7 +21,8 @@ Decode tokens/s is measured the same way for all, from the client: each repetiti
 request for 1 token and one for K+1 tokens (different prompts of the same length, temperature 0;
 the models never end a reply early), and K / (difference) is the decode rate: prompt and request
 costs cancel. The median of --reps repetitions; in each, every setting of a file is started afresh,
-in an order that turns each repetition, so that the machine's drift falls on all settings alike.
+in an order drawn anew (seeded by the repetition), so that the machine's drift, and whatever the
+setting before leaves behind, falls on all settings alike.
 
 Issue 10's goal (a moonshot): at acceptance 0.8, ≥ 1.5× plain decoding on the 4B file, ahead of
 both peers' MTP on every row; `auto` never more than 3% slower than plain.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -170,9 +172,12 @@ def example(python: Path, model: Path, args, n_draft: int):
 
 
 def bench_file(size: str, rate: float, args, env: dict, peers: list[str], python: Path | None) -> list[dict]:
-    """Every server setting on this file, each started afresh for each repetition, in an order that
-    turns by one each repetition: the machine's speed drifts by ±20 % within minutes (README), which
-    a setting measured in one stretch would take for its own."""
+    """Every server setting on this file, each started afresh for each repetition, in an order drawn
+    anew each repetition: the machine's speed drifts by ±20 % within minutes (README), which a setting
+    measured in one stretch would take for its own; and an order that only turned kept each setting
+    behind the same one (our plain server always started right after the example's last MTP server
+    had exited; at 9B it measured 0.88× the peers' plain there and level in a run of its own: a suspect,
+    not a finding)."""
     model = controlled_gguf(size, rate, args.workdir)
     print(f"{model}", flush=True)
     # llama-server places the weights as qwen35 does: built without AMX where qwen35 withholds it.
@@ -197,8 +202,7 @@ def bench_file(size: str, rate: float, args, env: dict, peers: list[str], python
     runs: dict = {key: [] for key in keys}
     for rep in range(args.reps):
         print(f" repetition {rep + 1}/{args.reps}", flush=True)
-        turn = rep * len(keys) // args.reps
-        for key in keys[turn:] + keys[:turn]:
+        for key in random.Random(rep).sample(keys, len(keys)):
             name, command, health = settings[key]
             runs[key].append(measure(name, command, args, env, rep, health))
     result = {key: summarize(r, args.tokens) for key, r in runs.items()}
