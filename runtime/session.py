@@ -612,9 +612,15 @@ class ChatSession:
         finish = "interrupted"
         sampler = native.Sampler(request.sampling, self._model.n_vocab, constraint_samplers)
         inner = sorted(b for b in boundaries if len(self.cache.tokens) < b < len(prompt))
-        # The last boundary, when it lies among the prompt's last READ_BACK tokens, ends no decode:
-        # it is read back from the context's snapshots once the reply's first token is out.
-        late = inner.pop() if inner and self._can_read_back(prompt, inner[-1]) else None
+        # A boundary among the prompt's last READ_BACK tokens ends no decode: it is read back from
+        # the context's snapshots once the reply's first token is out. Only one can be (llama.cpp
+        # rolls back once per decode), so where several are that near the end (thinking on: the
+        # next message's before `<think>`, a tool result's after it) the shallowest is kept: every
+        # next prompt that goes on from a deeper one goes on from it too, evaluating those few
+        # tokens again, which costs less than the decode that keeping them would end.
+        late = next((b for b in inner if self._can_read_back(prompt, b)), None)
+        if late is not None:
+            inner = [b for b in inner if b < late]
 
         def keep_prompt_state() -> list[int]:
             """The checkpoints at the prompt's end and at the late boundary, taken before the reply's

@@ -865,6 +865,58 @@ def test_a_tool_round_is_one_decode_and_a_resent_prompt_answers_alike(tiny_gguf,
         assert 0 < s.stats["cached_tokens"] < n_prompt
 
 
+def test_with_thinking_on_a_prompt_is_one_decode_and_its_next_turns_go_on_from_before_think(tiny_gguf,
+                                                                                            monkeypatch):
+    """Thinking on, after a user message, the next message's rendering leaves the prompt before
+    the generation prompt's `<think>`, a tool result's (the turn sent back without its reasoning)
+    one token later: both among the last tokens, where only one state can be read back. The one
+    before `<think>` is kept, so the prompt is still one decode, and either next prompt goes on
+    from it with the logits of evaluating everything. (A tool round's prompt has only the tool
+    result's boundary near its end: read back too, one decode as well.)"""
+    from itertools import accumulate
+
+    from qwen35.runtime.state_cache import READ_BACK
+
+    watched = _watch_the_model(monkeypatch)
+    messages = [{"role": "user", "content": "Is the network up? " * 5}]
+    call = {"id": "call_0", "type": "function", "function": {"name": "search", "arguments": '{"query": "status"}'}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+
+    def first_logits(session, conversation):
+        watched.clear()
+        for _ in session.respond(conversation, tools=TOOLS, temp=0, max_tokens=2, think=True):
+            pass
+        return watched.sampled_from[0]
+
+    def near_the_end(session, prompt) -> list[int]:
+        """Where the prompt's checkpoints among its last tokens are, after checking it was one decode
+        (two where the system + tools prefix ended the first)."""
+        ends = list(accumulate(watched.prompt_decodes, initial=session.stats["cached_tokens"]))[1:]
+        assert ends[-1] == len(prompt) and ends[:-1] in ([], [session._prefix_boundary(messages, TOOLS)]), ends
+        return sorted(len(c.tokens) for c in session.cache.checkpoints()
+                      if list(c.tokens) == prompt[:len(c.tokens)] and len(c.tokens) >= len(prompt) - READ_BACK)
+
+    with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s, \
+            ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as other:
+        first_logits(s, messages)
+        prompt = _rendered(s, messages, TOOLS, think=True)
+        before_think = prompt.index(s._think_open, len(prompt) - READ_BACK)
+        assert near_the_end(s, prompt) == [before_think, len(prompt)]
+        for following in ({"role": "user", "content": "And then?"},
+                          {"role": "tool", "tool_call_id": call["id"], "content": "result 0"}):
+            nxt = messages + [turn, following]
+            other.cache.forget()
+            full = first_logits(other, nxt)
+            resumed = first_logits(s, nxt)
+            assert s.stats["cached_tokens"] == before_think
+            # (The same tokens evaluated in other decodes differ by up to ~1 % of the largest
+            # logit on this random model: the delta rule's chunks fall elsewhere.)
+            np.testing.assert_allclose(resumed, full, atol=3e-2 * np.abs(full).max(), err_msg=following["role"])
+            assert resumed.argmax() == full.argmax()
+        prompt = _rendered(s, nxt, TOOLS, think=True)  # the tool round, evaluated last
+        assert near_the_end(s, prompt) == [len(prompt) - 1, len(prompt)]
+
+
 def test_a_short_system_prompt_gets_no_checkpoint_of_its_own_and_a_long_one_does(tiny_gguf):
     from qwen35.runtime.session import MIN_PREFIX_CHECKPOINT
     from qwen35.runtime.state_cache import PREFIX
