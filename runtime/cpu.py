@@ -3,9 +3,10 @@
 llama.cpp's CPU backend offers "extra buffer types" that repack weights at load time for faster
 kernels: AMX (Intel Xeon tile instructions, for Q4_0 Q4_1 Q8_0 Q4_K Q5_K Q6_K IQ4_XS) and CPU_REPACK
 (interleaved rows for NEON, AVX2 and AVX-512). The model loader puts each weight in the first of them
-that takes it, else in plain CPU memory. On some machines that report AMX — VMs among them — the
-AMX kernels of the llama.cpp we pin crash (SIGSEGV in `ggml_backend_amx_mul_mat`, at the first decode
-of two or more tokens). A native crash gives the user no message and loses the chat, so AMX is used
+that takes it, else in plain CPU memory. Where llama-cpp-python was compiled by a GCC whose AMX
+header is wrong (GCC 12.2, Debian 12's: see `amx_build_flaw`), its AMX kernels crash (SIGSEGV in
+`ggml_backend_amx_mul_mat`, at the first decode of two or more tokens); other builds and machines may
+have faults of their own. A native crash gives the user no message and loses the chat, so AMX is used
 only where it has been seen to work:
 
 - `auto` (the default): the first time a model's weight types meet a CPU and a llama.cpp build, a
@@ -25,6 +26,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -150,9 +152,11 @@ class Decision:
     reason: str
 
 
-def decide(*, amx_available: bool, amx_weights: list[str], setting: str, verdict: Callable[[], dict]) -> Decision:
+def decide(*, amx_available: bool, amx_weights: list[str], setting: str, verdict: Callable[[], dict],
+           build_flaw: Callable[[], str | None] = lambda: None) -> Decision:
     """Whether to offer AMX to the loader; `verdict()` is called (to read the cache or probe) only
-    when it would change the answer."""
+    when it would change the answer, `build_flaw()` (a known cause, for the reason) only when AMX
+    was found broken."""
     if not amx_available:
         return Decision(False, "this CPU or llama.cpp build has no AMX")
     if setting == "on":
@@ -164,7 +168,31 @@ def decide(*, amx_available: bool, amx_weights: list[str], setting: str, verdict
     v = verdict()
     if v["verdict"] == "ok":
         return Decision(True, f"a probe on this CPU decoded {'/'.join(amx_weights)} with AMX correctly")
-    return Decision(False, f"a probe on this CPU found AMX broken ({v['detail']}); {SETTING_ENV}=on forces it")
+    flaw = build_flaw()
+    cause = f"; {flaw}" if flaw else ""
+    return Decision(False, f"a probe on this CPU found AMX broken ({v['detail']}){cause}; {SETTING_ENV}=on forces it")
+
+
+# GCC 12.2's amxtileintrin.h (Debian 12's compiler) gives ldtilecfg's 64-byte operand as 8 bytes,
+# `"m" (*((const void **)__config))`, so at -O2 the stores of the tile shapes in llama.cpp's
+# ggml_tile_config_init (ggml-cpu/amx/mmq.cpp) are dropped as dead and ldtilecfg loads stack
+# garbage: a general-protection fault, seen as SIGSEGV, at the first AMX matrix product. Read off
+# the disassembly of the pinned build; clang compiles the same code right. (GCC 13's header calls
+# a builtin instead.) Only 12.2 is named: no other version was looked at.
+_FLAWED_GCC = re.compile(rb"GCC: \([^)\n]{0,80}\) (12\.2\.\d+)")
+
+
+def amx_build_flaw(library: Path) -> str | None:
+    """Why the AMX kernels of this ggml CPU library cannot work, when its ELF `.comment` (the
+    compilers that built it) names a GCC with the flawed AMX header; else None."""
+    try:
+        found = _FLAWED_GCC.search(library.read_bytes())
+    except OSError:
+        return None
+    if found is None:
+        return None
+    return (f"llama.cpp was compiled by GCC {found.group(1).decode()}, whose AMX header lets the compiler drop "
+            f"the tile shapes AMX loads; built with clang, AMX runs (see the README, 'AMX')")
 
 
 def setting_from_env(environ=os.environ) -> str:
@@ -226,7 +254,8 @@ def place_weights(model_path) -> Decision:
         types = [t.ggml_type for t in read_model_file(model_path).tensors]
         amx_weights = sorted({AMX_TYPES[t] for t in types if t in AMX_TYPES})
     decision = decide(amx_available=AMX in available, amx_weights=amx_weights, setting=setting_from_env(),
-                      verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights))
+                      verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights),
+                      build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name)))
     extra.use(set(available) if decision.use_amx else set(available) - {AMX})
     return decision
 

@@ -56,6 +56,39 @@ def test_auto_follows_the_verdict():
     assert "signal 11" in broken.reason and "QWEN35_AMX=on forces it" in broken.reason
 
 
+def test_a_broken_verdict_names_a_known_cause_of_the_build_and_only_then_asks_for_it():
+    broken = cpu.decide(amx_available=True, amx_weights=["Q8_0"], setting="auto",
+                        verdict=lambda: {"verdict": "broken", "detail": "signal 11"},
+                        build_flaw=lambda: "llama.cpp was compiled by GCC 12.2.0, whose AMX header …")
+    assert not broken.use_amx
+    assert "(signal 11); llama.cpp was compiled by GCC 12.2.0" in broken.reason
+    assert broken.reason.endswith("QWEN35_AMX=on forces it")
+    ok = cpu.decide(amx_available=True, amx_weights=["Q8_0"], setting="auto",
+                    verdict=lambda: {"verdict": "ok", "detail": "logits agree"}, build_flaw=_never)
+    assert ok.use_amx
+
+
+@pytest.mark.parametrize("comment, flawed", [
+    (b"GCC: (Debian 12.2.0-14+deb12u1) 12.2.0", True),  # Debian 12's: the one whose header drops the stores
+    (b"GCC: (GNU) 12.2.1 20230201", True),
+    (b"GCC: (Ubuntu 13.2.0-23ubuntu4) 13.2.0", False),
+    (b"GCC: (GNU) 12.3.0", False),  # (not looked at: not named)
+    (b"clang version 20.1.2", False),
+    (b"", False),  # no .comment at all (zig's clang writes none)
+])
+def test_the_build_flaw_is_read_from_the_compilers_the_library_names(tmp_path, comment, flawed):
+    library = tmp_path / "libggml-cpu.so"
+    library.write_bytes(b"\x7fELF" + bytes(200) + comment + b"\x00" + bytes(50))
+    flaw = cpu.amx_build_flaw(library)
+    assert (flaw is not None) == flawed
+    if flawed:
+        assert f"GCC {comment.split(b') ')[1].split()[0].decode()}" in flaw and "clang" in flaw
+
+
+def test_an_unreadable_library_has_no_known_flaw(tmp_path):
+    assert cpu.amx_build_flaw(tmp_path / "absent.so") is None
+
+
 @pytest.mark.parametrize("value, setting", [("ON", "on"), (" off ", "off"), ("", "auto"), ("maybe", "auto")])
 def test_setting_from_the_environment(value, setting):
     assert cpu.setting_from_env({"QWEN35_AMX": value}) == setting
