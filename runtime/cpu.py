@@ -243,20 +243,27 @@ def cached_or_probed_verdict(model_path: str, amx_weights: list[str], probe: Cal
     return result
 
 
-def place_weights(model_path) -> Decision:
-    """Decide AMX for this model and set the loader's buffer types accordingly (before loading)."""
+def amx_decision(model_path) -> Decision:
+    """Whether this model's weights get AMX (probing once per CPU, build and weight types). The
+    memory estimate asks before loading (AMX copies the weights it takes); `place_weights` acts on it."""
     from .modelfile import read_model_file
 
-    extra = extra_buffers()
-    available = [name for name, _ in extra.original]
+    available = [name for name, _ in extra_buffers().original]
     amx_weights = []
     if AMX in available:  # elsewhere there is nothing to decide, and the header need not be read
         types = [t.ggml_type for t in read_model_file(model_path).tensors]
         amx_weights = sorted({AMX_TYPES[t] for t in types if t in AMX_TYPES})
-    decision = decide(amx_available=AMX in available, amx_weights=amx_weights, setting=setting_from_env(),
-                      verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights),
-                      build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name)))
-    extra.use(set(available) if decision.use_amx else set(available) - {AMX})
+    return decide(amx_available=AMX in available, amx_weights=amx_weights, setting=setting_from_env(),
+                  verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights),
+                  build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name)))
+
+
+def place_weights(model_path) -> Decision:
+    """Decide AMX for this model and set the loader's buffer types accordingly (before loading)."""
+    extra = extra_buffers()
+    available = {name for name, _ in extra.original}
+    decision = amx_decision(model_path)
+    extra.use(available if decision.use_amx else available - {AMX})
     return decision
 
 

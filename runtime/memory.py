@@ -5,7 +5,8 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
   skipped at load time, unless speculative decoding loads it);
 - repacked weights: on CPUs where llama.cpp rearranges a type into interleaved blocks at load time
   (CPU_REPACK: Q4_0/Q8_0/K-quants with ARM dotprod or i8mm, Q4_0/Q4_K/IQ4_NL with x86 AVX2; see
-  repack.py), an anonymous copy of each such weight. Its mapped original stays resident after
+  repack.py), and AMX where runtime.cpu lets it run (its tiles take a few bytes a block more), an
+  anonymous copy of each such weight. Its mapped original stays resident after
   loading but is never read again, so it is counted in the peak and left out of what must fit;
   a tied embedding is held twice for good (the input lookup reads the mapping, the output
   projection its repacked copy);
@@ -33,7 +34,7 @@ from dataclasses import dataclass, replace
 
 from ..gguf_header import TensorInfo
 from .modelfile import ModelFile
-from .repack import cpu_features, repacked
+from .repack import copy_bytes, cpu_features, repacked
 from .state_cache import READ_BACK
 from .system import available_ram, current_rss
 
@@ -143,12 +144,13 @@ def repacked_tensors(mf: ModelFile, features: frozenset[str], mtp: bool = False)
 
 
 def weight_bytes(mf: ModelFile, features: frozenset[str], mtp: bool = False) -> tuple[int, int, int]:
-    """(mapped, repacked, idle): bytes of the loaded tensors, of the copies CPU_REPACK makes of
+    """(mapped, repacked, idle): bytes of the loaded tensors, of the copies AMX and CPU_REPACK make of
     them, and of the mapped originals only read to make those copies (not the tied embedding's:
     the token lookup keeps reading it)."""
     tensors = loaded_tensors(mf, mtp)
     copies = repacked_tensors(mf, features, mtp)
-    repacked_bytes = sum(tensors[name].nbytes for name in copies)
+    repacked_bytes = sum(copy_bytes(found, tensors[name].ggml_type.name, tuple(reversed(tensors[name].shape)),
+                                    tensors[name].nbytes) for name, found in copies.items())
     idle = sum(tensors[name].nbytes for name in copies if name != "token_embd.weight")
     return sum(t.nbytes for t in tensors.values()), repacked_bytes, idle
 

@@ -36,6 +36,19 @@ _rules("MXFP4", ("AVX2", 8, "mxfp4_8x8"), ("NEON DOTPROD", 4, "mxfp4_4x4"))
 _rules("Q8_0", ("NEON MATMUL_INT8", 4, "q8_0_4x8"), ("NEON DOTPROD", 4, "q8_0_4x4"))
 _rules("Q1_0", ("NEON MATMUL_INT8", 4, "q1_0_4x8"), ("NEON DOTPROD", 4, "q1_0_4x4"))
 
+# AMX (Intel Xeon tiles, ggml-cpu/amx), offered to the loader before CPU_REPACK when runtime.cpu
+# allows it: not a feature llama.cpp reports but that decision, added to the features by the caller.
+# It takes a MUL_MAT weight (not MUL_MAT_ID: no expert stacks) of these types whose rows divide by
+# 32 (two tiles, amx.cpp supports_op) and whose row length divides by the alignment, and stores
+# each block with some bytes more (mmq.cpp get_row_size): a Q8_0 block's int32 compensation, a
+# Q4_K or Q5_K block's unpacked scales, an IQ4_XS block's. Per type: (values a block, row-length
+# alignment, extra bytes a block).
+AMX_IN_USE = "AMX in use"
+_AMX: dict[str, tuple[int, int, int]] = {"Q4_0": (32, 32, 0), "Q4_1": (32, 32, 0), "Q8_0": (32, 32, 4),
+                                         "Q4_K": (256, 256, 4), "Q5_K": (256, 256, 4), "Q6_K": (256, 256, 0),
+                                         "IQ4_XS": (256, 256, 2)}
+AMX_LAYOUT = "amx"
+
 # Weights llama.cpp reads with GET_ROWS, not MUL_MAT (llama-arch.cpp, LLM_TENSOR_INFOS): never repacked.
 _LOOKUP_TABLES = ("token_embd.weight", "nextn.embed_tokens.weight")
 
@@ -64,5 +77,24 @@ def is_matmul_weight(name: str, dims: tuple[int, ...]) -> bool:
     return len(dims) in (2, 3) and not name.endswith(_LOOKUP_TABLES)
 
 
+def amx_takes(features: frozenset[str], type_name: str, dims: tuple[int, ...]) -> bool:
+    if AMX_IN_USE not in features or len(dims) != 2 or type_name not in _AMX:
+        return False
+    _, alignment, _ = _AMX[type_name]
+    return dims[0] % alignment == 0 and dims[1] % 32 == 0
+
+
 def repacked(features: frozenset[str], name: str, type_name: str, dims: tuple[int, ...]) -> str | None:
-    return repacked_layout(features, type_name, dims) if is_matmul_weight(name, dims) else None
+    """The layout a weight is copied into at load time (AMX_LAYOUT, or a CPU_REPACK layout), or None."""
+    if not is_matmul_weight(name, dims):
+        return None
+    return AMX_LAYOUT if amx_takes(features, type_name, dims) else repacked_layout(features, type_name, dims)
+
+
+def copy_bytes(layout: str, type_name: str, dims: tuple[int, ...], nbytes: int) -> int:
+    """The size of the copy in `layout` of a weight of `nbytes`: CPU_REPACK's interleaved blocks are
+    the same blocks; AMX's carry their extra bytes."""
+    if layout != AMX_LAYOUT:
+        return nbytes
+    block, _, extra = _AMX[type_name]
+    return nbytes + extra * (dims[0] // block) * dims[1]

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import constraints, native
+from . import constraints, cpu, native
 from .constraints import Constraint
 from .errors import ChatError, ContextFull
 from .memory import check_fits, estimate, recurrent_state_bytes
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .adaptive_threads import ThreadGovernor
 from .native import FULL, PARTIAL_ONLY, Sampling
-from .repack import cpu_features
+from .repack import AMX_IN_USE, cpu_features
 from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, drafting_verdict, mtp_block_count,
                           open_speculator, split_state, staging_api, step_costs)
 from .reasoning import (CONTENT, REASONING, TOOL_CALL, TOOL_CALL_ARGUMENTS, TOOL_CALL_START, Piece, RepetitionGuard,
@@ -193,8 +193,10 @@ class ChatSession:
             drafting = False
         recurrent = max(recurrent_state_bytes(mf), 1)
         cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
+        # (AMX, where it runs, holds a copy of the weights it takes: the estimate must know.)
+        features = cpu_features() | ({AMX_IN_USE} if cpu.amx_decision(mf.path).use_amx else set())
         sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
-                     features=cpu_features())
+                     features=features)
         # The vision tower loads at the first image, but memory for it (and for an image as large as
         # the budget) must be there then: it is counted now, when it is given or found beside the model.
         self._mmproj, self._mmproj_expected = (Path(mmproj), None) if mmproj is not None else find_mmproj(mf)

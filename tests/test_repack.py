@@ -17,7 +17,7 @@ from gguf.constants import GGMLQuantizationType
 from qwen35.gguf_header import TensorInfo
 from qwen35.runtime.modelfile import ModelFile
 from qwen35.runtime.cpu import parse_features
-from qwen35.runtime.repack import repacked, repacked_layout
+from qwen35.runtime.repack import AMX_IN_USE, AMX_LAYOUT, copy_bytes, repacked, repacked_layout
 
 # What llama_print_system_info() printed for the three builds (x86: this machine; ARM: the
 # cross-built library under qemu, ../shared/reference/ARM.md).
@@ -105,3 +105,45 @@ def test_estimate_counts_repacked_copies_but_fits_without_the_idle_originals():
     packed = estimate(mf, 256, n_batch=64, n_checkpoints=1, threads=1, features=A76, process=0)
     assert packed.total - plain.total == 36_864 + 136_000
     assert packed.needed - plain.needed == 136_000  # the embedding's second copy stays; the ffn original does not
+
+
+# --- AMX (where runtime.cpu lets it run) ---------------------------------------------------------
+
+XEON_AMX = X86 | {AMX_IN_USE}
+
+
+def test_amx_takes_matrix_weights_of_its_types_and_shapes_before_cpu_repack():
+    assert repacked(XEON_AMX, "blk.0.ffn_up.weight", "Q4_0", (1024, 3584)) == AMX_LAYOUT  # (AVX2 would repack it)
+    assert repacked(X86, "blk.0.ffn_up.weight", "Q4_0", (1024, 3584)) == "q4_0_8x8"  # AMX not in use
+    assert repacked(XEON_AMX, "blk.0.ssm_beta.weight", "Q8_0", (1024, 16)) is None  # 16 rows: not two tiles
+    assert repacked(XEON_AMX, "blk.0.ffn_up.weight", "Q4_K", (1024, 3592)) == "q4_K_8x8"  # 3592 rows: CPU_REPACK's
+    assert repacked(XEON_AMX, "blk.0.ffn_up.weight", "Q6_K", (1024, 3592)) is None  # (which has no x86 Q6_K layout)
+    assert repacked(XEON_AMX, "blk.0.ffn_up.weight", "Q8_0", (1088, 3584)) == AMX_LAYOUT  # 32-aligned is enough
+    assert repacked(XEON_AMX, "blk.0.ffn_up_exps.weight", "Q4_0", (1024, 512, 8)) == "q4_0_8x8"  # MUL_MAT_ID: not AMX
+    assert repacked(XEON_AMX, "blk.0.ffn_up.weight", "Q3_K", (1024, 3584)) is None
+    assert repacked(XEON_AMX, "token_embd.weight", "Q8_0", (1024, 248320)) is None  # GET_ROWS
+    assert repacked(XEON_AMX, "output.weight", "Q8_0", (1024, 248320)) == AMX_LAYOUT
+
+
+@pytest.mark.parametrize("type_name, dims, nbytes, copy", [
+    ("Q8_0", (1024, 64), 64 * 32 * 34, 64 * 32 * (34 + 4)),  # + an int32 compensation a block
+    ("Q4_0", (1024, 64), 64 * 32 * 18, 64 * 32 * 18),
+    ("Q4_K", (1024, 64), 64 * 4 * 144, 64 * 4 * (144 + 4)),
+    ("Q6_K", (1024, 64), 64 * 4 * 210, 64 * 4 * 210),
+    ("IQ4_XS", (1024, 64), 64 * 4 * 136, 64 * 4 * (136 + 2)),
+])
+def test_an_amx_copy_carries_its_extra_bytes_a_block(type_name, dims, nbytes, copy):
+    assert copy_bytes(AMX_LAYOUT, type_name, dims, nbytes) == copy
+    assert copy_bytes("q4_0_8x8", type_name, dims, nbytes) == nbytes  # CPU_REPACK: the same blocks
+
+
+def test_the_estimate_counts_the_amx_copy_and_its_idle_original():
+    mf = _model_file({"token_embd.weight": EMBD, "blk.0.ffn_up.weight": UP, "blk.0.attn_norm.weight": NORM},
+                     block_count=1)
+    # The Q4_0 weight goes to AMX (same size); the tied output projection's 1000 rows are not a
+    # multiple of 32, so it reads the embedding's mapping.
+    assert weight_bytes(mf, XEON_AMX) == (136_000 + 36_864 + 512, 36_864, 36_864)
+    mf = _model_file({"token_embd.weight": ("Q8_0", (128, 1024), 139_264), "blk.0.ffn_up.weight": UP},
+                     block_count=1)
+    # 1024 rows: the tied output projection is an AMX copy of the embedding, 4 bytes more a block.
+    assert weight_bytes(mf, XEON_AMX) == (139_264 + 36_864, 36_864 + 139_264 + 4 * 4 * 1024, 36_864)
