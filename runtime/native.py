@@ -76,14 +76,17 @@ def init(verbose: bool = False) -> None:
         _initialized = True
 
 
-def model_params(*, vocab_only: bool = False, load_mtp: bool = False):
+def model_params(*, vocab_only: bool = False, load_mtp: bool = False, mapped: bool = True):
     """llama.cpp's model parameters for every model qwen35 loads: the one place they are chosen.
     (Where the weights go — the AMX and CPU_REPACK buffer types — is decided by runtime.cpu
     before the load, and reported by Model.placement after it.) `load_mtp` also loads the
-    multi-token-prediction block, which llama.cpp otherwise skips; speculative decoding needs it."""
+    multi-token-prediction block, which llama.cpp otherwise skips; speculative decoding needs it.
+    `mapped`: memory-map the file (llama.cpp's default) or read it (memory.maps_weights says which)."""
     params = L.llama_model_default_params()
     params.vocab_only = vocab_only
     params.load_mtp = load_mtp and not vocab_only
+    if not mapped:
+        params.load_mode = L.LLAMA_LOAD_MODE_NONE
     return params
 
 
@@ -94,7 +97,8 @@ class Model:
     that informs it loads models with `placement=False`, having chosen the buffer types itself.
     """
 
-    def __init__(self, path: str, *, vocab_only: bool = False, placement: bool = True, load_mtp: bool = False) -> None:
+    def __init__(self, path: str, *, vocab_only: bool = False, placement: bool = True, load_mtp: bool = False,
+                 mapped: bool = True) -> None:
         from . import cpu
 
         init(log.verbose)
@@ -103,7 +107,8 @@ class Model:
             self.amx = cpu.place_weights(path)
         log.clear()
         self._model = L.llama_model_load_from_file(str(path).encode(),
-                                                   model_params(vocab_only=vocab_only, load_mtp=load_mtp))
+                                                   model_params(vocab_only=vocab_only, load_mtp=load_mtp,
+                                                                mapped=mapped))
         if not self._model:
             reason = (log.find("unknown model architecture", "error loading model", "failed to")
                       or "llama.cpp gave no reason")

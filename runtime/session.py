@@ -220,7 +220,7 @@ class ChatSession:
             raise ChatError(problem)
 
         try:
-            self._model = native.Model(str(mf.path), load_mtp=drafting)
+            self._model = native.Model(str(mf.path), load_mtp=drafting, mapped=self.memory.mapped)
         except ChatError as e:
             if "unknown model architecture" in str(e):
                 raise ChatError(f"{mf.path} is a '{mf.architecture}' model, an architecture the llama.cpp bundled "

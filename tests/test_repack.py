@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen35.runtime.memory import estimate, weight_bytes
+from qwen35.runtime.memory import estimate, maps_weights, weight_bytes
 from gguf.constants import GGMLQuantizationType
 
 from qwen35.gguf_header import TensorInfo
@@ -105,6 +105,22 @@ def test_estimate_counts_repacked_copies_but_fits_without_the_idle_originals():
     packed = estimate(mf, 256, n_batch=64, n_checkpoints=1, threads=1, features=A76, process=0)
     assert packed.total - plain.total == 36_864 + 136_000
     assert packed.needed - plain.needed == 136_000  # the embedding's second copy stays; the ffn original does not
+
+
+def test_a_file_mostly_copied_is_read_not_mapped():
+    assert maps_weights(172_864, 36_864) and maps_weights(101, 50) and not maps_weights(100, 50)
+    ups = {f"blk.{i}.ffn_up.weight": UP for i in range(4)}
+    mf = _model_file({"token_embd.weight": EMBD, **ups}, block_count=4)
+    # A76: the four Q4_0 weights (147,456 of 283,456 bytes) are only read to be repacked: the file
+    # is read, so their originals are never held; the tied output's copy of the embedding stays.
+    read = estimate(mf, 256, n_batch=64, n_checkpoints=1, threads=1, features=A76, process=0)
+    assert not read.mapped
+    assert (read.weights, read.repacked, read.weights_idle) == (136_000, 4 * 36_864 + 136_000, 0)
+    # Pi 4: nothing is copied, the file is mapped.
+    mapped = estimate(mf, 256, n_batch=64, n_checkpoints=1, threads=1, features=A72, process=0)
+    assert mapped.mapped and (mapped.weights, mapped.repacked) == (136_000 + 4 * 36_864, 0)
+    # What must fit is the same either way: the idle originals were never counted in it.
+    assert read.needed - mapped.needed == 136_000
 
 
 # --- AMX (where runtime.cpu lets it run) ---------------------------------------------------------

