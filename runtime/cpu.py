@@ -231,6 +231,8 @@ def cached_or_probed_verdict(model_path: str, amx_weights: list[str], probe: Cal
     if key in verdicts:
         return verdicts[key]
     result = (probe or probe_in_child)(model_path)
+    if result is NOT_PROBED_YET:
+        return result  # (a stand-in, not a verdict: nothing to cache)
     result = {**result, "types": sorted(amx_weights), "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     verdicts[key] = result
     try:
@@ -243,9 +245,16 @@ def cached_or_probed_verdict(model_path: str, amx_weights: list[str], probe: Cal
     return result
 
 
-def amx_decision(model_path) -> Decision:
-    """Whether this model's weights get AMX (probing once per CPU, build and weight types). The
-    memory estimate asks before loading (AMX copies the weights it takes); `place_weights` acts on it."""
+# What the memory estimate assumes before the first probe of a CPU, build and weight types: that
+# AMX works, so that the copy it would make is counted (the probe itself runs at the load, after
+# the estimate has said the model fits).
+NOT_PROBED_YET = {"verdict": "ok", "detail": "not probed yet"}
+
+
+def amx_decision(model_path, *, probe: bool = True) -> Decision:
+    """Whether this model's weights get AMX (probing once per CPU, build and weight types; with
+    `probe` False, a verdict not cached yet is NOT_PROBED_YET). The memory estimate asks before
+    loading (AMX copies the weights it takes), without probing; `place_weights` acts on it."""
     from .modelfile import read_model_file
 
     available = [name for name, _ in extra_buffers().original]
@@ -254,7 +263,8 @@ def amx_decision(model_path) -> Decision:
         types = [t.ggml_type for t in read_model_file(model_path).tensors]
         amx_weights = sorted({AMX_TYPES[t] for t in types if t in AMX_TYPES})
     return decide(amx_available=AMX in available, amx_weights=amx_weights, setting=setting_from_env(),
-                  verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights),
+                  verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights,
+                                                           None if probe else lambda _: NOT_PROBED_YET),
                   build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name)))
 
 

@@ -55,8 +55,8 @@ MAX_DRAFT_TOKENS = 8  # each draft token costs one more recurrent-state snapshot
 # on 2 cores: a 17-token system turn split off a 137-token prompt added ~50 ms, about 9 tokens' worth).
 MIN_PREFIX_CHECKPOINT = 64
 # A server's prefill between requests (ChatSession.idle) evaluates this many tokens per decode, so
-# that a request arriving meanwhile waits for at most one such step (2 cores: 0.8B ~60 ms, 4B
-# ~250 ms), not for the whole guess.
+# that a request arriving meanwhile waits for at most one such step (2 cores: 0.8B ~60 ms on the
+# AMD EPYC, 110-125 ms on the Intel Xeon; 4B ~250 ms), not for the whole guess.
 PREFILL_STEP = 8
 MAX_PREFILLS_KEPT = 16  # prefills remembered for the accounting (prompt_tokens vs cached_tokens)
 # What `auto` times its steps after, at load (any ordinary text: only the shapes matter).
@@ -194,7 +194,7 @@ class ChatSession:
         recurrent = max(recurrent_state_bytes(mf), 1)
         cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
         # (AMX, where it runs, holds a copy of the weights it takes: the estimate must know.)
-        features = cpu_features() | ({AMX_IN_USE} if cpu.amx_decision(mf.path).use_amx else set())
+        features = cpu_features() | ({AMX_IN_USE} if cpu.amx_decision(mf.path, probe=False).use_amx else set())
         sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
                      features=features)
         # The vision tower loads at the first image, but memory for it (and for an image as large as

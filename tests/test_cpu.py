@@ -95,6 +95,16 @@ def test_setting_from_the_environment(value, setting):
     assert cpu.setting_from_env({}) == "auto"
 
 
+def test_the_estimate_asks_without_probing_and_assumes_amx_until_a_probe_has_spoken(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu, "probe_in_child", lambda path: pytest.fail("the estimate must not probe"))
+    stand_in = lambda path: cpu.NOT_PROBED_YET  # noqa: E731 - what amx_decision(probe=False) passes
+    assert cpu.cached_or_probed_verdict("m.gguf", ["Q8_0"], stand_in) is cpu.NOT_PROBED_YET
+    assert not (tmp_path / "qwen35" / "amx-verdicts.json").exists()  # a stand-in is not cached
+    cpu.cached_or_probed_verdict("m.gguf", ["Q8_0"], lambda path: {"verdict": "broken", "detail": "signal 11"})
+    assert cpu.cached_or_probed_verdict("m.gguf", ["Q8_0"], stand_in)["verdict"] == "broken"
+
+
 def test_a_verdict_is_probed_once_then_read_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
