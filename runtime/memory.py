@@ -247,7 +247,7 @@ def maps_weights(weights: int, idle: int) -> bool:
     unmaps only the file's ends); read, the copied ones pass through a buffer of one tensor, and
     the others are anonymous memory. So a file mostly copied (ARM boards' Q4_0/Q4_K/Q8_0 with
     dotprod, x86's Q4_0/Q4_K with AVX2, AMX's types) is read — on this project's Xeon a Q4_0
-    0.8B-dimension file peaks at 847 MiB read against 1,108 MiB mapped, at the same speed; one
+    0.8B-dimension file peaks at 846 MiB read against 1,108 MiB mapped, at the same speed; one
     mostly used in place (Q8_0 or BF16 on x86) stays mapped."""
     return 2 * idle < weights
 

@@ -5,9 +5,10 @@ anonymous memory (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type). The
 stays mapped — the loader only unmaps the file's ends outside the tensors it maps directly — so
 right after loading both copies are resident; the original is never read again, so the kernel may
 drop it from the page cache under memory pressure (and a file mostly copied is read, not mapped:
-memory.maps_weights). AMX, where runtime.cpu lets it run, copies the weights it takes the same way. A tied embedding is the worst case: the input
-embedding is read from the mapping (GET_ROWS, not repacked), and the output projection that shares
-its data is a MUL_MAT weight, repacked into a second, anonymous copy.
+memory.maps_weights). AMX, where runtime.cpu lets it run, copies the weights it takes the same way.
+A tied embedding is the worst case: the input embedding is read as loaded (GET_ROWS, not
+repacked), and the output projection that shares its data is a MUL_MAT weight, repacked into a
+second, anonymous copy.
 
 Whether a weight is repacked depends on the CPU features llama.cpp was built for and finds at run
 time (`llama_print_system_info`: NEON, DOTPROD, MATMUL_INT8, AVX2, …), its type, and its row count:
