@@ -1,6 +1,6 @@
 """Run a Python peer with llama.cpp's AMX buffer type withheld from its model loader, as qwen35
-withholds it where AMX does not work (runtime/cpu.py). On a machine whose AMX kernels crash (seen
-here: an Intel Xeon VM, SIGSEGV at the first decode of 8 tokens), llama-cpp-python's server and the
+withholds it where AMX does not work (runtime/cpu.py). Where the AMX kernels crash (seen here: the
+GCC 12.2 build on an Intel Xeon, SIGSEGV at the first decode of 8 tokens), llama-cpp-python's server and the
 sdist's example crash on their first prompt; withheld, they place the weights as qwen35 does (the
 other extra buffer types, CPU_REPACK among them, stay on offer), so the bench compares like with like.
 

@@ -170,7 +170,7 @@ def test_the_probe_compares_logits_with_and_without_a_buffer_type():
 
 def test_taking_a_buffer_type_away_moves_its_weights_to_plain_cpu_memory_with_the_same_results():
     extra = cpu.extra_buffers()
-    # (AMX left out: its kernels crash on some machines, this project's Intel Xeon among them.)
+    # (AMX left out: its kernels crash in some builds, this project's GCC 12.2 one among them.)
     available = {name for name, _ in extra.original} - {cpu.AMX}
     if "CPU_REPACK" not in available:
         pytest.skip("this llama.cpp build has no CPU_REPACK")
