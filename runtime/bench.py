@@ -16,7 +16,7 @@ import random
 import statistics
 import time
 
-from . import cpu
+from . import cpu, native
 from .modelfile import read_model_file
 from .session import ChatSession
 from .speculative import AUTO, MTP, OFF, staging_api
@@ -47,7 +47,7 @@ def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "model": str(s.model_file.path), "n_ctx": s.n_ctx, "runs": runs, "peak_rss_bytes": peak_rss(),
             "cpu_features": cpu.features(),
             "extra_buffer_types": [name for name, _ in cpu.extra_buffers().original],
-            "weights": s._model.placement,
+            "weights": s._model.placement, "file_mapped": s._model.mapped,
             "amx": {"on": s._model.amx.use_amx, "reason": s._model.amx.reason},
             "draft_tokens": s.draft_tokens, "warnings": s.warnings,
         }
@@ -123,6 +123,7 @@ def format_markdown(result: dict) -> str:
     lines.append(f"peak memory: {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
     lines.append(f"llama.cpp CPU features: {' '.join(result['cpu_features'])}")
     weights = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in result["weights"].items())
+    weights += "" if result["file_mapped"] else native.READ_NOTE
     lines.append(f"weights: {weights}; AMX {'on' if result['amx']['on'] else 'off'}: {result['amx']['reason']}")
     return "\n".join(lines)
 

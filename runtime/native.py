@@ -90,6 +90,9 @@ def model_params(*, vocab_only: bool = False, load_mtp: bool = False, mapped: bo
     return params
 
 
+READ_NOTE = " (the file read, not mapped: most of it is copied at load)"
+
+
 class Model:
     """Weights and vocabulary of one GGUF file.
 
@@ -114,6 +117,7 @@ class Model:
                       or "llama.cpp gave no reason")
             raise ChatError(f"llama.cpp could not load {path}: {reason}")
         self.placement = _placement(log.buffer_lines)
+        self.mapped = mapped
         self.vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_embd = L.llama_model_n_embd_out(self._model)
@@ -126,6 +130,7 @@ class Model:
         from . import cpu
 
         where = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in self.placement.items()) or "unknown"
+        where += "" if self.mapped else READ_NOTE
         amx = f"; AMX {'on' if self.amx.use_amx else 'off'}: {self.amx.reason}" if self.amx else ""
         return f"llama.cpp CPU features: {' '.join(cpu.features())}\nweights: {where}{amx}"
 
