@@ -122,9 +122,8 @@ def format_markdown(result: dict) -> str:
         lines.append(f"fastest generation: {result['fastest_threads']} threads")
     lines.append(f"peak memory: {result['peak_rss_bytes'] / 2**20:,.0f} MiB")
     lines.append(f"llama.cpp CPU features: {' '.join(result['cpu_features'])}")
-    weights = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in result["weights"].items())
-    weights += "" if result["file_mapped"] else native.READ_NOTE
-    lines.append(f"weights: {weights}; AMX {'on' if result['amx']['on'] else 'off'}: {result['amx']['reason']}")
+    lines.append(native.weights_line(result["weights"], result["file_mapped"],
+                                     (result["amx"]["on"], result["amx"]["reason"])))
     return "\n".join(lines)
 
 

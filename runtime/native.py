@@ -90,7 +90,13 @@ def model_params(*, vocab_only: bool = False, load_mtp: bool = False, mapped: bo
     return params
 
 
-READ_NOTE = " (the file read, not mapped: most of it is copied at load)"
+def weights_line(placement: dict[str, float], mapped: bool, amx: tuple[bool, str] | None) -> str:
+    """E.g. "weights: CPU_REPACK 120.3 MiB, CPU 340.1 MiB; AMX off: this CPU … has no AMX" (for
+    Model.describe_placement and `qwen35 bench`'s saved results alike)."""
+    where = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in placement.items()) or "unknown"
+    read = "" if mapped else " (the file read, not mapped: most of it is copied at load)"
+    decision = f"; AMX {'on' if amx[0] else 'off'}: {amx[1]}" if amx else ""
+    return f"weights: {where}{read}{decision}"
 
 
 class Model:
@@ -126,13 +132,11 @@ class Model:
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def describe_placement(self) -> str:
-        """E.g. "weights: CPU_REPACK 120.3 MiB, CPU 340.1 MiB; AMX off: this CPU … has no AMX"."""
+        """The CPU features llama.cpp uses, and `weights_line`."""
         from . import cpu
 
-        where = ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in self.placement.items()) or "unknown"
-        where += "" if self.mapped else READ_NOTE
-        amx = f"; AMX {'on' if self.amx.use_amx else 'off'}: {self.amx.reason}" if self.amx else ""
-        return f"llama.cpp CPU features: {' '.join(cpu.features())}\nweights: {where}{amx}"
+        amx = (self.amx.use_amx, self.amx.reason) if self.amx else None
+        return f"llama.cpp CPU features: {' '.join(cpu.features())}\n{weights_line(self.placement, self.mapped, amx)}"
 
     @property
     def ptr(self):
