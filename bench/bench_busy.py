@@ -19,20 +19,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench_convert import DEFAULT_CONFIG, bench_config, ensure_checkpoint
+from bench_convert import converted_0_8b
 
 PROMPT = "Write a long story about a lighthouse keeper."
-
-
-def model_0_8b_q4(workdir: Path) -> Path:
-    gguf = workdir / "qwen35-0.8b-Q4_K_M.gguf"
-    if not gguf.is_file():
-        from qwen35.convert import convert
-
-        ckpt = ensure_checkpoint(workdir.parent, bench_config(DEFAULT_CONFIG, None), "qwen3.5-0.8b")
-        print(f"converting {ckpt} to {gguf} …", flush=True)
-        convert(ckpt, ["q4_k_m"], gguf, force=True)
-    return gguf
 
 
 def decode_tps(chat, threads: int, adapt: bool, tokens: int) -> float:
@@ -63,7 +52,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/runtime"))
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = args.model or model_0_8b_q4(args.workdir)
+    model = args.model or converted_0_8b(args.workdir, "q4_k_m")
     print(f"model {model}, up to {args.threads} threads, {args.rounds} rounds of {args.tokens} tokens\n")
 
     with ChatSession(model, n_ctx=2048, threads=args.threads, seed=1, temp=0, think=False, prefill=False) as chat:

@@ -70,6 +70,21 @@ def bench_config(config_path: Path, layers: int | None) -> dict:
     return config
 
 
+def converted_0_8b(workdir: Path, qtype: str, **options) -> Path:
+    """The random-weight 0.8B checkpoint (cached in the parent of `workdir`, as bench_convert.py
+    writes it) converted once to `qtype`: workdir/qwen35-0.8b-<QTYPE>.gguf. `options` go to convert."""
+    gguf = workdir / f"qwen35-0.8b-{qtype.upper()}.gguf"
+    if gguf.is_file():
+        return gguf
+    from qwen35.convert import convert
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = ensure_checkpoint(workdir.parent, bench_config(DEFAULT_CONFIG, None), "qwen3.5-0.8b")
+    print(f"converting {ckpt} to {gguf} …", flush=True)
+    convert(ckpt, [qtype], gguf, force=True, **options)
+    return gguf
+
+
 def ensure_checkpoint(workdir: Path, config: dict, name: str) -> Path:
     """A random checkpoint for `config` with the real tokenizer, rebuilt only when the config or
     the code that writes it changed. A stamp written last marks a complete build."""

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_convert import DEFAULT_CONFIG, bench_config, ensure_checkpoint
+from bench_convert import converted_0_8b
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -55,17 +55,6 @@ RUNS = {"qwen35": (QWEN35, "auto"), "qwen35 mapped": (QWEN35, "mapped"), "llama-
 WITHOUT_AMX = Path(__file__).resolve().parent / "without_amx.py"
 
 
-def model_0_8b_q4_0(workdir: Path) -> Path:
-    gguf = workdir / "qwen35-0.8b-Q4_0.gguf"
-    if not gguf.is_file():
-        from qwen35.convert import convert
-
-        ckpt = ensure_checkpoint(workdir.parent, bench_config(DEFAULT_CONFIG, None), "qwen3.5-0.8b")
-        print(f"converting {ckpt} to {gguf} …", flush=True)
-        convert(ckpt, ["q4_0"], gguf, force=True)
-    return gguf
-
-
 def run(name: str, model: Path, args) -> dict:
     script, mode = RUNS[name]
     path = args.workdir / f"bench-load-{'qwen35' if script is QWEN35 else 'llama-cpp-python'}.py"
@@ -91,7 +80,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = args.model or model_0_8b_q4_0(args.workdir)
+    model = args.model or converted_0_8b(args.workdir, "q4_0")
     results: dict[str, list[dict]] = {name: [] for name in RUNS}
     for rep in range(args.reps):
         for name in (list(RUNS) if rep % 2 == 0 else list(RUNS)[::-1]):

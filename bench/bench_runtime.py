@@ -27,23 +27,13 @@ from pathlib import Path
 
 import llama_cpp
 
-from bench_convert import DEFAULT_CONFIG, bench_config, ensure_checkpoint, ensure_sdist
+from bench_convert import converted_0_8b, ensure_sdist
 
 TOPICS = ["lighthouses", "tide pools", "sourdough bread", "the printing press", "glaciers", "beekeeping"]
 
 
 def model_0_8b(workdir: Path) -> Path:
-    gguf = workdir / "qwen35-0.8b-Q8_0.gguf"
-    if gguf.is_file():
-        return gguf
-    from qwen35.convert import convert
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    # The same cached random-weight checkpoint as bench_convert.py (in the parent work directory).
-    ckpt = ensure_checkpoint(workdir.parent, bench_config(DEFAULT_CONFIG, None), "qwen3.5-0.8b")
-    print(f"converting {ckpt} to {gguf} …", flush=True)
-    convert(ckpt, ["q8_0"], gguf, force=True, mmproj=None)
-    return gguf
+    return converted_0_8b(workdir, "q8_0", mmproj=None)
 
 
 def llama_bench_binary(workdir: Path) -> Path:
