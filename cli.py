@@ -1,4 +1,4 @@
-"""The `qwen35` command: parses arguments and dispatches; the work lives in convert/ and runtime/."""
+"""The `qwen35` command: parses arguments and dispatches; the work lives in convert/, runtime/ and demo/."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 import click
 
 from .convert import ConvertError
-from .runtime.errors import ChatError
+from .models import ModelError
+from .runtime import ChatError
 
 
 class _Group(click.Group):
@@ -16,7 +17,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except ConvertError as e:
+        except (ConvertError, ModelError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except ChatError as e:
@@ -40,7 +41,7 @@ def _speculative_options(fn):
     fn = click.option("--speculative", type=click.Choice(["auto", "mtp", "off"]), default=None,
                       help="auto: draft only where it measures faster than plain decoding (checked at load, "
                            "then watched as it goes); mtp: always (= --mtp); off: never (= --no-mtp, the "
-                           "default: on this project's 2-core bench machine drafting was slower; see the README).")(fn)
+                           "default: on this project's 2-core bench machine drafting was slower; see docs/benchmarks.md).")(fn)
     return click.option("--mtp/--no-mtp", "mtp", default=None,
                         help="Always draft with the model's MTP head, or never (the default).")(fn)
 
@@ -52,6 +53,25 @@ def _speculative(mtp: bool | None, speculative: str | None, default: str | None 
     if len(chosen) > 1:
         raise click.UsageError(f"--{'mtp' if mtp else 'no-mtp'} and --speculative {speculative} disagree: give one")
     return chosen.pop() if chosen else default
+
+
+def _yes_option(fn):
+    return click.option("-y", "--yes", is_flag=True,
+                        help="Pull a model name missing from the store without asking.")(fn)
+
+
+def _on_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _model_path(model: str, n_ctx: int, yes: bool, cache_ram: int | None = None) -> tuple[str, str | None]:
+    """A GGUF path for MODEL (a path, or a name from the store, pulled first if missing) and its mmproj;
+    a profile fitted to a chat at `n_ctx` with `cache_ram` bytes of checkpoints (default: run's)."""
+    from .models.store import resolve
+
+    confirm = (lambda question: click.confirm(question, default=True, err=True)) if _on_terminal() else None
+    path, mmproj = resolve(model, n_ctx=n_ctx, assume_yes=yes, confirm=confirm, cache_ram=cache_ram)
+    return path, str(mmproj) if mmproj else None
 
 
 @main.command()
@@ -70,11 +90,25 @@ def _speculative(mtp: bool | None, speculative: str | None, default: str | None 
 @click.option("--no-mmproj", is_flag=True, help="Leave out the vision tower (no mmproj file).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def convert(checkpoint_dir, qtypes, output, imatrix, threads, dry_run, no_mtp, mmproj_type, no_mmproj, force):
-    """Convert a Hugging Face Qwen3.5 CHECKPOINT_DIR to GGUF (and its vision tower to an mmproj GGUF)."""
-    from .convert.pipeline import Conversion, terminal_progress
+    """Convert a Hugging Face Qwen3.5 CHECKPOINT_DIR to GGUF (and its vision tower to an mmproj GGUF).
+    CHECKPOINT_DIR may be a repo id (Qwen/Qwen3.5-4B[@rev][:profile]) or a name (qwen3.5:4b): it is
+    downloaded into the Hugging Face cache first, unless it is there already."""
+    from pathlib import Path
 
+    from .convert.pipeline import Conversion, terminal_progress
+    from .models.names import parse
+
+    name = None if Path(checkpoint_dir).exists() else parse(checkpoint_dir)
+    if name is not None:
+        from .models.store import checkpoint
+
+        if name.tag and click.get_current_context().get_parameter_source("qtypes") != \
+                click.core.ParameterSource.COMMANDLINE:
+            qtypes = [name.tag]  # the name's profile, unless -q says otherwise
+        checkpoint_dir = str(checkpoint(name, list(qtypes), output))
     conversion = Conversion(checkpoint_dir, qtypes, output, mtp=not no_mtp, force=force, imatrix=imatrix,
-                            dry_run=dry_run, mmproj=None if no_mmproj else mmproj_type)
+                            dry_run=dry_run, mmproj=None if no_mmproj else mmproj_type,
+                            name=name.label if name else None)
     if dry_run:
         click.echo(conversion.describe_plan())
         return
@@ -93,35 +127,38 @@ def list_profiles():
 
 @main.command()
 @click.argument("gguf_file", type=click.Path(path_type=str))
-def info(gguf_file):
-    """Describe a GGUF file: architecture, layers, tensors, tokenizer."""
+@_yes_option
+def info(gguf_file, yes):
+    """Describe a GGUF file (or a model name's, from the store): architecture, layers, tensors, tokenizer."""
     from .convert.info import describe
 
-    click.echo(describe(gguf_file))
+    path, _ = _model_path(gguf_file, 4096, yes)
+    click.echo(describe(path))
 
 
 @main.command()
 @click.option("--dir", "workdir", default="qwen35-demo", show_default=True, type=click.Path(path_type=str),
               help="Where the demo checkpoint and its GGUF go.")
 def demo(workdir):
-    """Build a tiny random-weight Qwen3.5 checkpoint (real vocabulary), convert it, describe the GGUF."""
+    """Convert the tiny trained demo model (shipped in the package) and talk with it: facts, tools, images."""
     from pathlib import Path
 
-    from .convert.demo import run_demo
     from .convert.info import describe
     from .convert.pipeline import terminal_progress
+    from .demo.walkthrough import build, converse
 
-    from .runtime import one_shot
-
-    ckpt, outputs = run_demo(Path(workdir), progress=terminal_progress())
-    click.echo(f"demo checkpoint: {ckpt} (random weights, real Qwen3.5 structure and vocabulary)")
+    ckpt, outputs = build(Path(workdir), progress=terminal_progress())
+    click.echo(f"demo checkpoint: {ckpt} (qwen35-demo: Qwen3.5's structure and vocabulary, trained on a tiny world)")
     for out in outputs:
-        click.echo(f"wrote {out.path} ({out.type_name}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s\n")
-        click.echo(describe(out.path))
-    prompt = "Hello! What can you do?"
-    reply = one_shot(outputs[0].path, prompt, max_tokens=24, seed=0)
-    click.echo(f"\n$ qwen35 run {outputs[0].path} -p {prompt!r}\n{reply}")
-    click.echo("(the weights are random, so the reply is noise: the demo shows the pipeline, not a model)")
+        click.echo(f"wrote {out.path} ({out.type_name}, {out.size / 1e6:,.1f} MB) in {out.seconds:.1f} s")
+    gguf = outputs[0].path
+    click.echo("\n" + describe(gguf))
+    click.echo(f"\n$ qwen35 run {gguf}   # greedy, thinking off; the tools are the demo's own")
+    converse(gguf, click.echo)
+    click.echo(f"\nA toy: it knows only its small world (50 capitals, three tools, coloured shapes), and even there it\n"
+               f"names colours better than shapes and calls tools right for the places it was trained on. Go on with:\n"
+               f"  qwen35 run {gguf}        # chat here (/image PATH to show a picture)\n"
+               f"  qwen35 serve {gguf}      # the chat page and the OpenAI-compatible API on 127.0.0.1:8080")
 
 
 @main.command()
@@ -159,13 +196,18 @@ def demo(workdir):
               help="Most tokens an image becomes (larger ones are scaled down): detail against time on a CPU. "
                    "Default: 1024.")
 @_speculative_options
+@_yes_option
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
         presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, video, mmproj,
-        image_max_tokens, mtp, speculative, draft_tokens, verbose):
-    """Chat with a GGUF MODEL: interactive on a terminal, one answer with -p or stdin."""
-    from .runtime.run import run as run_chat
+        image_max_tokens, mtp, speculative, draft_tokens, yes, verbose):
+    """Chat with MODEL: interactive on a terminal, one answer with -p or stdin. MODEL is a GGUF file or a
+    model name: qwen3.5:4b, a Hugging Face repo (Qwen/Qwen3.5-4B[@rev][:profile]) or a repo of GGUF files
+    (owner/repo-GGUF:Q4_K_M); a name missing from the model store is pulled first (`qwen35 pull`)."""
+    from .runtime.frontends.run import run as run_chat
 
+    model, found_mmproj = _model_path(model, ctx_size, yes)
+    mmproj = mmproj or found_mmproj
     options = dict(n_ctx=ctx_size, threads=threads, think=think, seed=seed, system=system, force=force,
                    adapt_threads=adapt_threads,
                    verbose=verbose, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
@@ -207,24 +249,30 @@ def _thread_counts(value: str | None) -> list[int] | None:
 @click.option("--mmproj", type=click.Path(path_type=str),
               help="The vision tower's GGUF, for image_url parts. Default: <name>-mmproj-<TYPE>.gguf beside MODEL.")
 @click.option("--image-max-tokens", type=click.IntRange(min=8), help="Most tokens an image becomes. Default: 1024.")
+@click.option("--no-ui", is_flag=True, help="Serve the API alone: no chat page at /, no conversations API.")
 @_speculative_options
+@_yes_option
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, adapt_threads, force, mmproj,
-          image_max_tokens, mtp, speculative, draft_tokens, verbose):
-    """Serve a GGUF MODEL over an OpenAI-compatible HTTP API (needs `pip install 'qwen35[serve]'`)."""
+          image_max_tokens, no_ui, mtp, speculative, draft_tokens, yes, verbose):
+    """Serve MODEL (a GGUF file or a model name, as `qwen35 run` takes it) over an OpenAI-compatible HTTP
+    API, with a chat page at / (needs `pip install 'qwen35[serve]'`)."""
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise ChatError("qwen35 serve needs starlette and uvicorn: pip install 'qwen35[serve]'") from None
-    from .runtime.server import serve as run_server
+    from .runtime.frontends.server import serve as run_server
 
+    model, found_mmproj = _model_path(model, ctx_size, yes, cache_ram << 20)
+    mmproj = mmproj or found_mmproj
     options = dict(n_ctx=ctx_size, threads=threads, adapt_threads=adapt_threads, cache_ram=cache_ram << 20,
                    force=force, verbose=verbose, mmproj=mmproj, speculative=_speculative(mtp, speculative),
                    draft_tokens=draft_tokens)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
-    run_server(model, host=host, port=port, api_key=api_key, session_options=options, queue_size=queue_size)
+    run_server(model, host=host, port=port, api_key=api_key, session_options=options, queue_size=queue_size,
+               ui=not no_ui)
 
 
 @main.command()
@@ -240,15 +288,62 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a markdown table.")
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 @_speculative_options
-def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, speculative, draft_tokens):
-    """Prompt-processing and generation speed of the chat runtime on MODEL, and its peak memory; with an
-    MTP head (unless --no-mtp), generation with and without speculative decoding, and its acceptance."""
-    from .runtime.bench import bench as run_bench, format_json, format_markdown
+@_yes_option
+def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, speculative, draft_tokens, yes):
+    """Prompt-processing and generation speed of the chat runtime on MODEL (a GGUF file or a model name),
+    and its peak memory; with an MTP head (unless --no-mtp), generation with and without speculative
+    decoding, and its acceptance."""
+    from .runtime.frontends.bench import bench as run_bench, format_json, format_markdown
 
+    model, _ = _model_path(model, 4096, yes)
     # (Neither flag: runtime.bench measures both ways when the GGUF has an MTP head.)
     result = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads, force=force,
                        speculative=_speculative(mtp, speculative, default=None), draft_tokens=draft_tokens)
     click.echo(format_json(result) if as_json else format_markdown(result))
+
+
+@main.command()
+@click.argument("name")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=4096, show_default=True,
+              help="The context to fit the profile to (without :profile in NAME).")
+def pull(name, ctx_size):
+    """Download NAME (qwen3.5:4b, Qwen/Qwen3.5-4B[@rev][:profile], owner/repo-GGUF:Q4_K_M) and convert it
+    into the model store, at the best profile that fits this machine unless NAME gives one."""
+    from .models.names import parse
+    from .models.store import pull as pull_model
+
+    parsed = parse(name)
+    if parsed is None:
+        raise click.UsageError(f"{name!r} is not a model name (qwen3.5:4b, owner/repo[@rev][:profile])")
+    pull_model(parsed, n_ctx=ctx_size)
+
+
+@main.command("list")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=64), default=4096, show_default=True,
+              help="The context the memory column is for.")
+def list_models(ctx_size):
+    """The models in the store: name, profile, size, context, vision, MTP, and the memory each needs for a
+    chat at the default context on this machine."""
+    from .models.listing import table
+
+    click.echo(table(ctx_size))
+
+
+@main.command()
+@click.argument("name")
+def rm(name):
+    """Remove NAME from the model store (every stored profile of it, or only NAME's :profile)."""
+    from .models.names import parse
+    from .models.store import remove
+
+    parsed = parse(name)
+    if parsed is None:
+        raise click.UsageError(f"{name!r} is not a model name (qwen3.5:4b, owner/repo[:profile])")
+    gone = remove(parsed)
+    if not gone:
+        raise ModelError(f"{name} is not in the model store (`qwen35 list` shows what is)")
+    for entry in gone:
+        click.echo(f"removed {entry.repo}:{entry.profile}")
 
 
 if __name__ == "__main__":

@@ -108,9 +108,26 @@ def read_header(path) -> GGUFHeader:
         if f.read(4) != MAGIC:
             raise GGUFFormatError(f"{path} is not a GGUF file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            cursor = _Cursor(buf, path)
-            metadata, infos = _parse(cursor)
-            data_start = cursor.pos
+            return _header(buf, path, size)
+
+
+def read_header_prefix(data: bytes, path, file_size: int) -> GGUFHeader:
+    """The header of a GGUF of `file_size` bytes from its first bytes alone (a file not downloaded
+    yet: its start fetched with a range request). When `data` ends inside the header, the
+    GGUFFormatError says it is truncated (HEADER_TRUNCATED in its message): fetch more."""
+    path = Path(path)
+    if data[:4] != MAGIC:
+        raise GGUFFormatError(f"{path} is not a GGUF file")
+    return _header(data, path, file_size)
+
+
+HEADER_TRUNCATED = _TRUNCATED_HEADER
+
+
+def _header(buf, path: Path, size: int) -> GGUFHeader:
+    cursor = _Cursor(buf, path)
+    metadata, infos = _parse(cursor)
+    data_start = cursor.pos
     alignment = int(metadata.get("general.alignment", ALIGNMENT))
     data_start += -data_start % alignment
     tensors = [TensorInfo(name, shape, t, data_start + offset) for name, shape, t, offset in infos]

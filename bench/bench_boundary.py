@@ -6,7 +6,7 @@ generation prompt's empty think block), so the state there is kept as a checkpoi
 session, rounds interleaved (the order alternating): a fresh first turn (system + a ~110-token
 message; time to the first piece and to the end of a 12-token reply), then a second turn that
 resumes from the boundary (time to its first piece). The "ending a decode" side is the same session
-with the read-back refused (`ChatSession._can_read_back`), so nothing else differs.
+with the read-back refused (`Decoder.can_read_back`), so nothing else differs.
 
     python bench/bench_boundary.py [--model M.gguf] [--threads 2] [--rounds 14]
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from bench_runtime import model_0_8b
 
-from qwen35.runtime.session import ChatSession
+from qwen35.runtime import ChatSession
+from qwen35.runtime.engine.decoder import Decoder
 
 MESSAGE = ("Tell me about the history of lighthouse number {} on the northern coast, its keepers, the storms it "
            "survived, and why ships still rely on it today; in detail please, with dates. ") * 2
@@ -44,12 +45,12 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/runtime"))
     args = ap.parse_args()
     model = args.model or model_0_8b(args.workdir)
-    read_back = ChatSession._can_read_back
+    read_back = Decoder.can_read_back
     results: dict[str, dict[str, list[float]]] = {}
     with ChatSession(model, n_ctx=8192, threads=args.threads, prefill=False, adapt_threads=False) as chat:
         for r in range(args.rounds):
             for way in ("read back", "ending a decode")[::1 if r % 2 else -1]:
-                chat._can_read_back = read_back.__get__(chat) if way == "read back" else (lambda *_: False)
+                chat.decoder.can_read_back = read_back.__get__(chat.decoder) if way == "read back" else (lambda *_: False)
                 chat.cache.forget()
                 first = [{"role": "system", "content": f"Chat {r}. Answer briefly."},
                          {"role": "user", "content": MESSAGE.format(r, r)}]

@@ -41,7 +41,7 @@ def measure(chat, max_threads: int, rounds: int, tokens: int) -> dict:
 
 def main() -> None:
     from qwen35.runtime import ChatSession
-    from qwen35.runtime.system import performance_cores
+    from qwen35.system import performance_cores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path)

@@ -88,13 +88,13 @@ def converted_0_8b(workdir: Path, qtype: str, **options) -> Path:
 def ensure_checkpoint(workdir: Path, config: dict, name: str) -> Path:
     """A random checkpoint for `config` with the real tokenizer, rebuilt only when the config or
     the code that writes it changed. A stamp written last marks a complete build."""
-    from qwen35.convert import synthetic
+    from qwen35.demo import synthetic
 
     try:
-        from qwen35.convert import real_vocab
+        from qwen35.demo import real_vocab
     except ImportError as e:
         raise SystemExit(
-            f"both converters need the real Qwen3.5 tokenizer files, from qwen35.convert.real_vocab: {e}"
+            f"both converters need the real Qwen3.5 tokenizer files, from qwen35.demo.real_vocab: {e}"
         )
 
     ckpt = workdir / f"ckpt-{name}"

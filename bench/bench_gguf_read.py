@@ -35,8 +35,8 @@ TIMED = "; import time; t = time.perf_counter(); n = len(read(PATH).tensors); pr
 
 def sparse_checkpoint(directory: Path, config: dict) -> None:
     """config.json, the real tokenizer, and one model.safetensors whose data is a hole."""
-    from qwen35.convert import real_vocab
-    from qwen35.convert.synthetic import checkpoint_layout
+    from qwen35.demo import real_vocab
+    from qwen35.demo.synthetic import checkpoint_layout
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))

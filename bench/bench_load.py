@@ -31,7 +31,8 @@ PROMPT = "Write a short story about a lighthouse keeper."
 # Each child prints one JSON line: seconds to a loaded model, seconds to the whole reply, placement.
 QWEN35 = """
 import json, sys, time
-from qwen35.runtime import ChatSession, memory
+from qwen35.runtime import ChatSession
+from qwen35.runtime.engine import memory
 if sys.argv[2] == "mapped":
     memory.maps_weights = lambda weights, idle: True
 t = time.perf_counter()
@@ -39,7 +40,7 @@ s = ChatSession(sys.argv[1], n_ctx=int(sys.argv[3]), threads=int(sys.argv[4]), s
 loaded = time.perf_counter() - t
 s.send(sys.argv[5], max_tokens=16, temp=0)
 print(json.dumps({"load_s": loaded, "total_s": time.perf_counter() - t, "mapped": s.memory.mapped,
-                  "placement": s._model.placement}))
+                  "placement": s.decoder.model.placement}))
 """
 LLAMA_CPP_PYTHON = """
 import json, sys, time

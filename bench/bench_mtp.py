@@ -173,7 +173,7 @@ def example(python: Path, model: Path, args, n_draft: int):
 
 def bench_file(size: str, rate: float, args, env: dict, peers: list[str], python: Path | None) -> list[dict]:
     """Every server setting on this file, each started afresh for each repetition, in an order drawn
-    anew each repetition: the machine's speed drifts by ±20 % within minutes (README), which a setting
+    anew each repetition: the machine's speed drifts by ±20 % within minutes (docs/benchmarks.md), which a setting
     measured in one stretch would take for its own; and an order that only turned kept each setting
     behind the same one (our plain server always started right after the example's last MTP server
     had exited; at 9B it measured 0.88× the peers' plain there and level in a run of its own: a suspect,
@@ -242,7 +242,7 @@ def report(rows: list[dict], peers: list[str]) -> None:
 
 
 def main() -> None:
-    from qwen35.runtime.system import physical_cores
+    from qwen35.system import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="0.8b,4b", help="comma-separated: 0.8b, 4b, 9b (tiny: the tests' model)")

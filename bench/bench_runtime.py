@@ -99,7 +99,7 @@ def llama_cpp_python_chat(model: Path, threads: int, turns: int) -> list[float]:
     create_chat_completion (the GGUF's template; it re-evaluates what it cannot reuse)."""
     from llama_cpp import llama_chat_format
 
-    from qwen35.runtime.modelfile import read_model_file
+    from qwen35.runtime.engine.modelfile import read_model_file
 
     # Its chat completion cannot pass enable_thinking to the template: wrap the formatter to do so.
     formatter = llama_chat_format.Jinja2ChatFormatter(read_model_file(model).chat_template, eos_token="<|im_end|>",
@@ -107,7 +107,7 @@ def llama_cpp_python_chat(model: Path, threads: int, turns: int) -> list[float]:
     handler = llama_chat_format.chat_formatter_to_chat_completion_handler(
         lambda **kw: formatter(**kw, enable_thinking=False))
     # The same placement of the weights as qwen35's (AMX only where it works) before the peer loads.
-    from qwen35.runtime import cpu
+    from qwen35.runtime.engine import cpu
 
     cpu.place_weights(model)
     llm = llama_cpp.Llama(str(model), n_ctx=8192, n_threads=threads, n_threads_batch=threads, seed=1,
@@ -135,7 +135,7 @@ def ours(model: Path, threads: int, reps: int) -> dict:
 
 def native(binary: Path, model: Path, threads: int, reps: int, repack: bool) -> dict:
     """llama-bench's pp/tg, and where its weights landed (from its verbose load log)."""
-    from qwen35.runtime.native import _placement
+    from qwen35.runtime.engine.native import _placement
 
     out = subprocess.run([str(binary), "-m", str(model), "-t", str(threads), "-p", "512", "-n", "128",
                           "-r", str(reps), "--repack", "1" if repack else "0", "-o", "json", "-v"],
@@ -208,7 +208,7 @@ def compare_with_llama_bench(model: Path, args) -> None:
 
 
 def main() -> None:
-    from qwen35.runtime.system import physical_cores
+    from qwen35.system import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="GGUF to use (default: a cached random 0.8B Q8_0)")

@@ -60,9 +60,14 @@ from pathlib import Path
 
 from openai import APIError, OpenAI
 
+from bench_convert import ensure_sdist
 from bench_runtime import model_0_8b
 
-SDIST_SERVER = Path("/work/sdist/llama_cpp_python-0.3.36/examples/server")
+
+
+def sdist_server() -> Path:
+    """The sdist's examples/server, from the sdist the other benches download once (bench_convert)."""
+    return ensure_sdist(Path("/tmp/qwen35-bench")).parents[1] / "examples" / "server"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 N_CTX = 8192
 STARTUP_S = 300
@@ -265,7 +270,7 @@ def peers_venv(workdir: Path) -> Path:
     python = workdir / "peers-venv" / "bin" / "python"
     if python.is_file():
         return python
-    header = (SDIST_SERVER / "server.py").read_text().split("# ///", 2)[1]
+    header = (sdist_server() / "server.py").read_text().split("# ///", 2)[1]
     deps = re.findall(r'^#\s+"([^"]+)",?$', header, re.M)
     deps = [LLAMA_CPP_PYTHON if d == "llama-cpp-python" else d for d in deps]
     print(f"making {python.parent.parent} with {LLAMA_CPP_PYTHON}[server] and {deps} …", flush=True)
@@ -278,7 +283,7 @@ def peers_venv(workdir: Path) -> Path:
 def example_config(workdir: Path, model: Path, threads: int, port: int) -> Path:
     """The example's own Qwen3.5-0.8B config (its chat template and response schema), on the local
     GGUF instead of the hub, no projector, our context and batch sizes and threads, 127.0.0.1."""
-    config = json.loads((SDIST_SERVER / "configs" / "qwen3.5-0.8b.json").read_text())
+    config = json.loads((sdist_server() / "configs" / "qwen3.5-0.8b.json").read_text())
     m = config["model"]
     m.pop("from_pretrained")
     m.pop("mtmd", None)
@@ -294,7 +299,7 @@ def gguf_formatter(model: Path):
     """Renders a request the way llama_cpp.server's Jinja chat handler does: the GGUF's template."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from qwen35.runtime.modelfile import read_model_file
+    from qwen35.runtime.engine.modelfile import read_model_file
 
     formatter = Jinja2ChatFormatter(read_model_file(model).chat_template, eos_token="<|im_end|>", bos_token="")
     return lambda messages, tools: formatter(messages=messages, tools=tools, enable_thinking=False).prompt
@@ -303,7 +308,7 @@ def gguf_formatter(model: Path):
 def withholds_amx(model: Path) -> bool:
     """Whether qwen35 keeps llama.cpp's AMX buffer type from this model on this machine (where its
     kernels crash or err: the peers would crash too, unless they are kept from it alike)."""
-    from qwen35.runtime import cpu
+    from qwen35.runtime.engine import cpu
 
     offered = [name for name, _ in cpu.extra_buffers().original]
     return cpu.AMX in offered and not cpu.place_weights(model).use_amx
@@ -325,7 +330,7 @@ def make_servers(args, model: Path, env: dict) -> list[Server]:
                            str(args.threads), "--n_ctx", str(N_CTX), "--chat_template_kwargs",
                            '{"enable_thinking": false}'], args.workdir / "llama_cpp_server.log", env,
                           gguf_formatter(model))
-    example = Example([*peer, str(SDIST_SERVER / "server.py"), "-C", "{config}"],
+    example = Example([*peer, str(sdist_server() / "server.py"), "-C", "{config}"],
                       args.workdir / "example.log", env)
     example.command[-1] = str(example_config(args.workdir, model, args.threads, example.port))
     return [ours, installed, example]

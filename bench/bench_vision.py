@@ -78,15 +78,15 @@ class HelperEncoder:
     def __init__(self, session, mmproj: Path, image_max_tokens: int) -> None:
         from llama_cpp import mtmd_cpp as m
 
-        from qwen35.runtime import native
+        from qwen35.runtime.engine import native
 
         self.m, self.native = m, native
         params = m.mtmd_context_params_default()
         params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, session.threads, False, False
         params.image_max_tokens = image_max_tokens
-        self.mtmd = m.mtmd_init_from_file(str(mmproj).encode(), session._model.ptr, params)
+        self.mtmd = m.mtmd_init_from_file(str(mmproj).encode(), session.decoder.model.ptr, params)
         assert self.mtmd, "mtmd could not load the mmproj"
-        self.ctx = native.Context(session._model, session.n_ctx, session.threads, session._ctx.n_batch)
+        self.ctx = native.Context(session.decoder.model, session.n_ctx, session.threads, session.decoder.ctx.n_batch)
 
     def encode(self, data: bytes) -> tuple[float, int]:
         """Seconds from the image's bytes to its embeddings decoded into the context; its tokens."""
@@ -190,7 +190,7 @@ def later_turns(model: Path, mmproj: Path, image: Path, args) -> None:
 
 
 def main() -> None:
-    from qwen35.runtime.system import physical_cores
+    from qwen35.system import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=physical_cores())

@@ -1,5 +1,5 @@
 """Run a Python peer with llama.cpp's AMX buffer type withheld from its model loader, as qwen35
-withholds it where AMX does not work (runtime/cpu.py). Where the AMX kernels crash (seen here: the
+withholds it where AMX does not work (runtime/engine/cpu.py). Where the AMX kernels crash (seen here: the
 GCC 12.2 build on an Intel Xeon, SIGSEGV at the first decode of 8 tokens), llama-cpp-python's server and the
 sdist's example crash on their first prompt; withheld, they place the weights as qwen35 does (the
 other extra buffer types, CPU_REPACK among them, stay on offer), so the bench compares like with like.
@@ -7,7 +7,7 @@ other extra buffer types, CPU_REPACK among them, stay on offer), so the bench co
     PEER_PYTHON bench/without_amx.py -m llama_cpp.server ARGS…
     PEER_PYTHON bench/without_amx.py path/to/server.py ARGS…
 
-It runs in the peers' venv, which has llama-cpp-python but not qwen35: runtime/cpu.py is loaded by
+It runs in the peers' venv, which has llama-cpp-python but not qwen35: runtime/engine/cpu.py is loaded by
 its path (it needs nothing of qwen35 for this).
 """
 
@@ -18,7 +18,7 @@ import runpy
 import sys
 from pathlib import Path
 
-CPU_PY = Path(__file__).resolve().parent.parent / "runtime" / "cpu.py"
+CPU_PY = Path(__file__).resolve().parent.parent / "runtime" / "engine" / "cpu.py"
 
 
 def withhold_amx() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..runtime.system import physical_cores
+from ..system import physical_cores
 from .errors import ConvertError
 
 

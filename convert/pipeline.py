@@ -62,7 +62,9 @@ class Conversion:
     """Everything decided before any weight is read: from config.json and the safetensors headers."""
 
     def __init__(self, checkpoint_dir, qtypes=("bf16",), output=None, *, mtp=True, force=False, imatrix=None,
-                 dry_run=False, mmproj: str | None = "f16"):
+                 dry_run=False, mmproj: str | None = "f16", name: str | None = None):
+        """`name`: the model's name (general.name, and the output files'); default: config.json's
+        _name_or_path, else the directory's name (a download's directory is named for a commit)."""
         self.started = time.monotonic()  # the summary line counts planning (tokenizer parsing) too
         self.checkpoint_dir = Path(checkpoint_dir)
         if not self.checkpoint_dir.is_dir():
@@ -81,7 +83,7 @@ class Conversion:
             self.tensors = qwen35.plan_tensors(self.ckpt, h, mtp=mtp)
             self.imatrix = Imatrix(imatrix) if imatrix else None
             facts = qwen35.model_facts(h, self.tensors, imatrix=self.imatrix is not None)
-            name = model_name(self.checkpoint_dir, config)
+            name = name or model_name(self.checkpoint_dir, config)
             common = (
                 qwen35.metadata(h, self.tensors)
                 + general_metadata(self.checkpoint_dir, name, qwen35.size_label(self.tensors, h))

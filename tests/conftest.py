@@ -8,6 +8,11 @@ import pytest
 
 from tests.fixtures import FIXTURES, cached_fixture
 
+# QWEN35_UPDATE_SNAPSHOTS=1 rewrites the snapshots (and the README's board guide) instead of checking
+# them, so with it every snapshot test passes: CI refuses to run with it.
+if os.environ.get("CI") and os.environ.get("QWEN35_UPDATE_SNAPSHOTS"):
+    raise pytest.UsageError("QWEN35_UPDATE_SNAPSHOTS is set in CI: snapshots would be rewritten, not checked")
+
 # The interactive chat keeps its conversations under $XDG_STATE_HOME: never the user's own in tests.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="qwen35-test-state-")
 atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], ignore_errors=True)

@@ -27,6 +27,7 @@ near-uniform softmax.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -38,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen35.convert import real_vocab
-from qwen35.convert.synthetic import PREPROCESSOR_CONFIG
+from qwen35.demo import real_vocab
+from qwen35.demo.synthetic import PREPROCESSOR_CONFIG
 
 __all__ = ["FIXTURES", "BuiltFixture", "FixtureSpec", "build_fixture", "cached_fixture"]
 
@@ -114,8 +115,9 @@ class BuiltFixture:
 def cached_fixture(spec: FixtureSpec, cache_root: Path) -> BuiltFixture:
     """The fixture under `cache_root/<key>/<name>`, built first if absent.
 
-    The key hashes this file and the torch/transformers versions, so editing a builder or
-    upgrading the reference implementation rebuilds; a build lands by an atomic rename.
+    The key (_builder_key) hashes this file, the modules it writes files with, and the versions of
+    torch, transformers and the writers, so editing a builder or upgrading the reference
+    implementation rebuilds; a build lands by an atomic rename.
     """
     root = Path(cache_root) / _builder_key() / spec.name
     build_once(root, lambda staging: build_fixture(spec, staging))
@@ -141,13 +143,16 @@ def build_once(root: Path, build) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _builder_key() -> str:
-    import torch
-    import transformers
+def _builder_key(*extra_modules) -> str:
+    """This file, the modules that write the checkpoint's files besides it (wherever they live),
+    and the versions of the packages that build and save it (tests.cache_key)."""
+    from qwen35.demo.synthetic import write_shard_index
 
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
-    return digest.hexdigest()[:16]
+    from tests.cache_key import fixture_key
+
+    return fixture_key(modules=[__name__, real_vocab.__name__, inspect.getmodule(write_shard_index).__name__,
+                                *extra_modules], converter=False,
+                       distributions=("torch", "transformers", "safetensors", "numpy", "tokenizers"))
 
 
 def build_fixture(spec: FixtureSpec, root: Path) -> BuiltFixture:
@@ -293,7 +298,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _write_chat_template(checkpoint: Path) -> None:
-    from qwen35.convert.real_vocab import write_chat_template
+    from qwen35.demo.real_vocab import write_chat_template
 
     write_chat_template(checkpoint)
 
@@ -483,7 +488,7 @@ def _mtp_tensors(tensors: dict, generator, residual_scale: float) -> dict:
 def _write_safetensors(checkpoint: Path, tensors: dict, shards: int) -> None:
     from safetensors.torch import save_file
 
-    from qwen35.convert.synthetic import shard_file_name, write_shard_index
+    from qwen35.demo.synthetic import shard_file_name, write_shard_index
 
     metadata = {"format": "pt"}
     if shards == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen35.runtime import native
+from qwen35.runtime.engine import native
 
 
 def llama_logits(gguf_path, tokens: list[int], *, exact: bool = True, threads: int = 2) -> np.ndarray:

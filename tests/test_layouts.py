@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from qwen35.convert.pipeline import Conversion
-from qwen35.convert.synthetic import write_checkpoint
+from qwen35.demo.synthetic import write_checkpoint
 from tests.tiny import byte_level_tokenizer, gguf_contents, rewrite_checkpoint, split_fused_experts, tiny_config
 
 

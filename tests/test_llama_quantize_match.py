@@ -17,8 +17,9 @@ from qwen35.convert import ConvertError, profiles, qwen35
 from qwen35.convert.gguf_file import GGUFFile, TensorSpec
 from qwen35.gguf_header import read_header
 from qwen35.convert.pipeline import Conversion
-from qwen35.convert.synthetic import write_checkpoint
-from tests.test_plan_snapshots import RELEASES, HeaderOnlyCheckpoint
+from qwen35.demo.synthetic import write_checkpoint
+from qwen35.models.fit import HeaderOnlyCheckpoint
+from tests.test_plan_snapshots import RELEASES
 from tests.tiny import RELEASE_CONFIGS, byte_level_tokenizer, gguf_contents, tiny_config
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from qwen35.cli import main
 from qwen35.convert.pipeline import Conversion
-from qwen35.convert.synthetic import write_checkpoint
+from qwen35.demo.synthetic import write_checkpoint
 from tests.tiny import byte_level_tokenizer, gguf_contents, tiny_config
 
 # The llama.cpp source that llama-cpp-python 0.3.36 vendors, as bench/bench_convert.py unpacks it

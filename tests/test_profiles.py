@@ -1,5 +1,6 @@
 """Quantization profiles: selectors on hand-made numbers, the shipped profiles, and bad profile files."""
 
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from qwen35.convert.gguf_file import GGUFFile, TensorSpec
 from qwen35.gguf_header import read_header
 from qwen35.convert.pipeline import Conversion
 from qwen35.convert.plan import PlannedTensor
-from qwen35.convert.synthetic import write_checkpoint
+from qwen35.demo.synthetic import write_checkpoint
 from tests.tiny import byte_level_tokenizer, tiny_config
 
 T = profiles.T
@@ -141,7 +142,17 @@ def test_dry_run_sizes_are_the_written_sizes(ckpt, tmp_path):
 def test_info_shows_the_profile(ckpt, tmp_path):
     Conversion(ckpt, ["edge-arm"], tmp_path / "o.gguf").run(threads=1)
     result = CliRunner().invoke(main, ["info", str(tmp_path / "o.gguf")])
-    assert "edge-arm" in result.output
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^\s*profile\W+edge-arm\s*$", result.output, re.M), result.output
+
+
+def test_the_profiles_command_lists_every_shipped_profile():
+    result = CliRunner().invoke(main, ["profiles"])
+    assert result.exit_code == 0, result.output
+    listed = dict(line.split(None, 1) for line in result.output.splitlines())
+    shipped = sorted(p.stem for p in profiles.PROFILE_DIR.glob("*.toml"))
+    assert sorted(listed) == shipped and "q4_k_m-hybrid" in listed and "edge-arm" in listed
+    assert all(listed[name].strip() == profiles.load(name).description for name in shipped)
 
 
 def test_imatrix_types_need_an_imatrix(ckpt, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from gguf import quants
 
 from qwen35.convert.pipeline import Conversion
-from qwen35.convert.synthetic import write_checkpoint
+from qwen35.demo.synthetic import write_checkpoint
 from tests.tiny import byte_level_tokenizer, gguf_contents, tiny_config
 
 pytest.importorskip("llama_cpp")

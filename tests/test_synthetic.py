@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from qwen35.convert.synthetic import _ChunkWriter, write_checkpoint
+from qwen35.demo.synthetic import _ChunkWriter, write_checkpoint
 
 H, HEAD_DIM, N_HEADS, N_KV_HEADS = 64, 16, 4, 2
 LK, LV, DK, DV, CONV_K = 2, 4, 16, 16, 4  # k != v heads, as in 4B and larger

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen35.runtime.system import performance_cores, physical_cores, read_cpus
+from qwen35.system import performance_cores, physical_cores, read_cpus
 
 
 def fake_sysfs(root: Path, cores: list[tuple[int, ...]], *, capacity: dict[int, int] | None = None,

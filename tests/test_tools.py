@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from qwen35.runtime.errors import ChatError  # noqa: E402
-from qwen35.runtime.reasoning import ReplySplitter, StopStrings  # noqa: E402
-from qwen35.runtime.tools import ToolCallReader, check_tools, coerce, prepare_messages, split_tool_calls  # noqa: E402
+from qwen35.runtime.engine.errors import ChatError  # noqa: E402
+from qwen35.runtime.conversation.reasoning import ReplySplitter, StopStrings  # noqa: E402
+from qwen35.runtime.conversation.tools import ToolCallReader, check_tools, coerce, prepare_messages, split_tool_calls  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {
     "name": "search", "description": "Search the web",

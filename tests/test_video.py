@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qwen35.runtime import ChatError
-from qwen35.runtime import video as V
+from qwen35.runtime.conversation import video as V
 from tests.test_runtime_cli import run_cli
 from tests.vision_fixture import IMAGE_HEIGHT, IMAGE_WIDTH, MEAN, MERGE, N_IMAGE_TOKENS, PATCH, STD, TEMPORAL, write_png
 
@@ -133,7 +133,7 @@ def model(vision_fixture, tmp_path_factory):
 
 def test_the_prompt_has_each_pair_after_its_timestamp(model, tmp_path):
     from qwen35.runtime import ChatSession
-    from qwen35.runtime.state_cache import position
+    from qwen35.runtime.engine.state_cache import position
 
     frames = _write_frames(tmp_path / "clip", _frames(3))  # 3 frames: the last is repeated to make 2 pairs
     with ChatSession(model, n_ctx=1024, threads=2, seed=0) as chat:
@@ -143,8 +143,8 @@ def test_the_prompt_has_each_pair_after_its_timestamp(model, tmp_path):
         assert chat.stats["image_tokens"] == 2 * N_IMAGE_TOKENS  # two pairs, each one merged image
         held = chat.context_tokens()
         start, end = chat.tokenize("<|vision_start|>"), chat.tokenize("<|vision_end|>")
-        pair = list(chat._image_cells["+".join(part["frames"][:2])].cells)
-        second = list(chat._image_cells["+".join(part["frames"][2:])].cells)
+        pair = list(chat.media._image_cells["+".join(part["frames"][:2])].cells)
+        second = list(chat.media._image_cells["+".join(part["frames"][2:])].cells)
         layout = chat.tokenize("<0.2 seconds>") + pair + chat.tokenize("<1.0 seconds>") + second
         i = next(i for i in range(len(held)) if held[i:i + len(layout)] == layout)
         assert held[i - 1] != start[0] and held[i + len(layout)] != end[0]  # the template's own marks are replaced
@@ -226,7 +226,7 @@ def test_a_video_file_is_sampled_with_ffmpeg(model, tmp_path, monkeypatch):
 
 def test_repl_video_command(model, tmp_path):
     from qwen35.runtime import ChatSession
-    from qwen35.runtime.repl import Repl
+    from qwen35.runtime.frontends.repl import Repl
     import io
 
     _write_frames(tmp_path / "clip", _frames(2))

@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from qwen35.runtime import ChatError, ChatSession  # noqa: E402
-from qwen35.runtime.state_cache import HELD_POSITION, image_cells, position  # noqa: E402
+from qwen35.runtime.engine.state_cache import HELD_POSITION, image_cells, position  # noqa: E402
 
 N_POS = 4  # the fixture's image: 4 × 3 merged patches, M-RoPE advances max(4, 3)
 
@@ -46,7 +46,7 @@ def _session(model, **options):
 def _reply_state(session, text, images=None):
     """The logits that start the reply, and the cells the context holds then."""
     for _ in session.stream(text, images, temp=0, max_tokens=4):
-        return session._ctx.logits(-1), session.context_tokens()
+        return session.decoder.ctx.logits(-1), session.context_tokens()
 
 
 def test_image_cells_carry_the_image_and_its_positions():
@@ -70,7 +70,7 @@ def test_later_turns_never_reevaluate_the_image_and_match_a_fresh_evaluation(mod
         image_start = held.index(HELD_POSITION) - N_POS
         image_end = image_start + N_IMAGE_TOKENS
         # Positions and cells apart: llama.cpp's next position is the cells less the 8 that share one.
-        assert chat._ctx.n_past() == position(held) == len(held) - (N_IMAGE_TOKENS - N_POS)
+        assert chat.decoder.ctx.n_past() == position(held) == len(held) - (N_IMAGE_TOKENS - N_POS)
         for text in ("And its colours?", "Thanks."):
             logits, context = _reply_state(chat, text)
             s = chat.stats
@@ -80,7 +80,7 @@ def test_later_turns_never_reevaluate_the_image_and_match_a_fresh_evaluation(mod
             assert s["cached_tokens"] > image_end and s["prompt_tokens"] > 0
             assert all(c >= 0 for c in context[s["cached_tokens"]:])
             held = chat.context_tokens()  # (after the prefill the reply's end started)
-            assert chat._ctx.n_past() == position(held)
+            assert chat.decoder.ctx.n_past() == position(held)
         conversation = [dict(m) for m in chat.messages[:-2]]
 
     with _session(model, prefill=False) as fresh:
@@ -117,7 +117,7 @@ def test_save_and_load_keep_the_image_and_its_positions(model, fixture, tmp_path
         assert resumed.stats["image_tokens"] == 0  # the image came back with the state, not re-encoded
         assert reply.content == expected.content and reply.reasoning == expected.reasoning
         assert resumed.context_tokens() == expected_context
-        assert resumed._ctx.n_past() == position(expected_context)
+        assert resumed.decoder.ctx.n_past() == position(expected_context)
 
 
 def _other_model_mmproj(mmproj, tmp_path):
@@ -251,49 +251,43 @@ def test_server_takes_image_url_parts_and_reuses_them(model, fixture):
         httpx = pytest.importorskip("httpx")
     import base64
 
-    from qwen35.runtime.server import Server, http_port, listen
+    from tests.serving import running
 
     url = "data:image/png;base64," + base64.b64encode(fixture.image.read_bytes()).decode()
-    with _session(model, prefill=False, cache_ram=64 << 20) as session:
-        srv = Server(session, model_name="tiny")
-        http = listen(srv, "127.0.0.1", 0)
-        base = f"http://127.0.0.1:{http_port(http)}/v1/chat/completions"
+    with _session(model, prefill=False, cache_ram=64 << 20) as session, \
+            running(session, model_name="tiny") as srv:
+        base = srv.base_url + "/v1/chat/completions"
 
         def post(messages):
             return httpx.post(base, json={"messages": messages, "temperature": 0, "max_tokens": 3}, timeout=120)
 
-        try:
-            first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": "What is it?"}]}]
-            r = post(first)
-            assert r.status_code == 200, r.text
-            assert session.stats["image_tokens"] == N_IMAGE_TOKENS
-            answer = r.json()["choices"][0]["message"]
-            history = first + [{"role": "assistant", "content": answer["content"] or ""},
-                               {"role": "user", "content": "And its colours?"}]
-            r = post(history)
-            assert r.status_code == 200, r.text
-            assert session.stats["image_tokens"] == 0  # the image came from the checkpoint
-            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > N_IMAGE_TOKENS
-            for bad, message in [("https://example.com/cat.png", "fetches nothing from the network"),
-                                 ("data:image/png;base64,@@@", "not valid base64"),
-                                 ("data:image/png;base64," + base64.b64encode(b"no picture").decode(),
-                                  "is not an image")]:
-                r = post([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bad}}]}])
-                assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
-            assert post(history).status_code == 200  # and it keeps serving
-            assert len(session._images) == 1  # only the images of the last request are kept
-        finally:
-            http.should_exit = True
-            http.thread.join(10)
-            srv.close()
+        first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                              {"type": "text", "text": "What is it?"}]}]
+        r = post(first)
+        assert r.status_code == 200, r.text
+        assert session.stats["image_tokens"] == N_IMAGE_TOKENS
+        answer = r.json()["choices"][0]["message"]
+        history = first + [{"role": "assistant", "content": answer["content"] or ""},
+                           {"role": "user", "content": "And its colours?"}]
+        r = post(history)
+        assert r.status_code == 200, r.text
+        assert session.stats["image_tokens"] == 0  # the image came from the checkpoint
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > N_IMAGE_TOKENS
+        for bad, message in [("https://example.com/cat.png", "fetches nothing from the network"),
+                             ("data:image/png;base64,@@@", "not valid base64"),
+                             ("data:image/png;base64," + base64.b64encode(b"no picture").decode(),
+                              "is not an image")]:
+            r = post([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bad}}]}])
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        assert post(history).status_code == 200  # and it keeps serving
+        assert len(session.media.images) == 1  # only the images of the last request are kept
 
 
 def test_an_image_split_over_batches_gives_the_same_logits(model, fixture, tmp_path):
     """n_batch below the image's token count (VISION.md §5.6): mtmd feeds the image in pieces, and
     the M-RoPE positions of every piece must be those of the whole."""
-    from qwen35.runtime import native
-    from qwen35.runtime.vision import Projector
+    from qwen35.runtime.engine import native
+    from qwen35.runtime.engine.vision import Projector
 
     write_png(tmp_path / "wide.png", np.random.default_rng(1).integers(0, 256, (96, 256, 3), dtype=np.uint8))
     mmproj = next(model.parent.glob("*-mmproj-F16.gguf"))
@@ -359,9 +353,9 @@ def test_repl_keeps_the_images_of_a_message_that_did_not_fit(model, fixture):
 
 
 def test_memory_estimate_counts_the_vision_tower_and_the_image_budget(model, fixture):
-    from qwen35.runtime import memory, native
-    from qwen35.runtime.modelfile import read_model_file
-    from qwen35.runtime.vision import find_mmproj
+    from qwen35.runtime.engine import memory, native
+    from qwen35.runtime.engine.modelfile import read_model_file
+    from qwen35.runtime.engine.vision import find_mmproj
 
     mmproj = read_model_file(find_mmproj(read_model_file(model))[0])
     weights = sum(t.nbytes for t in mmproj.tensors)
@@ -383,9 +377,9 @@ def test_memory_estimate_counts_the_vision_tower_and_the_image_budget(model, fix
 
 
 def test_refuses_before_loading_when_the_image_budget_does_not_fit(model, monkeypatch):
-    from qwen35.runtime import memory
-    from qwen35.runtime.modelfile import read_model_file
-    from qwen35.runtime.vision import find_mmproj
+    from qwen35.runtime.engine import memory
+    from qwen35.runtime.engine.modelfile import read_model_file
+    from qwen35.runtime.engine.vision import find_mmproj
 
     mf = read_model_file(model)
     mmproj = read_model_file(find_mmproj(mf)[0])
@@ -398,7 +392,7 @@ def test_refuses_before_loading_when_the_image_budget_does_not_fit(model, monkey
 
     loads = []
     monkeypatch.setattr(memory, "available_ram", lambda: small.needed + 1)
-    monkeypatch.setattr("qwen35.runtime.native.Model.__init__", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr("qwen35.runtime.engine.native.Model.__init__", lambda *a, **k: loads.append(a))
     with pytest.raises(ChatError, match=r"vision tower \+ buffers for 4096-token images.*--image-max-tokens \d+ would fit"):
         ChatSession(model, n_ctx=1024, threads=2, image_max_tokens=4096)
     assert loads == []  # refused before loading anything

@@ -4,7 +4,7 @@ import copy
 import json
 from pathlib import Path
 
-from qwen35.convert import real_vocab
+from qwen35.demo import real_vocab
 
 # config.json of the real releases (public copies; the small models' are reconstructed), kept in the
 # repository so the tests run on a machine that has nothing but this checkout.
@@ -73,7 +73,7 @@ def rewrite_checkpoint(src: Path, dst: Path, transform, shard_bytes: int = 2 * 1
     import shutil
 
     from qwen35.convert.checkpoint import Checkpoint
-    from qwen35.convert.synthetic import shard_file_name, write_shard_index
+    from qwen35.demo.synthetic import shard_file_name, write_shard_index
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors*"))
     shards: list[tuple[Path, list[str], int]] = []  # (file, its tensors, their bytes)
@@ -107,7 +107,7 @@ def rewrite_checkpoint(src: Path, dst: Path, transform, shard_bytes: int = 2 * 1
 def _write_safetensors(path: Path, tensors) -> None:
     import numpy as np
 
-    from qwen35.convert.synthetic import safetensors_header
+    from qwen35.demo.synthetic import safetensors_header
 
     dtypes = {np.dtype("<u2"): "BF16", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
     with open(path, "wb") as f:

@@ -15,7 +15,6 @@ patchified here exactly as Qwen2-VL's processor lays them out (the layout Qwen3.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen35.convert import real_vocab
+from qwen35.demo import real_vocab
 from tests import fixtures as F
 
 SPEC = F.FixtureSpec("dense_vision", moe=False, tied=False, mtp=False, linear_key_heads=2, linear_value_heads=4)
@@ -62,12 +61,7 @@ class VisionFixture:
 
 
 def cached_vision_fixture(cache_root: Path, spec: F.FixtureSpec = SPEC) -> VisionFixture:
-    import torch
-    import transformers
-
-    digest = hashlib.sha256(Path(__file__).read_bytes() + Path(F.__file__).read_bytes())
-    digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
-    root = Path(cache_root) / f"{spec.name}-{digest.hexdigest()[:16]}"
+    root = Path(cache_root) / f"{spec.name}-{F._builder_key(__name__)}"
     F.build_once(root, lambda where: _build(where, spec))
     return VisionFixture(root, spec)
 

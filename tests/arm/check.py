@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import toolchain  # noqa: E402
 
 COSINE_MIN, MAX_ABS_DIFF, MEMORY_TOLERANCE = 0.9995, 0.05, 0.10
 FILES = ["edge-arm", "q4_k_m"]
+CHAT_TIMEOUT_S = 1800  # one emulated chat takes a few minutes; a hang is ended here
 
 
 def guest_env(paths: dict, target: str) -> dict:
@@ -80,16 +82,23 @@ def run_chat(paths: dict, target: str, model: Path, work: Path) -> tuple[dict, d
     proc = subprocess.Popen(guest_cmd(paths, HERE / "guest.py", "chat", model, work), env=guest_env(paths, target),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=work)
     rss, last = {}, ""
-    for line in proc.stdout:
-        if line.startswith("MEASURE "):
-            label = line.split()[1]
-            rss[label] = mapped_rss(proc.pid, (work / f"maps-{label}.txt").read_text())
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-        elif line.strip():
-            last = line
-    if proc.wait() != 0:
-        raise AssertionError(f"guest chat exited with {proc.returncode}")
+    # A deadline on the reading loop: a guest that hangs is killed, and that fails the check.
+    watchdog = threading.Timer(CHAT_TIMEOUT_S, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("MEASURE "):
+                label = line.split()[1]
+                rss[label] = mapped_rss(proc.pid, (work / f"maps-{label}.txt").read_text())
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+            elif line.strip():
+                last = line
+    finally:
+        watchdog.cancel()
+    if proc.wait(60) != 0:
+        raise AssertionError(f"guest chat exited with {proc.returncode}"
+                             + (f" (killed: no end in {CHAT_TIMEOUT_S} s)" if proc.returncode == -9 else ""))
     return json.loads(last), rss
 
 

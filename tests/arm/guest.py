@@ -11,7 +11,6 @@ so the host can sum the resident size of exactly those mappings in qemu's /proc/
 
 from __future__ import annotations
 
-import ctypes
 import json
 import sys
 from pathlib import Path
@@ -19,20 +18,11 @@ from pathlib import Path
 PROMPT = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def last_logits(session):
-    import llama_cpp
-    import numpy as np
-
-    ptr = llama_cpp.llama_get_logits_ith(session._ctx.ptr, -1)
-    floats = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
-    return np.ctypeslib.as_array(floats, shape=(session._model.n_vocab,)).copy()
-
-
 def save_logits(session, out) -> None:
     import numpy as np
 
-    session._evaluate(session.tokenize(PROMPT), logits=True)
-    np.save(out, last_logits(session))
+    session.decoder.evaluate(session.tokenize(PROMPT), logits=True)
+    np.save(out, session.decoder.ctx.logits(-1))
     session.reset()
 
 
@@ -51,8 +41,8 @@ def measure(workdir: Path, label: str) -> None:
 
 def chat(model: str, workdir: str) -> None:
     from qwen35.runtime import ChatSession
-    from qwen35.runtime.memory import repacked_tensors
-    from qwen35.runtime.repack import cpu_features
+    from qwen35.runtime.engine.memory import repacked_tensors
+    from qwen35.runtime.engine.repack import cpu_features
 
     work = Path(workdir)
     measure(work, "before")

@@ -1,0 +1,299 @@
+"""The decoder: one loaded model, its context and its checkpoints, as a conversation drives them.
+
+Opening it decides everything that depends on the machine before a byte is loaded: the memory the
+model will take at this context (memory.py, with AMX's copy of the weights where AMX runs), whether
+it fits, whether the MTP head is loaded (and, with `auto`, kept after timing a plain step, a verify
+and a draft here: speculative.drafting_verdict), whether the read-back snapshots fit. Then it
+evaluates cells — text tokens, and images' stand-ins, which it hands to whoever laid them out
+(`images`) — in batches, keeping the state cache (state_cache.py) and the MTP head in step.
+
+It knows tokens and positions, never messages: the conversation (ChatSession) decides what to
+evaluate and where its checkpoints go.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ...system import performance_cores
+from . import cpu, native
+from .adaptive_threads import ThreadGovernor
+from .errors import ChatError
+from .memory import check_fits, estimate, recurrent_state_bytes
+from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
+from .repack import AMX_IN_USE, cpu_features
+from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, drafting_verdict, mtp_block_count,
+                          open_speculator, staging_api, step_costs)
+from .state_cache import READ_BACK, StateCache, position
+from .vision import LLAMA_IMAGE_MAX_TOKENS
+
+N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
+# Checkpoints a chat keeps by default (a prefix, a turn boundary and a prompt end per turn; see
+# state_cache.py), in units of one recurrent state.
+N_CHECKPOINTS = 4
+MAX_DRAFT_TOKENS = 8  # each draft token costs one more recurrent-state snapshot in the context
+# What `auto` times its steps after, at load (any ordinary text: only the shapes matter).
+_CALIBRATION_TEXT = "The lighthouse keeper climbed the stairs every evening to light the lamp for the ships. " * 3
+_CALIBRATION_TOKENS = 32
+
+# Evaluates the image whose stand-ins start at a cell: (first cell, context, cache) → cells it takes.
+ImageEvaluator = Callable[[int, native.Context, StateCache], int]
+
+
+class Verified:
+    """A speculative step: the tokens evaluated at `pos` ([last token, drafts…]) and those sampled
+    from them; `index`: the sampled token being looked at, whose predecessors are kept."""
+
+    def __init__(self, batch: list[int], sampled: list[int], pos: int) -> None:
+        self.batch, self.sampled, self.pos, self.index = batch, sampled, pos, -1
+
+    @property
+    def kept(self) -> int:
+        return self.index + 1
+
+    def more(self) -> bool:
+        return self.index + 1 < len(self.sampled)
+
+    def next(self) -> int:
+        self.index += 1
+        return self.sampled[self.index]
+
+
+class Decoder:
+    """A GGUF loaded for a conversation: `model`, `ctx`, the MTP head (`spec`, None when decoding
+    plainly), the checkpoints (`cache`), the drafting `policy` and the thread `governor`.
+
+    `stop` is set to interrupt an evaluation between batches (a reply, a prefill); `images` is
+    given the image cells it meets. `warnings` collects what the user should be told (drafting
+    off, and why)."""
+
+    def __init__(self, mf: ModelFile, n_ctx: int, threads: int | None = None, *, cache_ram: int | None = None,
+                 force: bool = False, adapt_threads: bool = True, mmproj: Path | None = None,
+                 image_max_tokens: int | None = None, speculative: str = OFF, draft_tokens: int = 2) -> None:
+        self.model_file = mf
+        self.warnings: list[str] = []
+        self.threads = threads or performance_cores()
+        self.stop = threading.Event()
+        self.images: ImageEvaluator | None = None
+        drafting = drafting_possible(mf, speculative, draft_tokens)
+        if drafting and staging_api()[0] is None:  # checked before loading anything for it
+            self.warnings.append(f"speculative decoding off: {staging_api()[1]}")
+            drafting = False
+        recurrent = max(recurrent_state_bytes(mf), 1)
+        cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
+        # (AMX, where it runs, holds a copy of the weights it takes: the estimate must know.)
+        features = cpu_features() | ({AMX_IN_USE} if cpu.amx_decision(mf.path, probe=False).use_amx else set())
+        sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
+                     features=features)
+        # The vision tower loads at the first image, but memory for it (and for an image as large as
+        # the budget) must be there then: it is counted now.
+        sizes.update(mmproj=read_model_file(mmproj) if mmproj is not None else None)
+        budget = image_max_tokens or LLAMA_IMAGE_MAX_TOKENS
+        self.memory = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, draft_tokens=draft_tokens if drafting else 0)
+        problem = check_fits(mf, self.memory, **sizes, draft_tokens=draft_tokens if drafting else 0)
+        if problem and drafting and speculative == AUTO:
+            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget)
+            if not check_fits(mf, plain, **sizes):  # it fits without the MTP head: leave it out
+                self.warnings.append("speculative decoding off: the MTP head would not fit in memory")
+                drafting, self.memory, problem = False, plain, None
+        self.read_back = READ_BACK
+        if problem and not drafting:
+            lean = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, read_back=0)
+            if not check_fits(mf, lean, **sizes):  # it fits without the read-back snapshots: turn
+                # boundaries near a prompt's end then end a decode (slower to the first token, not wrong)
+                self.read_back, self.memory, problem = 0, lean, None
+        if problem and not force:
+            raise ChatError(problem)
+
+        try:
+            self.model = native.Model(str(mf.path), load_mtp=drafting, mapped=self.memory.mapped)
+        except ChatError as e:
+            if "unknown model architecture" in str(e):
+                raise ChatError(f"{mf.path} is a '{mf.architecture}' model, an architecture the llama.cpp bundled "
+                                f"with llama-cpp-python 0.3.36 cannot run") from None
+            raise
+        self.spec: Speculator | None = None
+        self.ctx: native.Context | None = None
+        try:
+            # Verifying a draft needs logits for each of its tokens and the recurrent-state
+            # snapshots to roll back the rejected ones.
+            self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH,
+                                      n_outputs=draft_tokens + 1 if drafting else 1,
+                                      n_rollback=draft_tokens if drafting else self.read_back)
+            if drafting:
+                self.spec, notice = open_speculator(self.model, self.ctx, draft_tokens, self.threads)
+                if notice:
+                    self.warnings.append(notice)
+            if self.spec and speculative == AUTO:
+                self._drop_drafting_unless_it_can_pay(n_ctx, draft_tokens)
+        except ChatError:
+            if self.ctx:
+                self.ctx.close()
+            self.model.close()
+            raise
+        if drafting and self.spec is None:  # decoding plainly after all: the MTP block's weights
+            # stay loaded (loading the model again would cost more), its context and snapshots are gone
+            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, read_back=self.read_back)
+            self.memory = replace(plain, weights=self.memory.weights, repacked=self.memory.repacked,
+                                  weights_idle=self.memory.weights_idle)
+        self.n_ctx = self.ctx.n_ctx
+        self.draft_tokens = draft_tokens if self.spec else 0
+        self.policy = DraftPolicy(speculative if self.spec else OFF)
+        # Between generated tokens, give cores back to other programs that take them (and take them
+        # again when they are free): see adaptive_threads.py.
+        self.governor = ThreadGovernor(self.threads, self._set_threads) if adapt_threads and self.threads > 1 \
+            else None
+        # The state the cache checkpoints: the model's, and with speculation the MTP head's too.
+        self.state = DraftedState(self.ctx, self.spec) if self.spec else self.ctx
+        self.cache = StateCache(self.state, cache_bytes)
+
+    # --- evaluating -----------------------------------------------------------------------------
+
+    def evaluate(self, tokens: list[int], *, logits: bool, last_batch: int = 1,
+                 stop: Callable[[], bool] | None = None, step: int | None = None) -> bool:
+        """Feed cells (tokens, and images' stand-ins) in batches, the last one holding at least
+        `last_batch` cells when they are text. Returns False if interrupted between batches (`stop`
+        set, or `stop()` true); the state stays consistent either way (`cache.tokens` lists exactly
+        what has been evaluated)."""
+        step = min(step or self.ctx.n_batch, self.ctx.n_batch)
+        held = self.cache.tokens
+        i = 0
+        while i < len(tokens):
+            if i and (self.stop.is_set() or stop is not None and stop()):
+                return False
+            if tokens[i] < 0:  # an image starts here
+                n = self.images(tokens[i], self.ctx, self.cache)
+                held.extend(tokens[i:i + n])
+                if self.spec:
+                    self.spec.skip(position(held))
+                i += n
+                continue
+            end = min(i + step, len(tokens))
+            if 0 < len(tokens) - end < last_batch:
+                end = max(i + 1, len(tokens) - last_batch)
+            end = next((j for j in range(i, end) if tokens[j] < 0), end)
+            chunk = tokens[i:end]
+            pos = position(held)
+            self.ctx.decode(chunk, pos, cells=len(held), logits_last=logits and end == len(tokens))
+            if self.spec:
+                self._track(chunk, pos)
+            held.extend(chunk)
+            i = end
+        return True
+
+    def reuse(self, prompt: list[int], *, need_logits: bool = True) -> int:
+        """Bring the model state to the longest prefix of `prompt` it can reach without evaluating
+        anything; returns that prefix's length. With `need_logits`, at least one prompt token is
+        left to evaluate (its logits start the reply)."""
+        return self.cache.restore(prompt, len(prompt) - 1 if need_logits else len(prompt))
+
+    def can_read_back(self, prompt: list[int], boundary: int) -> bool:
+        """Whether the state at `boundary` can be read back from the snapshots of the decode that
+        ends `prompt` (StateCache.snapshot_back): near enough the end, text from the token before
+        it on, and a context that keeps them (a drafting one keeps its own for the drafts)."""
+        return (self.spec is None and len(prompt) - boundary <= self.ctx.n_rollback
+                and min(prompt[boundary - 1:]) >= 0)
+
+    def draft_step(self, token: int, sampler: native.Sampler, n_draft: int) -> Verified:
+        """Evaluate `token` and the MTP head's `n_draft` drafts in one pass, sampling every row
+        while the samples match the drafts (Speculator.step)."""
+        tokens = self.cache.tokens
+        batch, sampled = self.spec.step(token, position(tokens), sampler, n_draft, self.model.is_eog,
+                                        cells=len(tokens))
+        return Verified(batch, sampled, position(tokens))
+
+    def keep(self, verified: Verified | None) -> None:
+        """The model keeps, of a speculative step, the tokens before the one being looked at (as
+        plain decoding would hold them); the MTP head follows. Returns None (no step pending)."""
+        if verified is not None:
+            self.spec.keep(verified.pos + verified.kept)
+            self.cache.tokens.extend(verified.batch[:verified.kept])
+        return None
+
+    def _track(self, tokens: list[int], pos: int) -> None:
+        """Keep the MTP head in step with what the model just evaluated: all of it while drafting,
+        only the last hidden state while decoding plainly (see Speculator.note)."""
+        if self.policy.drafts():
+            self.spec.feed(tokens, pos)
+        else:
+            self.spec.note(len(tokens), pos)
+
+    # --- settings -------------------------------------------------------------------------------
+
+    def set_threads(self, threads: int, *, adapt: bool = False) -> None:
+        self._set_threads(threads)
+        self.threads = threads
+        self.governor = ThreadGovernor(threads, self._set_threads) if adapt and threads > 1 else None
+
+    def _set_threads(self, threads: int) -> None:
+        self.ctx.set_threads(threads)
+        if self.spec:
+            self.spec.set_threads(threads)
+
+    def set_speculative(self, mode: str) -> None:
+        if mode != OFF and self.spec is None:
+            raise ChatError("this session decodes without an MTP head: open it with speculative='mtp'")
+        self.policy = DraftPolicy(mode)
+
+    def close(self) -> None:
+        if self.spec:
+            self.spec.close()
+            self.spec = None
+        if self.ctx:
+            self.ctx.close()
+            self.ctx = None
+        if self.model:
+            self.model.close()
+            self.model = None
+
+    # --- drafting at load -----------------------------------------------------------------------
+
+    def _drop_drafting_unless_it_can_pay(self, n_ctx: int, draft_tokens: int) -> None:
+        """`auto`: time a plain step, a verify and a draft on this machine; when drafting would
+        lose even with the best acceptance real weights reach, decode plainly from the start, on a
+        context without the rollback snapshots and hidden-state rows that cost every plain step
+        time too (the MTP block stays loaded: loading the model again would cost more)."""
+        filler = self.model.tokenize(_CALIBRATION_TEXT)[:_CALIBRATION_TOKENS]
+        # Timed on a thread of its own that then ends: llama.cpp's OpenMP keeps a pool of threads
+        # for each thread that decodes, and while a long-lived thread (a server's main thread)
+        # keeps an idle pool, libgomp counts more threads than cores and stops spin-waiting, which
+        # slowed every later token by a quarter (4B, 2 cores: 9.3 against 12.7 tokens/s).
+        outcome: list = []
+
+        def time_steps() -> None:
+            try:
+                outcome.append(step_costs(self.spec, filler))
+            except Exception as e:  # noqa: BLE001 - raised again on the caller's thread
+                outcome.append(e)
+
+        timing = threading.Thread(target=time_steps, name="qwen35-draft-check")
+        timing.start()
+        timing.join()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        notice = drafting_verdict(outcome[0], draft_tokens)
+        if notice is None:
+            return
+        self.warnings.append(notice)
+        self.spec.close()
+        self.spec = None
+        self.ctx.close()
+        self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH, n_rollback=self.read_back)
+
+
+def drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:
+    """Whether to load the MTP head; a missing one is an error only when asked for ("mtp")."""
+    DraftPolicy(mode)  # checks the mode
+    if mode == OFF:
+        return False
+    if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ChatError(f"draft_tokens must be 1 to {MAX_DRAFT_TOKENS}, not {draft_tokens!r}")
+    if mtp_block_count(mf) == 0 or mf.architecture not in QWEN35_ARCHS:
+        if mode == MTP:
+            raise ChatError(f"{mf.path.name} has no multi-token-prediction head (converted with --no-mtp?): "
+                            f"leave out --mtp")
+        return False
+    return True
