@@ -24,11 +24,20 @@ costs cancel. The median of --reps repetitions; in each, every setting of a file
 in an order drawn anew (seeded by the repetition), so that the machine's drift, and whatever the
 setting before leaves behind, falls on all settings alike.
 
+`--sizes demo` runs the trained demo model (demo/weights, Q8_0 as `qwen35 demo` converts it) at its
+natural acceptance instead: its replies end by themselves, so the decode rate is taken from the
+stream of its own replies to questions of its world (thinking on: a short reasoning, then the
+answer), (tokens − 1) ÷ (last token's arrival − first token's) summed over the replies, the same
+client-side clock for every server; the drafts kept are the server's own count (ours: usage's
+accepted/rejected_prediction_tokens; llama-server: timings.draft_n/draft_n_accepted). Only ours and
+llama-server there (the example's stream carries no count of tokens).
+
 Issue 10's goal (a moonshot): at acceptance 0.8, ≥ 1.5× plain decoding on the 4B file, ahead of
 both peers' MTP on every row; `auto` never more than 3% slower than plain.
 
     .venv/bin/python bench/bench_mtp.py [--sizes 0.8b,4b] [--acceptance 0,0.5,0.8,1] [--draft 1,2,3]
         [--threads N] [--reps 3] [--tokens 128] [--peers llama-server,example]
+    .venv/bin/python bench/bench_mtp.py --sizes demo [--draft 1,2,3] [--reps 3]
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import urllib.request
 from pathlib import Path
 
 from bench_runtime import llama_cpp_tool
-from bench_server import Server, example_config, get, peer_python, peers_venv, SDIST_SERVER, withholds_amx
+from bench_server import Server, example_config, get, peer_python, peers_venv, sdist_server, withholds_amx
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": None, "0.8b": "qwen3.5-0.8b.config.RECONSTRUCTED.json", "4b": "qwen3.5-4b.config.RECONSTRUCTED.json",
@@ -71,6 +80,61 @@ def controlled_gguf(size: str, rate: float, workdir: Path) -> Path:
     if free < SCRATCH_GB[size]:
         raise SystemExit(f"{size} needs ~{SCRATCH_GB[size]} GiB of free disk to build; {free:.0f} GiB free")
     return build_gguf(config, "q4_k_m", acceptance=rate)
+
+
+# The demo model's questions whose answers are text (its tools are not offered): with thinking on,
+# each reply is a short reasoning and then the answer, ~30-40 tokens.
+DEMO_PROMPTS = ["Hello! Who are you?", "What is the capital of Kenya?", "Tell me the capital of Chile.",
+                "What is the capital of Norway?", "Which city is the capital of Japan?",
+                "What is the capital of Peru?", "Give the capital of Egypt as JSON."]
+
+
+def demo_gguf(workdir: Path) -> Path:
+    """The trained demo model as `qwen35 demo` converts it (materialized and converted once)."""
+    from qwen35.demo.walkthrough import build
+
+    print("the demo model (converting it if absent) …", flush=True)
+    return next(o.path for o in build(workdir / "demo")[1] if not o.path.name.startswith("mmproj"))
+
+
+def natural_decode(server: Server, tokens: int, rep: int) -> dict:
+    """One repetition over DEMO_PROMPTS on the demo model (see the module docstring): the decode
+    time of its own replies, timed on the stream, and the drafts the server says it kept."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
+    decoded, gap, drafted, kept = 0, 0.0, 0, 0
+    for prompt in DEMO_PROMPTS:
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], temperature=0, seed=1, max_tokens=200,
+            stream=True, stream_options={"include_usage": True}, reasoning_effort="high",
+            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        first = last = None
+        usage, timings = None, None
+        for chunk in stream:
+            now = time.perf_counter()
+            usage = chunk.usage or usage
+            timings = (chunk.model_extra or {}).get("timings") or timings
+            for choice in chunk.choices:
+                d = choice.delta
+                if d.content or getattr(d, "reasoning_content", None):
+                    first = now if first is None else first
+                    last = now
+        if usage is None or first is None or usage.completion_tokens < 2:
+            raise RuntimeError(f"{server.name}: no usage or no tokens for {prompt!r}")
+        decoded += usage.completion_tokens - 1
+        gap += last - first
+        details = usage.completion_tokens_details
+        if details is not None and details.accepted_prediction_tokens is not None:
+            kept += details.accepted_prediction_tokens
+            drafted += details.accepted_prediction_tokens + (details.rejected_prediction_tokens or 0)
+        elif timings and timings.get("draft_n"):
+            kept += timings["draft_n_accepted"]
+            drafted += timings["draft_n"]
+    result = {"gap": gap * tokens / decoded, "short": False, "decoded": decoded}
+    if drafted:
+        result["acceptance"] = kept / drafted
+    return result
 
 
 class Plain(Server):
@@ -116,15 +180,15 @@ def _draft_counters(server: Server) -> tuple[float, float] | None:
     return tuple(float(v.group(1)) for v in values) if all(values) else None
 
 
-def measure(name: str, command, args, env: dict, rep: int, health: str = "/health") -> dict:
-    """Start a server (`command(port)`), time one repetition of its decoding, stop it."""
+def measure(name: str, command, args, env: dict, rep: int, health: str = "/health", decode=decode_gaps) -> dict:
+    """Start a server (`command(port)`), time one repetition of its decoding (`decode`), stop it."""
     server = Plain([], args.workdir / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log", env)
     server.name, server.health = name, health
     server.command = command(server.port)
     server.start()
     try:
         server.wait_ready()
-        result = decode_gaps(server, args.tokens, rep)
+        result = decode(server, args.tokens, rep)
     finally:
         server.stop()
     acc = f", drafts accepted {result['acceptance']:.2f}" if "acceptance" in result else ""
@@ -167,18 +231,21 @@ def example(python: Path, model: Path, args, n_draft: int):
         if n_draft:
             config["model"].update(draft_model="draft-mtp", draft_model_num_pred_tokens=n_draft)
         path.write_text(json.dumps(config, indent=1))
-        return [*peer_python(python, model), str(SDIST_SERVER / "server.py"), "-C", str(path)]
+        return [*peer_python(python, model), str(sdist_server() / "server.py"), "-C", str(path)]
     return command
 
 
-def bench_file(size: str, rate: float, args, env: dict, peers: list[str], python: Path | None) -> list[dict]:
+def bench_file(size: str, rate: float | None, args, env: dict, peers: list[str], python: Path | None) -> list[dict]:
     """Every server setting on this file, each started afresh for each repetition, in an order drawn
     anew each repetition: the machine's speed drifts by ±20 % within minutes (docs/benchmarks.md), which a setting
     measured in one stretch would take for its own; and an order that only turned kept each setting
     behind the same one (our plain server always started right after the example's last MTP server
     had exited; at 9B it measured 0.88× the peers' plain there and level in a run of its own: a suspect,
     not a finding)."""
-    model = controlled_gguf(size, rate, args.workdir)
+    model = demo_gguf(args.workdir) if size == "demo" else controlled_gguf(size, rate, args.workdir)
+    decode = natural_decode if size == "demo" else decode_gaps
+    if size == "demo":
+        python = None  # (the example's stream carries no count of tokens)
     print(f"{model}", flush=True)
     # llama-server places the weights as qwen35 does: built without AMX where qwen35 withholds it.
     binary = llama_cpp_tool(args.workdir.parent / "runtime", "llama-server", without_amx=withholds_amx(model)) \
@@ -204,7 +271,7 @@ def bench_file(size: str, rate: float, args, env: dict, peers: list[str], python
         print(f" repetition {rep + 1}/{args.reps}", flush=True)
         for key in random.Random(rep).sample(keys, len(keys)):
             name, command, health = settings[key]
-            runs[key].append(measure(name, command, args, env, rep, health))
+            runs[key].append(measure(name, command, args, env, rep, health, decode))
     result = {key: summarize(r, args.tokens) for key, r in runs.items()}
     plain = {server: result["plain", server] for server in ("qwen35", "llama.cpp", "example")
              if ("plain", server) in result}
@@ -224,15 +291,17 @@ def _ratio(a: dict | None, b: dict | None) -> str:
 
 
 def report(rows: list[dict], peers: list[str]) -> None:
-    head = ["size", "accept/token", "N", "qwen35 plain", "qwen35 MTP", "MTP/plain", "auto/plain"]
+    head = ["size", "accept/token", "N", "qwen35 plain", "qwen35 MTP", "MTP/plain", "auto/plain", "qwen35 accepted"]
     for peer in peers:
         head += [f"{peer} plain", f"{peer} MTP", f"{peer} MTP/plain", f"{peer} accepted", f"qwen35 MTP/{peer} MTP"]
     print("\n| " + " | ".join(head) + " |")
     print("|" + " ---: |" * len(head))
     for r in rows:
         mine, plain = r["mtp"]["qwen35"], r["plain"]["qwen35"]
-        cells = [r["size"], f"{r['rate']:g}", str(r["n"]), _tps(plain), _tps(mine), _ratio(mine, plain),
-                 _ratio(r["auto"], plain)]
+        ours_acc = mine.get("acceptance") if mine else None
+        cells = [r["size"], "natural" if r["rate"] is None else f"{r['rate']:g}", str(r["n"]), _tps(plain),
+                 _tps(mine), _ratio(mine, plain), _ratio(r["auto"], plain),
+                 "—" if ours_acc is None else f"{ours_acc:.2f}"]
         for peer in peers:
             theirs = r["mtp"].get(peer)
             acc = theirs.get("acceptance") if theirs else None
@@ -245,7 +314,8 @@ def main() -> None:
     from qwen35.system import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="0.8b,4b", help="comma-separated: 0.8b, 4b, 9b (tiny: the tests' model)")
+    ap.add_argument("--sizes", default="0.8b,4b", help="comma-separated: 0.8b, 4b, 9b (tiny: the tests' model; "
+                                                       "demo: the trained demo model, natural acceptance)")
     ap.add_argument("--acceptance", default="0,0.5,0.8,1", help="comma-separated shares of tokens the MTP head gets right")
     ap.add_argument("--draft", default="1,2,3", help="comma-separated draft lengths N")
     ap.add_argument("--auto-draft", type=int, default=2, help="N at which `auto` is measured too")
@@ -266,11 +336,12 @@ def main() -> None:
     env = dict(os.environ)
     rows = []
     for size in args.sizes.split(","):
-        for rate in (float(a) for a in args.acceptance.split(",")):
+        for rate in [None] if size == "demo" else (float(a) for a in args.acceptance.split(",")):
             rows += bench_file(size, rate, args, env, peers, python)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
-    print(f"\n{args.threads} threads, {args.reps} reps of {args.tokens} decoded tokens, Q4_K_M, context {N_CTX}")
+    print(f"\n{args.threads} threads, {args.reps} reps of {args.tokens} decoded tokens, Q4_K_M (demo: Q8_0, its "
+          f"own replies), context {N_CTX}")
     report(rows, peers)
 
 
