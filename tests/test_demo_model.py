@@ -165,3 +165,22 @@ def test_mtp_drafting_is_token_identical_to_plain_greedy_and_its_head_is_trained
     assert drafted > 0
     print(f"MTP natural acceptance: {accepted}/{drafted} = {accepted / drafted:.2f}")
     assert accepted / drafted > 0.5  # a trained head: a random one is accepted ~never
+
+
+def test_a_drafting_servers_usage_counts_the_drafts_kept_and_rejected(demo_gguf):
+    """Through the API, the MTP head's drafts are counted as OpenAI counts a prediction's tokens; the
+    trained head's drafts are mostly kept, and the reply is the plain one."""
+    with ChatSession(str(demo_gguf), n_ctx=2048, threads=2, think=False, speculative="mtp", draft_tokens=2,
+                     adapt_threads=False) as session, running(session, model_name="qwen35-demo") as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(messages=[{"role": "user", "content": "Hello! Who are you?"}],
+                                               **GREEDY)
+        details = reply.usage.completion_tokens_details
+        kept, rejected = details.accepted_prediction_tokens, details.rejected_prediction_tokens
+        assert kept > rejected >= 0, details
+        assert kept + 1 <= reply.usage.completion_tokens  # (the first token is never a draft)
+        stream = client.chat.completions.create(messages=[{"role": "user", "content": "Hello! Who are you?"}],
+                                                stream=True, stream_options={"include_usage": True}, **GREEDY)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens == kept

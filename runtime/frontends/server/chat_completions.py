@@ -195,9 +195,12 @@ class Completion:
         cached = stats.get("cached_tokens", 0)
         prompt = cached + stats.get("prompt_tokens", 0)
         completion = stats.get("gen_tokens", 0)
+        details = {"reasoning_tokens": stats.get("reasoning_tokens", 0)}
+        if stats.get("drafted_tokens"):  # the MTP head's drafts: OpenAI's fields for a prediction's tokens
+            details.update(accepted_prediction_tokens=stats["accepted_tokens"],
+                           rejected_prediction_tokens=stats["drafted_tokens"] - stats["accepted_tokens"])
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached},
-                "completion_tokens_details": {"reasoning_tokens": stats.get("reasoning_tokens", 0)}}
+                "prompt_tokens_details": {"cached_tokens": cached}, "completion_tokens_details": details}
 
     def message(self, reply) -> dict:
         message = {"role": "assistant", "content": reply.content if reply.content or not reply.tool_calls else None}
