@@ -465,6 +465,27 @@ def save_compact(model: DemoModel, out_dir: Path, meta: dict) -> None:
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+def load_resume(path: Path, weights: Path) -> tuple[dict, dict | None]:
+    """What a run continues: a trainer's last.pt (model and optimizer; the manifest beside `weights`
+    names the runs before it), or a compact weights directory such as demo/weights itself (its bf16
+    tensors as the model, the optimizer afresh, its manifest). Returns ({"model", "step", "kept"[,
+    "optimizer"]}, that manifest or None)."""
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        manifest = json.loads((path / "manifest.json").read_text())
+        sd = {}
+        for key, value in load_file(str(path / "weights.safetensors")).items():
+            sd[key if key.startswith("mtp.") else "hf." + key] = value.float()
+        sd["hf.lm_head.weight"] = sd["hf.model.language_model.embed_tokens.weight"]  # tied
+        return {"model": sd, "step": manifest["steps"], "kept": manifest["kept_token_ids"]}, manifest
+    state = torch.load(path, weights_only=False)
+    manifest_path = weights / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    state.setdefault("kept", manifest and manifest["kept_token_ids"])
+    return state, manifest
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -482,7 +503,8 @@ def main(argv=None) -> None:
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--order-seed", type=int, default=None, help="seed of the batch order (default: --seed)")
-    ap.add_argument("--resume", type=Path, help="continue from a last.pt (model, and optimizer when saved)")
+    ap.add_argument("--resume", type=Path, help="continue from a last.pt (model, and optimizer when saved) or "
+                                                 "from a compact weights directory (demo/weights)")
     args = ap.parse_args(argv)
     command = "python -m demo.training.train " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -518,8 +540,8 @@ def main(argv=None) -> None:
     start_step = 0
     previous_runs = []
     if args.resume:
-        state = torch.load(args.resume, weights_only=False)
-        old_kept = state.get("kept") or json.loads((args.weights / "manifest.json").read_text())["kept_token_ids"]
+        state, prev_manifest = load_resume(args.resume, args.weights)
+        old_kept = state["kept"]
         if old_kept != kept:
             # A corpus that uses more tokens: the embedding (tied to the output) gets rows for them, each
             # starting as the shared row those tokens had, so the resumed model computes exactly what
@@ -535,9 +557,8 @@ def main(argv=None) -> None:
             opt.load_state_dict(state["optimizer"])
         start_step = state["step"]
         print(f"resumed from {args.resume} at step {start_step}", flush=True)
-        prev_manifest = args.weights / "manifest.json"
-        if prev_manifest.is_file():  # the runs this one continues, as the manifest records them
-            old = json.loads(prev_manifest.read_text())
+        if prev_manifest is not None:  # the runs this one continues, as the manifest records them
+            old = prev_manifest
             previous_runs = old.get("previous_runs", []) + [
                 {k: v for k, v in old.items() if k not in ("config", "kept_token_ids", "files", "previous_runs",
                                                           "format", "embedding")}]
