@@ -137,28 +137,6 @@ TOWN_SYLLABLES = ["ka", "ro", "ven", "mil", "dor", "ta", "lin", "bra", "sel", "g
                   "ham", "ford", "ber", "lo", "ni", "sa", "tor", "vi", "len", "mont", "port", "sten", "al", "ri"]
 
 
-# Cities that are not capitals, each one token of the vocabulary (as most held-out capitals are: " Lisbon",
-# " Seoul"). Run 3 uses them with the weather tool, so that copying a one-token name from the question
-# into the call is what training rewards, not recalling which of 35 capitals goes with which question.
-OTHER_CITIES = [
-    "Amber", "Cedar", "Willow", "Harbor", "Maple", "Aspen", "Birch", "Falcon", "Raven", "Marble", "Granite",
-    "Summit", "Meadow", "Orchard", "Crystal", "Silver", "Golden", "Ember", "Ivory", "Jasper", "Pearl", "Coral",
-    "Harper", "Hudson", "Jordan", "Austin", "Boston", "Denver", "Dallas", "Phoenix", "Houston", "Chester",
-    "Lincoln", "Warren", "Newton", "Preston", "Ashton", "Bradford", "Camden", "Dover", "Eden", "Hampton",
-    "Kingston", "Lancaster", "Madison", "Milton", "Norton", "Oxford", "Plymouth", "Richmond", "Salem", "Stanford",
-    "Windsor", "York", "Aurora", "Bristol", "Carlton", "Dayton", "Franklin", "Garland", "Hamilton", "Irving",
-    "Jackson", "Kent", "Lawrence", "Marion", "Nelson", "Parker", "Quincy", "Riverside", "Springfield", "Troy",
-    "Vernon", "Wayne", "Arlington", "Burlington", "Clinton", "Florence", "Georgetown", "Highland", "Jefferson",
-    "Lexington", "Manchester", "Oakland", "Portland", "Rochester", "Shelby", "Tulsa", "Albany", "Buffalo",
-    "Columbus", "Durham", "Fresno", "Gilbert", "Hartford", "Irvine", "Mesa", "Naples", "Pueblo", "Reno", "Tampa",
-    "Ventura", "Wichita", "Zurich", "Geneva", "Munich", "Hamburg", "Lyon", "Milan", "Porto", "Valencia", "Bilbao",
-    "Graz", "Salzburg", "Bergen", "Cork", "Leeds", "Glasgow", "Cardiff", "Belfast", "Osaka", "Kyoto", "Pune",
-    "Lahore", "Karachi", "Lagos", "Alexandria", "Sydney", "Melbourne", "Auckland", "Toronto", "Vancouver",
-    "Montreal", "Chicago", "Seattle", "Miami", "Atlanta", "Calgary", "Quebec", "Guadalajara", "Rosario", "Recife",
-    "Salvador", "Manaus",
-]
-
-
 def made_up_towns(rng: random.Random, n: int) -> list[str]:
     """`n` distinct made-up town names of 2-3 syllables ("Karoven", "Milford"), none a real capital."""
     real = {cap for _, cap in CAPITALS}
@@ -265,10 +243,10 @@ class World:
         rng.shuffle(pairs)
         self.pairs_heldout = pairs[:20]
         self.pairs_train = pairs[20:]
-        # With 35 real cities a model can learn the weather calls as a lookup (run 2 did: 2 of 15 held-out
-        # cities right). Training's cities are mostly names it cannot memorize: one-token cities that are not
-        # capitals (OTHER_CITIES) and made-up towns drawn anew for each conversation; what the held-out
-        # cities (real capitals, never used with a tool) test is then the copy it had to learn.
+        # Made-up towns, used with the weather tool in training only: with 35 real cities a model can
+        # learn the calls as a lookup; hundreds of names it cannot memorize make it copy the city
+        # from the question, which is what the held-out cities (real ones, never used with a tool) test.
+        self.towns = made_up_towns(random.Random(seed + 2), 400)
 
     # each generator returns a Sample; split is "train" or "heldout"
 
@@ -302,12 +280,7 @@ class World:
     def _city(self, split: str) -> str:
         if split == "heldout":
             return self.rng.choice(self.weather_heldout)
-        r = self.rng.random()
-        if r < 0.2:
-            return self.rng.choice(self.weather_train)
-        if r < 0.6:
-            return self.rng.choice(OTHER_CITIES)
-        return made_up_towns(self.rng, 1)[0]  # a new name nearly every time (~22,000 of them)
+        return self.rng.choice(self.towns if self.rng.random() < 0.6 else self.weather_train)
 
     def weather(self, split: str, think: bool) -> Sample:
         city = self._city(split)
