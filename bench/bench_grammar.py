@@ -11,10 +11,13 @@ again), both as CPU time of the sampling thread, which the machine's load does n
 it does a decode's wall time. On random weights (the default) the model never follows
 the format by itself: the worst case, where most structural tokens are refused.
 
-    python bench/bench_grammar.py [--size tiny|0.8b|4b | --model M.gguf] [--tokens 96] [--rounds 3]
+    python bench/bench_grammar.py [--size tiny|0.8b|4b | --model M.gguf | --model demo] [--tokens 96] [--rounds 3]
 
 `--size` builds (once, cached in --workdir) a random-weight Q4_K_M with the release dimensions,
-as bench_mtp.py does.
+as bench_mtp.py does. `--model demo` is the trained demo model (Q8_0, as `qwen35 demo` converts it),
+asked within its world (the capital of Peru as JSON, with a schema of country and capital; the weather
+in Helsinki with its tools, `get_weather` named): a model that follows the format by itself, where
+the grammar should only check.
 
 First, the grammar's work alone, on the model's vocabulary without its weights (so the machine's
 load, which slows a decode, barely touches it): per token, when the "model" writes a well-formed
@@ -45,6 +48,13 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
              "type": "object", "required": ["query"], "properties": {"query": {"type": "string"},
                                                                       "limit": {"type": "integer"}}}}}]
+
+
+# The demo model's world (demo/training/corpus.py): what it answers by itself.
+DEMO_PROMPT = "Give me the capital of Peru as JSON."
+DEMO_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["country", "capital"],
+               "properties": {"country": {"type": "string"}, "capital": {"type": "string"}}}
+DEMO_TOOL_PROMPT = "What's the weather in Helsinki?"
 
 
 def random_gguf(size: str, workdir: Path) -> Path:
@@ -108,18 +118,19 @@ def grammar_work(path: Path, tokens: int) -> None:
         model.close()
 
 
-def cases(fast: bool) -> dict:
+def cases(fast: bool, schema: dict = SCHEMA, tools: list[dict] = TOOLS, named: str = "search") -> dict:
     from qwen35.runtime.conversation.constraints import json_constraint, tool_call_constraint
 
-    return {"json_schema": json_constraint(SCHEMA, fast=fast), "json_object": json_constraint(None, fast=fast),
-            "tool required": tool_call_constraint(TOOLS, None, True, fast=fast),
-            "tool named": tool_call_constraint(TOOLS, "search", False, fast=fast)}
+    return {"json_schema": json_constraint(schema, fast=fast), "json_object": json_constraint(None, fast=fast),
+            "tool required": tool_call_constraint(tools, None, True, fast=fast),
+            "tool named": tool_call_constraint(tools, named, False, fast=fast)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(CONFIGS), default="0.8b")
-    ap.add_argument("--model", type=Path, help="a GGUF to use instead of a random-weight --size")
+    ap.add_argument("--model", help="a GGUF to use instead of a random-weight --size, or `demo` (the trained "
+                                    "demo model, asked within its world)")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -133,13 +144,22 @@ def main() -> None:
 
     if not constraints.FAST:
         raise SystemExit("llguidance is not installed: pip install llguidance")
-    model = args.model or random_gguf(args.size, args.workdir)
+    world = dict(schema=SCHEMA, tools=TOOLS, named="search")
+    prompt, tool_prompt = PROMPT, PROMPT
+    if args.model == "demo":
+        from qwen35.demo.training import corpus
+        from qwen35.demo.walkthrough import build
+
+        model = next(o.path for o in build(args.workdir / "demo")[1] if not o.path.name.startswith("mmproj"))
+        world = dict(schema=DEMO_SCHEMA, tools=corpus.TOOLS, named="get_weather")
+        prompt, tool_prompt = DEMO_PROMPT, DEMO_TOOL_PROMPT
+    else:
+        model = Path(args.model) if args.model else random_gguf(args.size, args.workdir)
     grammar_work(model, args.tokens)
     if args.grammar_only:
         return
-    engines = {"llguidance": cases(True)} | ({} if args.no_gbnf else {"gbnf": cases(False)})
+    engines = {"llguidance": cases(True, **world)} | ({} if args.no_gbnf else {"gbnf": cases(False, **world)})
     totals: dict[tuple[str, str], list[float]] = {}  # (case, engine) -> [tokens, seconds, refused, mask s, grammar s]
-    messages = [{"role": "user", "content": PROMPT}]
     with ChatSession(model, n_ctx=4096, threads=args.threads, prefill=False, adapt_threads=False) as chat:
         start = time.perf_counter()
         chat.prepare_constraints()
@@ -148,7 +168,9 @@ def main() -> None:
                                                 for case, c in by_case.items()]
         for rnd in range(args.rounds):
             for case, engine, constraint in (runs if rnd % 2 == 0 else runs[::-1]):
-                for _ in chat.respond(messages, tools=TOOLS if "tool" in case else None, constraint=constraint,
+                tooled = "tool" in case
+                messages = [{"role": "user", "content": tool_prompt if tooled else prompt}]
+                for _ in chat.respond(messages, tools=world["tools"] if tooled else None, constraint=constraint,
                                       think=False, temp=0.8, seed=1000 + rnd, max_tokens=args.tokens):
                     pass
                 s = chat.stats
