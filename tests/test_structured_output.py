@@ -13,6 +13,7 @@ grammar stage, and the grammar refuses most of them.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -239,3 +240,28 @@ def test_closing_a_session_waits_for_its_vocabulary_build():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "closed built"  # (a build still reading a freed model crashes at exit, or not)
+
+
+def test_the_vocabulary_build_at_start_runs_below_decoding(monkeypatch):
+    """Started with a server, the build took one of two cores from the first replies (the demo model
+    streamed at 105-126 tokens/s against 220-250 once it was done): its thread runs at the lowest
+    priority, the session's own threads at theirs."""
+    import threading
+
+    from qwen35.runtime import ChatSession
+    from qwen35.runtime.conversation import session as session_module
+
+    if not constraints.FAST:
+        pytest.skip("llguidance is not installed")
+    seen = {}
+
+    def build(model):
+        seen["build"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    monkeypatch.setattr(session_module.constraints, "tokenizer", build)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    with ChatSession(str(build_tiny_gguf()), n_ctx=256, threads=1, prefill=False) as s:
+        s.prepare_constraints(background=True)
+        s._constraints_build.join()
+        assert seen["build"] == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ...system import lower_thread_priority
 from ..engine import native
 from ..engine.decoder import Decoder
 from ..engine.errors import ChatError, ContextFull
@@ -376,8 +377,14 @@ class ChatSession:
         if not background:
             constraints.tokenizer(self.decoder.model)
             return
-        self._constraints_build = threading.Thread(target=constraints.tokenizer, args=(self.decoder.model,),
-                                                   name="qwen35-constraints", daemon=True)
+        def build() -> None:
+            # At the lowest priority: started with the server, it took one of two cores from the first
+            # replies, whose decode then ran its two threads on the other (the demo model streamed at
+            # 105-126 tokens/s through a server just started, 220-250 once the build was done).
+            lower_thread_priority()
+            constraints.tokenizer(self.decoder.model)
+
+        self._constraints_build = threading.Thread(target=build, name="qwen35-constraints", daemon=True)
         self._constraints_build.start()
 
     def close(self) -> None:
