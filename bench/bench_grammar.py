@@ -55,6 +55,7 @@ DEMO_PROMPT = "Give me the capital of Peru as JSON."
 DEMO_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["country", "capital"],
                "properties": {"country": {"type": "string"}, "capital": {"type": "string"}}}
 DEMO_TOOL_PROMPT = "What's the weather in Helsinki?"
+FREE_WITH_TOOLS = "free text, tools offered"  # (no constraint: what the model writes by itself)
 
 
 def random_gguf(size: str, workdir: Path) -> Path:
@@ -164,11 +165,13 @@ def main() -> None:
         start = time.perf_counter()
         chat.prepare_constraints()
         print(f"{model.name}: llguidance's vocabulary built in {time.perf_counter() - start:.1f} s", flush=True)
-        runs = [("free text", "none", None)] + [(case, engine, c) for engine, by_case in engines.items()
-                                                for case, c in by_case.items()]
+        # Free text twice: without tools and with them offered (their system block lengthens the context
+        # the tool calls decode in); each constrained output is compared with the free text of its prompt.
+        runs = [("free text", "none", None), (FREE_WITH_TOOLS, "none", None)] + [
+            (case, engine, c) for engine, by_case in engines.items() for case, c in by_case.items()]
         for rnd in range(args.rounds):
             for case, engine, constraint in (runs if rnd % 2 == 0 else runs[::-1]):
-                tooled = "tool" in case
+                tooled = "tool" in case  # (FREE_WITH_TOOLS too)
                 messages = [{"role": "user", "content": tool_prompt if tooled else prompt}]
                 for _ in chat.respond(messages, tools=world["tools"] if tooled else None, constraint=constraint,
                                       think=False, temp=0.8, seed=1000 + rnd, max_tokens=args.tokens):
@@ -183,10 +186,11 @@ def main() -> None:
                 row[2] += s.get("grammar_refused", 0)
                 row[3] += s.get("grammar_mask_s", 0.0)
                 row[4] += s.get("grammar_s", 0.0)
-    free = totals[("free text", "none")]
-    free_tps = free[0] / free[1]
+    free_tps = {tooled: totals[key][0] / totals[key][1] for tooled, key in
+                ((False, ("free text", "none")), (True, (FREE_WITH_TOOLS, "none")))}
     print(f"\n{args.rounds} rounds, up to {args.tokens} sampled tokens a reply, {args.threads} threads\n")
-    print(f"free text: {1000 / free_tps:.1f} ms a token\n")
+    print(f"free text: {1000 / free_tps[False]:.1f} ms a token; with the tools offered "
+          f"{1000 / free_tps[True]:.1f}\n")
     print("| output | engine | tokens | tokens/s | × free text | refused draws | mask ms/token | grammar ms/token |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (case, engine), (tokens, seconds, refused, mask_s, grammar_s) in totals.items():
@@ -195,7 +199,8 @@ def main() -> None:
         masks = f"{refused} ({refused / tokens:.0%})" if ours else ""
         mask = f"{1000 * mask_s / tokens:.2f}" if ours else ""
         work = f"{1000 * grammar_s / tokens:.2f}" if ours else ""
-        print(f"| {case} | {engine} | {tokens} | {tps:.1f} | {tps / free_tps:.2f} | {masks} | {mask} | {work} |")
+        print(f"| {case} | {engine} | {tokens} | {tps:.1f} | {tps / free_tps['tool' in case]:.2f} | {masks} | {mask} "
+              f"| {work} |")
 
 
 if __name__ == "__main__":
