@@ -12,6 +12,11 @@ it does a decode's wall time. On random weights (the default) the model never fo
 the format by itself: the worst case, where most structural tokens are refused.
 
     python bench/bench_grammar.py [--size tiny|0.8b|4b | --model M.gguf | --model demo] [--tokens 96] [--rounds 3]
+        [--think] [--peer] [--no-gbnf]
+
+`--think`: thinking on, so each reply is a reasoning and then the constrained answer (the grammar
+starts after `</think>`). `--peer`: then llama-server on the same file and threads, free text and
+`response_format` json_schema with the same prompt and sampling, its own decode rate (`timings`).
 
 `--size` builds (once, cached in --workdir) a random-weight Q4_K_M with the release dimensions,
 as bench_mtp.py does. `--model demo` is the trained demo model (Q8_0, as `qwen35 demo` converts it),
@@ -137,6 +142,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-gbnf", action="store_true", help="leave out llama.cpp's grammar sampler (slow)")
     ap.add_argument("--grammar-only", action="store_true", help="only the grammar's work on the vocabulary")
+    ap.add_argument("--think", action="store_true", help="thinking on: the grammar applies after </think>")
+    ap.add_argument("--peer", action="store_true", help="also llama-server's json_schema against its free text, "
+                                                       "same file, threads and sampling")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/grammar"))
     args = ap.parse_args()
 
@@ -174,7 +182,7 @@ def main() -> None:
                 tooled = "tool" in case  # (FREE_WITH_TOOLS too)
                 messages = [{"role": "user", "content": tool_prompt if tooled else prompt}]
                 for _ in chat.respond(messages, tools=world["tools"] if tooled else None, constraint=constraint,
-                                      think=False, temp=0.8, seed=1000 + rnd, max_tokens=args.tokens):
+                                      think=args.think, temp=0.8, seed=1000 + rnd, max_tokens=args.tokens):
                     pass
                 s = chat.stats
                 n, tps = s["gen_tokens"], s["gen_tps"]
@@ -201,6 +209,52 @@ def main() -> None:
         work = f"{1000 * grammar_s / tokens:.2f}" if ours else ""
         print(f"| {case} | {engine} | {tokens} | {tps:.1f} | {tps / free_tps['tool' in case]:.2f} | {masks} | {mask} "
               f"| {work} |")
+    if args.peer:
+        ours = totals[("json_schema", "llguidance")]
+        peer_json_schema(model, args, prompt, world["schema"], ours[0] / ours[1], free_tps[False])
+
+
+def peer_json_schema(model: Path, args, prompt: str, schema: dict, ours_tps: float, ours_free_tps: float) -> None:
+    """llama-server (built from the pinned sdist, once: bench_runtime.llama_cpp_tool) on the same file
+    and threads: free text and `response_format` json_schema (its GBNF grammar from the schema), the
+    same prompt, sampling and thinking, rounds interleaved; its own decode rate (`timings`)."""
+    import urllib.request
+
+    from bench_runtime import llama_cpp_tool
+    from bench_server import Server, withholds_amx
+
+    binary = llama_cpp_tool(args.workdir.parent / "runtime", "llama-server", without_amx=withholds_amx(model))
+    server = Server([], args.workdir / "llama-server.log", dict(os.environ))
+    server.name = "llama-server"
+    server.command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(server.port), "-t",
+                      str(args.threads), "-tb", str(args.threads), "-c", "4096", "-np", "1"]
+    server.start()
+    totals = {"free text": [0, 0.0], "json_schema": [0, 0.0]}
+    try:
+        server.wait_ready()
+        for rnd in range(args.rounds):
+            for case in (("free text", "json_schema") if rnd % 2 == 0 else ("json_schema", "free text")):
+                body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": args.tokens,
+                        "temperature": 0.8, "seed": 1000 + rnd,
+                        "chat_template_kwargs": {"enable_thinking": args.think}}
+                if case == "json_schema":
+                    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+                request = urllib.request.Request(server.base + "/v1/chat/completions", json.dumps(body).encode(),
+                                                 {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=1800) as r:  # noqa: S310 - 127.0.0.1 only
+                    timings = json.loads(r.read())["timings"]
+                print(f"  round {rnd + 1}: llama-server {case}: {timings['predicted_n']} tokens, "
+                      f"{timings['predicted_per_second']:.1f} tokens/s", flush=True)
+                if timings["predicted_n"] > 1:
+                    totals[case][0] += timings["predicted_n"]
+                    totals[case][1] += timings["predicted_ms"] / 1000
+    finally:
+        server.stop()
+    free, constrained = (totals[c][0] / totals[c][1] for c in ("free text", "json_schema"))
+    print("\n| json_schema | tokens/s | × its free text | ours ÷ llama-server |")
+    print("|---|---:|---:|---:|")
+    print(f"| llama-server | {constrained:.1f} | {constrained / free:.2f} | |")
+    print(f"| qwen35 (llguidance) | {ours_tps:.1f} | {ours_tps / ours_free_tps:.2f} | {ours_tps / constrained:.2f} |")
 
 
 if __name__ == "__main__":
