@@ -129,3 +129,33 @@ def test_an_error_in_the_grammar_is_raised_not_swallowed_by_llama_cpp():
             sampler.sample_logits(LOGITS)
     finally:
         sampler.close()
+
+
+def test_without_llguidance_structured_output_falls_back_to_llama_cpps_grammar_with_one_notice():
+    """Where llguidance cannot be installed (32-bit ARM, musl), a session says so in one warning and
+    a JSON schema is still enforced, by llama.cpp's grammar sampler."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_runtime import build_tiny_gguf
+
+    script = ("import sys, json\n"
+              "sys.modules['llguidance'] = None  # (as if it could not be installed)\n"
+              "from qwen35.runtime import ChatSession\n"
+              "from qwen35.runtime.conversation import constraints\n"
+              "schema = {'type': 'object', 'required': ['answer'], 'additionalProperties': False,\n"
+              "          'properties': {'answer': {'type': 'string', 'enum': ['yes', 'no']}}}\n"
+              "with ChatSession(sys.argv[1], n_ctx=512, threads=1, prefill=False, temp=0.8, seed=3) as s:\n"
+              "    text = ''.join(p.text for p in s.respond([{'role': 'user', 'content': 'Yes or no?'}],\n"
+              "                   constraint=constraints.json_constraint(schema), think=False, max_tokens=40))\n"
+              "    print(json.dumps({'fast': constraints.FAST, 'warnings': s.warnings, 'text': text}))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(build_tiny_gguf())], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["fast"] is False
+    from qwen35.runtime.conversation.constraints import FALLBACK_NOTICE
+
+    assert out["warnings"].count(FALLBACK_NOTICE) == 1, out["warnings"]
+    assert json.loads(out["text"]) in ({"answer": "yes"}, {"answer": "no"}), out["text"]
