@@ -52,3 +52,20 @@ def test_end_of_turn_tokens_stop_generation(vocab):
     for token in ("<|im_end|>", "<|endoftext|>"):
         (token_id,) = vocab.tokenize(token)
         assert vocab.is_eog(token_id), token
+
+
+def test_a_conversation_tokenized_message_by_message_is_tokenized_as_a_whole(vocab):
+    """Model.tokenize cuts a text before each `<|im_start|>` and remembers each piece's tokens; the
+    tokens are llama.cpp's for the whole text, whatever sits at the cuts (seeded texts of pieces
+    chosen to meet there: special tokens whole and broken, spaces, newlines, multi-byte characters)."""
+    import random
+
+    rng = random.Random(0)
+    pieces = ["<|im_start|>", "<|im_end|>", "\n", " ", "  ", "user", "assistant", "<think>", "</think>",
+              "<tool_call>", "héllo", "日本", "🙂", "a", "The capital", "<|im_start", "|>", "<|endoftext|>", "\t",
+              "123", "'s", "\r\n", "<|im_start|><|im_start|>"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert vocab.tokenize(text) == vocab._tokenize(text), repr(text)
+        assert vocab.tokenize(text) == vocab._tokenize(text), repr(text)  # (the second time, from memory)
+    assert vocab._turn_start == vocab.single_token("<|im_start|>")
