@@ -622,10 +622,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--tool-seconds", type=float, default=0.5,
                     help="the agent loop's pause after each reply (a tool running, the user typing)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS),
-                    help=f"which to run, comma-separated, of {', '.join(WORKLOADS)}")
+    ap.add_argument("--workloads", default=None,
+                    help=f"which to run, comma-separated, of {', '.join(WORKLOADS)} (default: all but agent, "
+                         f"and with --model demo, agent too)")
     ap.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = ap.parse_args()
+    if args.workloads is None:  # (the agent loop needs the trained model's own calls)
+        args.workloads = ",".join(w for w in WORKLOADS if w != "agent" or args.model == "demo")
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown or not args.workloads:
