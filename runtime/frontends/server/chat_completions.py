@@ -15,7 +15,7 @@ from ...conversation.tools import check_tools, prepare_messages
 from ...engine.errors import ChatError
 from . import fields
 from .fields import AUTO, NONE, REQUIRED
-from .http import BadRequest, Job, error, error_body, event_stream, images_of, job_events, job_outcome, read_json, sse
+from .http import BadRequest, Job, error, error_body, event_stream, images_of, job_events, read_json, whole_reply, sse
 
 # Fields read and deliberately ignored (documented in docs/serve.md): no effect on a local model.
 IGNORED_FIELDS = ("model", "user", "metadata", "store", "service_tier", "frequency_penalty", "logit_bias",
@@ -34,8 +34,6 @@ class ChatCompletions:
         return [Route("/v1/chat/completions", self._chat, methods=["POST"])]
 
     async def _chat(self, request):
-        from starlette.responses import JSONResponse
-
         try:
             self.server.authorize(request)
             body = await read_json(request)
@@ -46,11 +44,7 @@ class ChatCompletions:
         completion = Completion(self.server.model_name, options)
         if options["stream"]:
             return event_stream(self._stream(job, completion))
-        outcome = await job_outcome(self.server, request, job)
-        if outcome is None:
-            return JSONResponse({}, status_code=499)
-        kind, value = outcome
-        return error(value) if kind == "error" else JSONResponse(completion.message(value))
+        return await whole_reply(self.server, request, job, completion.message, error)
 
     async def _stream(self, job: Job, completion: "Completion"):
         try:

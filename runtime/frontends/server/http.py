@@ -16,6 +16,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 MAX_BODY = 16 << 20  # bytes of one request
 KEEPALIVE_S = 1.0  # an SSE comment this often while nothing else is sent
@@ -62,17 +63,22 @@ async def job_events(server, job: Job):
         server.cancel(job)
 
 
-async def job_outcome(server, request, job: Job):
-    """A whole reply: ("done", Reply) or ("error", BadRequest), or None if the client went away
+async def whole_reply(server, request, job: Job, body: Callable, error_response: Callable):
+    """The response to a request not streamed: `body(reply)` as JSON once the job is done,
+    `error_response(BadRequest)` (each API's error shape), or an empty 499 if the client went away
     (its generation is then stopped)."""
+    from starlette.responses import JSONResponse
+
     events = job_events(server, job)
     try:
         async for kind, value in events:
             if kind == "idle":
                 if await request.is_disconnected():
-                    return None
-            elif kind != "piece":  # (the pieces are for streams: the reply comes whole with "done")
-                return kind, value
+                    return JSONResponse({}, status_code=499)
+            elif kind == "error":
+                return error_response(value)
+            elif kind == "done":  # (the pieces are for streams: the reply comes whole with "done")
+                return JSONResponse(body(value))
     finally:
         await events.aclose()
 

@@ -17,7 +17,7 @@ from ...conversation.tools import check_tools, prepare_messages
 from ...engine.errors import ChatError
 from . import fields
 from .fields import AUTO, NONE, REQUIRED
-from .http import BadRequest, Job, event_stream, images_of, job_events, job_outcome, read_json, sse
+from .http import BadRequest, Job, event_stream, images_of, job_events, read_json, whole_reply, sse
 
 # Fields read and deliberately ignored (documented in docs/serve.md).
 IGNORED_FIELDS = ("model", "metadata", "service_tier", "cache_control", "container", "inference_geo", "speed",
@@ -52,8 +52,6 @@ class Messages:
                 Route("/v1/messages/count_tokens", self._count_tokens, methods=["POST"])]
 
     async def _create(self, request):
-        from starlette.responses import JSONResponse
-
         try:
             self.server.authorize(request)
             body = await read_json(request)
@@ -65,14 +63,9 @@ class Messages:
         message_id = "msg_" + uuid.uuid4().hex[:24]
         if stream:
             return event_stream(self._stream(job, _Blocks(message_id, self.server.model_name, prompt_tokens)))
-        outcome = await job_outcome(self.server, request, job)
-        if outcome is None:
-            return JSONResponse({}, status_code=499)
-        kind, value = outcome
-        if kind == "error":
-            return error(value)
-        return JSONResponse({**_message(message_id, self.server.model_name, content_blocks(value)),
-                             **_ending(value), "usage": usage(value)})
+        return await whole_reply(self.server, request, job, lambda reply: {
+            **_message(message_id, self.server.model_name, content_blocks(reply)), **_ending(reply),
+            "usage": usage(reply)}, error)
 
     async def _stream(self, job: Job, blocks: "_Blocks"):
         try:

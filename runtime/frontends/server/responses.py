@@ -30,7 +30,7 @@ from ...conversation.tools import check_tools, prepare_messages
 from ...engine.errors import ChatError
 from . import fields
 from .fields import AUTO, NONE, REQUIRED
-from .http import BadRequest, Job, error, event_stream, images_of, job_events, job_outcome, read_json, sse
+from .http import BadRequest, Job, error, event_stream, images_of, job_events, read_json, whole_reply, sse
 
 # Fields read and deliberately ignored (documented in docs/serve.md).
 IGNORED_FIELDS = ("model", "user", "metadata", "service_tier", "truncation", "include", "prompt_cache_key",
@@ -117,8 +117,6 @@ class Responses:
                 Route("/v1/responses/{response_id}", self._delete, methods=["DELETE"])]
 
     async def _create(self, request):
-        from starlette.responses import JSONResponse
-
         try:
             self.server.authorize(request)
             body = await read_json(request)
@@ -128,13 +126,8 @@ class Responses:
             return error(e)
         if turn.stream:
             return event_stream(self._stream(job, turn))
-        outcome = await job_outcome(self.server, request, job)
-        if outcome is None:
-            return JSONResponse({}, status_code=499)
-        kind, value = outcome
-        if kind == "error":
-            return error(value)
-        return JSONResponse(turn.finish(value, output_items(value), self.store))
+        return await whole_reply(self.server, request, job,
+                                 lambda reply: turn.finish(reply, output_items(reply), self.store), error)
 
     async def _stream(self, job: Job, turn: "_Turn"):
         events = _Events(turn)
