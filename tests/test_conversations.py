@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -208,7 +209,10 @@ def test_switching_conversations_reuses_the_state_cache(served):
     assert again["cached_tokens"] + again["prefilled_tokens"] >= first_turn
 
 
-def test_after_a_restart_a_conversation_is_evaluated_once(session, tmp_path):
+@contextmanager
+def after_a_restart(session, tmp_path):
+    """A conversation of one turn, then the server stopped and a fresh one (a new session) started on
+    the same conversations: (the new session, its server, the conversation's id)."""
     first = Served(session, tmp_path)
     conversation = first.create()
     first.send(conversation, content="Remember the word parsnip, and then tell me about the sea in detail.")
@@ -216,10 +220,15 @@ def test_after_a_restart_a_conversation_is_evaluated_once(session, tmp_path):
     with ChatSession(build_tiny_gguf(), n_ctx=4096, threads=2, cache_ram=256 << 20) as fresh:
         second = Served(fresh, tmp_path)
         try:
-            once = _turn(second.send(conversation, content="What was the word?"))["stats"]
-            then = _turn(second.send(conversation, content="And after that?"))["stats"]
+            yield fresh, second, conversation
         finally:
             second.close()
+
+
+def test_after_a_restart_a_conversation_is_evaluated_once(session, tmp_path):
+    with after_a_restart(session, tmp_path) as (_, second, conversation):
+        once = _turn(second.send(conversation, content="What was the word?"))["stats"]
+        then = _turn(second.send(conversation, content="And after that?"))["stats"]
     assert once["cached_tokens"] + once["prefilled_tokens"] == 0 and once["prompt_tokens"] > 30
     # The next turn evaluates only the reply (as the template re-renders it: after its empty `<think>`
     # block, a few tokens) and the new message.
@@ -227,24 +236,16 @@ def test_after_a_restart_a_conversation_is_evaluated_once(session, tmp_path):
 
 
 def test_a_conversation_opened_after_a_restart_is_evaluated_while_the_user_types(session, tmp_path):
-    first = Served(session, tmp_path)
-    conversation = first.create()
-    first.send(conversation, content="Remember the word parsnip, and then tell me about the sea in detail.")
-    first.close()
-    with ChatSession(build_tiny_gguf(), n_ctx=4096, threads=2, cache_ram=256 << 20) as fresh:
-        second = Served(fresh, tmp_path)
-        try:
-            second.read(conversation)  # the page opens it …
-            opening = fresh.tokenize("<|im_end|>\n<|im_start|>user\n")
-            deadline = time.monotonic() + 60
-            while fresh.context_tokens()[-len(opening):] != opening:  # … and the idle worker reads it
-                assert time.monotonic() < deadline, "the opened conversation was not evaluated"
-                time.sleep(0.1)
-            stats = _turn(second.send(conversation, content="What was the word?"))["stats"]
-            first_turn = len(fresh.tokenize(fresh.template.render(second.read(conversation)["messages"][:1],
-                                                                  add_generation_prompt=True, think=False)))
-        finally:
-            second.close()
+    with after_a_restart(session, tmp_path) as (fresh, second, conversation):
+        second.read(conversation)  # the page opens it …
+        opening = fresh.tokenize("<|im_end|>\n<|im_start|>user\n")
+        deadline = time.monotonic() + 60
+        while fresh.context_tokens()[-len(opening):] != opening:  # … and the idle worker reads it
+            assert time.monotonic() < deadline, "the opened conversation was not evaluated"
+            time.sleep(0.1)
+        stats = _turn(second.send(conversation, content="What was the word?"))["stats"]
+        first_turn = len(fresh.tokenize(fresh.template.render(second.read(conversation)["messages"][:1],
+                                                              add_generation_prompt=True, think=False)))
     # Its earlier turn was evaluated before the message came: the reply waited for the new message only.
     assert stats["cached_tokens"] == 0 and stats["prefilled_tokens"] >= first_turn
     assert stats["prompt_tokens"] - stats["prefilled_tokens"] < 20
