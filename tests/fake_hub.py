@@ -41,7 +41,7 @@ class FakeRepo:
     gated: bool = False
     private: bool = False
     gguf_architecture: str | None = None
-    branches: dict[str, str] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)  # branch or tag → commit (any commit serves the files)
 
     def __post_init__(self):
         digest = hashlib.sha1()
@@ -147,7 +147,7 @@ class FakeHub:
             def _commit(self, repo: FakeRepo, revision: str) -> str | None:
                 if revision in repo.branches:
                     return repo.branches[revision]
-                return revision if revision == repo.commit else None
+                return revision if revision == repo.commit or revision in repo.branches.values() else None
 
             def _model_info(self, rest: str, token):
                 repo_id, _, revision = rest.partition("/revision/")

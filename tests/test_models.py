@@ -305,10 +305,24 @@ def test_a_granted_token_reads_a_gated_repo(fake_hub, monkeypatch):
     assert _pull("Qwen/Qwen3.5-Gated:q8_0").model.is_file()
 
 
-def test_a_revision_is_fetched_at_its_commit(fake_hub):
+def test_a_revision_is_fetched_at_its_commit(fake_hub, monkeypatch, tmp_path):
     repo = fake_hub.repos[CKPT_REPO]
     entry = _pull(f"{CKPT_REPO}@{repo.commit}:q8_0")
     assert entry.manifest["commit"] == repo.commit
+    # A tag at another commit: its files are fetched at that commit, and an offline run finds it by the tag.
+    repo.branches["v1.0"] = "1" * 40
+    entry = _pull(f"{CKPT_REPO}@v1.0:q4_k_m")
+    assert entry.manifest["commit"] == "1" * 40 and entry.manifest["revision"] == "v1.0"
+    # (asked for at that commit; the blobs it shares with the first pull are linked, not fetched again)
+    assert {p.rsplit("/", 1)[-1] for _, p, _ in fake_hub.requests if f"/resolve/{'1' * 40}/" in p} >= \
+        {"config.json", "model.safetensors"}
+    repo_cache = tmp_path / "hf" / "hub" / "models--Qwen--Qwen3.5-Tiny"
+    assert (repo_cache / "refs" / "v1.0").read_text() == "1" * 40
+    assert (repo_cache / "snapshots" / ("1" * 40) / "model.safetensors").is_file()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_hub.requests.clear()
+    path, _ = store.resolve(f"{CKPT_REPO}@v1.0:q6_k", assume_yes=True, machine=ROOMY)
+    assert Path(path).name == "Qwen3.5-Tiny-Q6_K.gguf" and fake_hub.requests == []
 
 
 def test_a_full_disk_is_said_before_anything_is_fetched(fake_hub, monkeypatch, tmp_path):
@@ -440,6 +454,26 @@ def test_run_list_and_rm_by_name(fake_hub, monkeypatch):
     assert "is empty" in runner.invoke(main, ["list"]).output
     gone = runner.invoke(main, ["rm", CKPT_REPO])
     assert gone.exit_code == 1 and "is not in the model store" in gone.output
+
+
+def test_run_of_a_missing_name_asks_on_a_terminal(fake_hub, monkeypatch):
+    monkeypatch.setattr("qwen35.cli._on_terminal", lambda: True)
+    declined = CliRunner().invoke(main, ["info", f"{CKPT_REPO}:q8_0"], input="n\n")
+    assert declined.exit_code == 1 and "download and convert it now? [Y/n]" in declined.output
+    assert "pass --yes to pull it now" in declined.output and fake_hub.requests == []
+    accepted = CliRunner().invoke(main, ["info", f"{CKPT_REPO}:q8_0"], input="y\n")
+    assert accepted.exit_code == 0 and "architecture   qwen35" in accepted.output, accepted.output
+
+
+def test_the_store_is_under_xdg_data_home_unless_qwen35_models_moves_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("QWEN35_MODELS", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert store.models_dir() == tmp_path / "data" / "qwen35" / "models"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert store.models_dir() == tmp_path / "home" / ".local" / "share" / "qwen35" / "models"
+    monkeypatch.setenv("QWEN35_MODELS", str(tmp_path / "elsewhere"))
+    assert store.models_dir() == tmp_path / "elsewhere"
 
 
 def test_convert_takes_a_repo_id(fake_hub, tmp_path):
