@@ -308,6 +308,32 @@ def test_bad_responses_requests_get_an_openai_error_and_the_server_keeps_serving
     assert client.responses.create(model="tiny", input="still there?", reasoning=OFF, max_output_tokens=2).output
 
 
+def _events(server, path: str, body) -> list[dict]:
+    """The data of each server-sent event of a streamed request."""
+    r = _post(server, path, {**body, "stream": True})
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+
+
+def test_responses_and_their_events_validate_against_the_sdk_types(server):
+    """The clients build their objects without checking them (a field missing goes unnoticed until
+    read): each body and event is checked here against the openai package's own types."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(ResponseStreamEvent)
+    text = {"model": "tiny", "input": "Hello there.", "reasoning": OFF, "temperature": 0, "max_output_tokens": 6}
+    called = {**text, "tools": [PING], **FORCE_PING, "max_output_tokens": 60}
+    thought = {**text, "reasoning": {"effort": "high"}}
+    for body in (text, called, thought):
+        r = _post(server, "/v1/responses", body)
+        assert r.status_code == 200, r.text
+        Response.model_validate(r.json())
+        kinds = [events.validate_python(data).type for data in _events(server, "/v1/responses", body)]
+        assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert Response.model_validate(httpx.get(server.base_url + f"/v1/responses/{r.json()['id']}").json())
+
+
 # --- Anthropic's Messages API -----------------------------------------------------------------------
 
 
@@ -386,6 +412,25 @@ def test_a_stop_sequence_ends_the_message_and_is_named(claude):
     m = claude.messages.create(stop_sequences=["never written", word], **kwargs)
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == word, (text, word)
     assert m.content[0].text == text[:text.find(word)].strip()
+
+
+def test_messages_and_their_events_validate_against_the_sdk_types(server):
+    """As for the Responses API: each body and event against the anthropic package's own types."""
+    from anthropic.types import Message, RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(RawMessageStreamEvent)
+    text = {"model": "tiny", "max_tokens": 6, "messages": [{"role": "user", "content": "Hello there."}],
+            "thinking": {"type": "disabled"}, "temperature": 0}
+    called = {**text, "max_tokens": 60, "tool_choice": {"type": "tool", "name": "ping"},
+              "tools": [{"name": "ping", "description": "Check the network", "input_schema": PING["parameters"]}]}
+    thought = {**text, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    for body in (text, called, thought):
+        r = _post(server, "/v1/messages", body)
+        assert r.status_code == 200, r.text
+        Message.model_validate(r.json())
+        kinds = [events.validate_python(data).type for data in _events(server, "/v1/messages", body)]
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
 
 
 def test_the_key_goes_in_x_api_key_or_as_a_bearer_token(server):

@@ -462,7 +462,9 @@ def usage(reply) -> dict:
     cached = stats.get("cached_tokens", 0)
     prompt = cached + stats.get("prompt_tokens", 0)
     output = stats.get("gen_tokens", 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
+    # (cache_write_tokens: a field the SDK's types require; nothing here is written to a cache that bills)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": stats.get("reasoning_tokens", 0)},
             "total_tokens": prompt + output}
 
