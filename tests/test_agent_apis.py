@@ -279,6 +279,20 @@ def test_instructions_are_the_system_prompt_and_not_carried_over(server, client)
     assert server.session.context_tokens()[:len(system)] != system
 
 
+def test_every_api_joins_the_leading_system_and_developer_messages_alike(server, client):
+    """Responses' instructions and a developer message, Chat Completions' system and developer
+    messages: one system prompt, the same prompt (the shared prepare_messages joins them)."""
+    system = server.session.tokenize("<|im_start|>system\nBe terse.\n\nAnswer in French.<|im_end|>")
+    r = client.responses.create(model="tiny", instructions="Be terse.", reasoning=OFF, max_output_tokens=4, store=False,
+                                input=[{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hi."}])
+    assert server.session.context_tokens()[:len(system)] == system
+    c = client.chat.completions.create(model="tiny", reasoning_effort="none", max_tokens=4, messages=[
+        {"role": "system", "content": "Be terse."}, {"role": "developer", "content": "Answer in French."},
+        {"role": "user", "content": "Hi."}])
+    assert server.session.context_tokens()[:len(system)] == system
+    assert c.usage.prompt_tokens == r.usage.input_tokens
+
+
 def _post(server, path: str, body, headers=None) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.base_url + path, content=data, timeout=60,

@@ -176,7 +176,8 @@ class ChatSession:
         a signal handler, say) or if the caller stops iterating. `images` (paths or encoded bytes)
         go with a text message, and so does `video` (a video file, a directory of its frames, or a
         list of frames: see `add_video`); they are checked here, before anything is evaluated.
-        Options: think, max_tokens, tools, stop and the sampling keywords."""
+        Options: think, max_tokens, tools, stop, parallel_tool_calls (False: the reply ends with
+        its first tool call) and the sampling keywords."""
         if images or video is not None:
             if not isinstance(message, str):
                 raise ChatError("images and videos go with a text message")
@@ -197,7 +198,9 @@ class ChatSession:
         """Yield the reply to a whole conversation (OpenAI-style messages, system prompt included),
         without recording it in `messages`. `images`: the encoded files that the messages' image
         parts ({"type": "image", "image": <SHA-256>}) name. `constraint` limits what the answer may
-        be (see constraints.py); `read_tool_calls=False` leaves call-like text in the content.
+        be (see constraints.py); `read_tool_calls=False` leaves call-like text in the content;
+        `parallel_tool_calls=False` ends the reply with its first complete tool call, whatever the
+        constraint (the server's `parallel_tool_calls: false`, `disable_parallel_tool_use`).
         `reasoning_comes_back`: the next request will hold this reply with its reasoning (a server
         that keeps the conversation itself), which the prefill between requests then assumes."""
         conversation = prepare_messages(messages)
@@ -443,7 +446,7 @@ class ChatSession:
         constrained = request.constraint is not None and request.constraint.grammar is not None
         ends_reasoning = self._tool_call if not constrained or request.constraint.tool_call else None
         splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, ends_reasoning)
-        answer = ToolCallReader(tools, enabled=request.read_tool_calls)
+        answer = ToolCallReader(tools, enabled=request.read_tool_calls, parallel=request.parallel_tool_calls)
         stop = StopStrings(list(request.stop))
         notices: list[str] = []
         finish = "interrupted"
@@ -498,7 +501,7 @@ class ChatSession:
                         continue
                     text, stopped = stop.feed(piece.text)
                     yield from _answer_pieces(answer.feed(text))
-                    if stopped:
+                    if stopped or answer.done:  # (done: the one tool call allowed is complete)
                         finish = "stop"
                         break
             finally:
@@ -592,8 +595,10 @@ class ChatSession:
         max_tokens = overrides.pop("max_tokens", self.max_tokens)
         stop = overrides.pop("stop", None) or ()
         exact_length = overrides.pop("exact_length", False)
+        parallel = overrides.pop("parallel_tool_calls", True)
         return Request(think=think, max_tokens=max_tokens, sampling=self._with_overrides(overrides),
-                        stop=tuple([stop] if isinstance(stop, str) else stop), exact_length=exact_length, **fields)
+                        stop=tuple([stop] if isinstance(stop, str) else stop), exact_length=exact_length,
+                        parallel_tool_calls=parallel, **fields)
 
     # --- settings -------------------------------------------------------------------------------
 
