@@ -448,20 +448,19 @@ def test_messages_and_their_events_validate_against_the_sdk_types(server):
 
 
 def test_the_key_goes_in_x_api_key_or_as_a_bearer_token(server):
-    """Claude Code sends ANTHROPIC_API_KEY as x-api-key; the anthropic package, a bearer token."""
+    """Claude Code sends ANTHROPIC_API_KEY as x-api-key; the anthropic package, a bearer token. (A
+    server made with a key, as serve(api_key=...) makes it, over the module's session.)"""
     body = {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-    server._api_key = b"secret"
-    try:
+    with running(server.session, model_name="tiny", api_key="secret", queue_size=4) as keyed:
         with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(base_url=server.base_url, api_key="wrong", max_retries=0).messages.create(
+            anthropic.Anthropic(base_url=keyed.base_url, api_key="wrong", max_retries=0).messages.create(
                 model="tiny", **body)
-        refused = _post(server, "/v1/messages", body, {"x-api-key": "wrong"})
-        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
-        assert _post(server, "/v1/messages", body, {"x-api-key": "secret"}).json()["content"]
-        good = anthropic.Anthropic(base_url=server.base_url, api_key="secret", max_retries=0)
+        for headers in ({}, {"x-api-key": "wrong"}):
+            refused = _post(keyed, "/v1/messages", body, headers)
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        assert _post(keyed, "/v1/messages", body, {"x-api-key": "secret"}).json()["content"]
+        good = anthropic.Anthropic(base_url=keyed.base_url, api_key="secret", max_retries=0)
         assert good.messages.create(model="tiny", **body).content
-    finally:
-        server._api_key = None
 
 
 @pytest.mark.parametrize("body, status", [
