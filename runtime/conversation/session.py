@@ -17,6 +17,8 @@ and cells part ways after it (M-RoPE), and the context-full checks count cells.
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import time
 from dataclasses import dataclass, field
@@ -373,32 +375,51 @@ class ChatSession:
     def prepare_constraints(self, background: bool = False) -> None:
         """Build what constrained replies need of the model (llguidance's view of its vocabulary,
         1-2 s once per model on two cores) ahead of the first one; a server does it at start, on a
-        thread (`background`) that close() waits for: the build reads the model's vocabulary, which
-        close() frees (a server stopped in that second crashed with SIGSEGV)."""
+        thread (`background`). The build reads the model's vocabulary, which closing frees (a server
+        stopped in that second crashed with SIGSEGV): close() waits for it a little, and past that
+        leaves the build to free the model when it ends."""
         if not constraints.FAST:
             return
         if not background:
             constraints.tokenizer(self.decoder.model)
             return
+        self._build_lock = threading.Lock()
+        self._close_after_build = False
+
         def build() -> None:
-            # At the lowest priority: started with the server, it took one of two cores from the first
-            # replies, whose decode then ran its two threads on the other (the demo model streamed at
-            # 105-126 tokens/s through a server just started, 220-250 once the build was done).
-            lower_thread_priority()
-            constraints.tokenizer(self.decoder.model)
+            try:
+                # At the lowest priority: started with the server, it took one of two cores from the
+                # first replies, whose decode then ran its two threads on the other (the demo model
+                # streamed at 105-126 tokens/s through a server just started, 220-250 once built).
+                lower_thread_priority()
+                constraints.tokenizer(self.decoder.model)
+            finally:
+                with self._build_lock:
+                    self._constraints_build = None
+                    close = self._close_after_build
+                if close:
+                    self.decoder.close()
 
         self._constraints_build = threading.Thread(target=build, name="qwen35-constraints", daemon=True)
         self._constraints_build.start()
 
+    # How long close() waits for the vocabulary build. At the lowest priority on a busy machine it can
+    # take minutes; a server asked to stop must not wait for it.
+    CLOSE_WAIT_S = 2.0
+
     def close(self) -> None:
         build = getattr(self, "_constraints_build", None)
         if build is not None:
-            build.join()
+            build.join(self.CLOSE_WAIT_S)
         if getattr(self, "prefill", None):
             self._settle()
         if getattr(self, "media", None):
             self.media.close()
         if getattr(self, "decoder", None):
+            with getattr(self, "_build_lock", None) or contextlib.nullcontext():
+                if getattr(self, "_constraints_build", None) is not None:
+                    self._close_after_build = True  # the build frees the model when it ends
+                    return
             self.decoder.close()
 
     def __enter__(self) -> "ChatSession":
