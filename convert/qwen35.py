@@ -1,7 +1,7 @@
 """The Qwen3.5 family (dense `qwen35`, MoE `qwen35moe`): hyper-parameters, renames, tensor plan.
 
-Every fact here comes from ../shared/reference/GGUF-CONTRACT.md (read from llama.cpp's loader in the
-llama-cpp-python 0.3.36 sdist, src/models/qwen35.cpp and qwen35moe.cpp).
+Every fact here is read from llama.cpp's loader in the llama-cpp-python 0.3.36 sdist
+(src/llama-model.cpp, src/models/qwen35.cpp and qwen35moe.cpp).
 """
 
 from __future__ import annotations

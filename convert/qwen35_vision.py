@@ -1,6 +1,6 @@
 """The Qwen3.5 vision tower → an mmproj GGUF (llama.cpp's `clip` file, projector `qwen3vl_merger`).
 
-Facts from ../shared/reference/VISION.md §1 (read from the reference converter's Qwen3VLVisionModel,
+Facts read from the reference converter's Qwen3VLVisionModel (the pinned sdist's
 conversion/qwen3vl.py and base.py's MmprojModel, and from tools/mtmd/clip.cpp, which loads the file).
 The tower is the same in every release that has one: a Conv3D patch embedding over pairs of frames,
 learned position embeddings on a square grid (interpolated to the image's grid), ViT blocks with a

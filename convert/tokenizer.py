@@ -3,7 +3,7 @@
 Qwen3.5 is byte-level BPE (llama.cpp's `gpt2` model) with its own pre-tokenizer, `qwen35`, whose
 regex adds \\p{M} to the letter classes. llama.cpp recognises that pre-tokenizer by a vocabulary hash
 only for the exact release vocabulary, so it is set here from the tokenizer's own regex instead.
-Facts: ../shared/reference/GGUF-CONTRACT.md §4.
+Facts read from the pinned sdist's src/llama-vocab.cpp (the qwen35 pre-tokenizer).
 """
 
 from __future__ import annotations

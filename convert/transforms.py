@@ -3,7 +3,7 @@
 Each is small and tested on hand-made numbers (tests/test_transforms.py). Value transforms take and
 return float32 arrays; layout transforms return index arrays (which source row or column lands where),
 so the reader can move raw BF16 bits without ever widening them.
-Facts: ../shared/reference/GGUF-CONTRACT.md §3.
+Facts read from llama.cpp's loader (src/models/qwen35.cpp in the pinned sdist).
 """
 
 from __future__ import annotations

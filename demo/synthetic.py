@@ -1,7 +1,7 @@
 """Random-weight Qwen3.5 checkpoints in the real release layout, for tests and benchmarks.
 
 `write_checkpoint` turns a `config.json` dict into a Hugging Face checkpoint directory whose tensor
-names, shapes, dtypes and sharding match the Qwen3.5 releases (see GGUF-CONTRACT.md, section 1),
+names, shapes, dtypes and sharding match the Qwen3.5 releases (their safetensors index files),
 filled with random values. Only numpy and the standard library are used: the safetensors files are
 written by a small streaming writer, so even a checkpoint with real 0.8B dimensions (a 248320 x 1024
 embedding, ~0.9 B parameters) needs only a few tens of MB of memory.

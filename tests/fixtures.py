@@ -1,7 +1,7 @@
 """Tiny Qwen3.5 checkpoints in the real release layout, with transformers' float32 reference logits.
 
 transformers builds and saves each model; the saved tensors are then rewritten the way the Hugging
-Face releases store them (GGUF-CONTRACT.md, section 1):
+Face releases store them (their safetensors index files):
 
 - keys `model.language_model.*`, `model.visual.*` (vision tower present), `lm_head.weight` only when
   untied, and `mtp.*`: transformers has no MTP module, so a random MTP layer with the release's

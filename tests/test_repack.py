@@ -20,7 +20,7 @@ from qwen35.runtime.engine.cpu import parse_features
 from qwen35.runtime.engine.repack import AMX_IN_USE, AMX_LAYOUT, copy_bytes, repacked, repacked_layout
 
 # What llama_print_system_info() printed for the three builds (x86: this machine; ARM: the
-# cross-built library under qemu, ../shared/reference/ARM.md).
+# cross-built library under qemu, tests/arm/).
 X86_AVX512 = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
               "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
               "REPACK = 1 | ")

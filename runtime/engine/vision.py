@@ -5,7 +5,7 @@ A `Projector` turns a prompt holding image markers into chunks (runs of text tok
 encodes an image chunk into embeddings, and evaluates a chunk into a `native.Context`. Positions:
 Qwen3.5 uses M-RoPE, so an image of nx × ny merged patches fills nx·ny cells of the KV cache but
 advances the position by only max(nx, ny); callers track cells and positions apart (`Chunk.n_tokens`,
-`Chunk.n_pos`). Facts: ../shared/reference/VISION.md §2, §4, §5.
+`Chunk.n_pos`). Facts read from the pinned sdist's tools/mtmd (mtmd.cpp, clip.cpp).
 
 Everything llama.cpp would abort on is checked here first: the file must be an mmproj whose output
 width is the text model's embedding width, and an image must decode.
