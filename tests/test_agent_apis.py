@@ -279,6 +279,20 @@ def test_instructions_are_the_system_prompt_and_not_carried_over(server, client)
     assert server.session.context_tokens()[:len(system)] != system
 
 
+def test_every_api_joins_the_leading_system_and_developer_messages_alike(server, client):
+    """Responses' instructions and a developer message, Chat Completions' system and developer
+    messages: one system prompt, the same prompt (the shared prepare_messages joins them)."""
+    system = server.session.tokenize("<|im_start|>system\nBe terse.\n\nAnswer in French.<|im_end|>")
+    r = client.responses.create(model="tiny", instructions="Be terse.", reasoning=OFF, max_output_tokens=4, store=False,
+                                input=[{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hi."}])
+    assert server.session.context_tokens()[:len(system)] == system
+    c = client.chat.completions.create(model="tiny", reasoning_effort="none", max_tokens=4, messages=[
+        {"role": "system", "content": "Be terse."}, {"role": "developer", "content": "Answer in French."},
+        {"role": "user", "content": "Hi."}])
+    assert server.session.context_tokens()[:len(system)] == system
+    assert c.usage.prompt_tokens == r.usage.input_tokens
+
+
 def _post(server, path: str, body, headers=None) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.base_url + path, content=data, timeout=60,
@@ -306,6 +320,32 @@ def test_bad_responses_requests_get_an_openai_error_and_the_server_keeps_serving
     error = r.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
     assert client.responses.create(model="tiny", input="still there?", reasoning=OFF, max_output_tokens=2).output
+
+
+def _events(server, path: str, body) -> list[dict]:
+    """The data of each server-sent event of a streamed request."""
+    r = _post(server, path, {**body, "stream": True})
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+
+
+def test_responses_and_their_events_validate_against_the_sdk_types(server):
+    """The clients build their objects without checking them (a field missing goes unnoticed until
+    read): each body and event is checked here against the openai package's own types."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(ResponseStreamEvent)
+    text = {"model": "tiny", "input": "Hello there.", "reasoning": OFF, "temperature": 0, "max_output_tokens": 6}
+    called = {**text, "tools": [PING], **FORCE_PING, "max_output_tokens": 60}
+    thought = {**text, "reasoning": {"effort": "high"}}
+    for body in (text, called, thought):
+        r = _post(server, "/v1/responses", body)
+        assert r.status_code == 200, r.text
+        Response.model_validate(r.json())
+        kinds = [events.validate_python(data).type for data in _events(server, "/v1/responses", body)]
+        assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert Response.model_validate(httpx.get(server.base_url + f"/v1/responses/{r.json()['id']}").json())
 
 
 # --- Anthropic's Messages API -----------------------------------------------------------------------
@@ -388,21 +428,39 @@ def test_a_stop_sequence_ends_the_message_and_is_named(claude):
     assert m.content[0].text == text[:text.find(word)].strip()
 
 
+def test_messages_and_their_events_validate_against_the_sdk_types(server):
+    """As for the Responses API: each body and event against the anthropic package's own types."""
+    from anthropic.types import Message, RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(RawMessageStreamEvent)
+    text = {"model": "tiny", "max_tokens": 6, "messages": [{"role": "user", "content": "Hello there."}],
+            "thinking": {"type": "disabled"}, "temperature": 0}
+    called = {**text, "max_tokens": 60, "tool_choice": {"type": "tool", "name": "ping"},
+              "tools": [{"name": "ping", "description": "Check the network", "input_schema": PING["parameters"]}]}
+    thought = {**text, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    for body in (text, called, thought):
+        r = _post(server, "/v1/messages", body)
+        assert r.status_code == 200, r.text
+        Message.model_validate(r.json())
+        kinds = [events.validate_python(data).type for data in _events(server, "/v1/messages", body)]
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+
+
 def test_the_key_goes_in_x_api_key_or_as_a_bearer_token(server):
-    """Claude Code sends ANTHROPIC_API_KEY as x-api-key; the anthropic package, a bearer token."""
+    """Claude Code sends ANTHROPIC_API_KEY as x-api-key; the anthropic package, a bearer token. (A
+    server made with a key, as serve(api_key=...) makes it, over the module's session.)"""
     body = {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-    server._api_key = b"secret"
-    try:
+    with running(server.session, model_name="tiny", api_key="secret", queue_size=4) as keyed:
         with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(base_url=server.base_url, api_key="wrong", max_retries=0).messages.create(
+            anthropic.Anthropic(base_url=keyed.base_url, api_key="wrong", max_retries=0).messages.create(
                 model="tiny", **body)
-        refused = _post(server, "/v1/messages", body, {"x-api-key": "wrong"})
-        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
-        assert _post(server, "/v1/messages", body, {"x-api-key": "secret"}).json()["content"]
-        good = anthropic.Anthropic(base_url=server.base_url, api_key="secret", max_retries=0)
+        for headers in ({}, {"x-api-key": "wrong"}):
+            refused = _post(keyed, "/v1/messages", body, headers)
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        assert _post(keyed, "/v1/messages", body, {"x-api-key": "secret"}).json()["content"]
+        good = anthropic.Anthropic(base_url=keyed.base_url, api_key="secret", max_retries=0)
         assert good.messages.create(model="tiny", **body).content
-    finally:
-        server._api_key = None
 
 
 @pytest.mark.parametrize("body, status", [

@@ -391,6 +391,12 @@ def test_the_page_on_a_phone_and_its_screenshot(browser, served, session, tmp_pa
     assert (light, phone.page.evaluate(background)) == ("rgb(255, 255, 255)", "rgb(22, 24, 28)")  # as the system is
 
     desk = browser(url=f"{served.url}/#/c/{journal.id}", think=True, settings={**SHORT, "max_tokens": "40"})
+    # The reasoning is shown apart from the answer, folded; a click unfolds it, another folds it again.
+    desk.page.wait_for_selector(".message.assistant details.reasoning:not([open])")
+    desk.page.click(".message.assistant details.reasoning summary")
+    desk.page.wait_for_selector(".message.assistant details.reasoning[open] .reasoning-text >> text=The idiomatic way")
+    desk.page.click(".message.assistant details.reasoning summary")
+    desk.page.wait_for_selector(".message.assistant details.reasoning:not([open])")
     desk.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=served.url)
     desk.page.click(".content pre .copy-code")
     assert desk.page.evaluate("navigator.clipboard.readText()") == \

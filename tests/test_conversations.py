@@ -344,3 +344,28 @@ def test_titled_conversations_are_never_pruned_by_run(tmp_path):
     journals.Journal.new("x.gguf", {}, tmp_path)
     left = sorted(p.name for p in tmp_path.glob("*.json"))
     assert titled.path.name in left and len(left) == journals.KEEP
+
+
+def test_the_page_loads_nothing_from_elsewhere_and_its_libraries_are_as_noted():
+    """Offline by construction: the page's own files name no other origin (no CDN, no web font, no
+    imported stylesheet), its scripts import only from vendor/, and each vendored file is the one
+    vendor/README.md names (its SHA-256)."""
+    import hashlib
+    import re
+
+    from qwen35.runtime.frontends.server.page import PAGE
+
+    for path in (PAGE / "index.html", PAGE / "app.js", PAGE / "style.css", *PAGE.glob("vendor/*.css")):
+        text = path.read_text()
+        if path.parent == PAGE:  # (a vendored file may name its home page in a comment)
+            assert not re.search(r"https?:", text), path.name
+        assert not re.search(r"@import|@font-face|\burl\(|(src|href)=[\"']//", text, re.I), path.name
+    assert re.findall(r'from "([^"]+)"', (PAGE / "app.js").read_text()) == [
+        "./vendor/marked.esm.js", "./vendor/purify.es.js", "./vendor/highlight.min.js"]
+    for path in PAGE.glob("vendor/*.js"):
+        assert not re.search(r"\bimport\s*\(|^\s*import\s", path.read_text(), re.M), path.name
+    noted = dict(line.split()[::-1] for line in (PAGE / "vendor" / "README.md").read_text().splitlines()
+                 if re.fullmatch(r"[0-9a-f]{64}  \S+", line))
+    shipped = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in PAGE.glob("vendor/*")
+               if p.suffix in (".js", ".css")}
+    assert noted == shipped

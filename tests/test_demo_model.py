@@ -117,6 +117,58 @@ def test_a_currency_conversion_states_the_tools_number(client):
     assert corpus._fmt_num(calls[0][2]["result"]) in answer.content.replace(",", ""), answer.content
 
 
+TWO_CITIES = "What's the weather in Helsinki and in Havana?"
+
+
+def cities(calls) -> list[str]:
+    return [json.loads(arguments)["city"] for arguments in calls]
+
+
+def test_without_parallel_tool_calls_the_reply_ends_with_its_first_call(client):
+    """Asked about two cities, the model calls get_weather twice in one reply (as it was trained
+    to); with parallel_tool_calls false under tool_choice auto — no grammar — the reply ends with
+    the first complete call, and is a tool call all the same."""
+    messages = [{"role": "user", "content": TWO_CITIES}]
+    both = client.chat.completions.create(messages=messages, tools=corpus.TOOLS, **GREEDY)
+    assert cities(c.function.arguments for c in both.choices[0].message.tool_calls) == ["Helsinki", "Havana"]
+    one = client.chat.completions.create(messages=messages, tools=corpus.TOOLS, parallel_tool_calls=False, **GREEDY)
+    (call,) = one.choices[0].message.tool_calls
+    assert cities([call.function.arguments]) == ["Helsinki"] and call.id.startswith("call_")
+    assert one.choices[0].finish_reason == "tool_calls" and not one.choices[0].message.content
+    assert one.usage.completion_tokens < both.usage.completion_tokens  # it stopped there: not written and dropped
+    with client.chat.completions.stream(messages=messages, tools=corpus.TOOLS, parallel_tool_calls=False,
+                                        **GREEDY) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.current_completion_snapshot.choices[0]
+    assert cities(c.function.arguments for c in streamed.message.tool_calls) == ["Helsinki"]
+    assert streamed.finish_reason == "tool_calls"
+
+
+def test_the_other_apis_end_the_reply_with_its_first_call_too(client, server):
+    """Responses' parallel_tool_calls and Anthropic's disable_parallel_tool_use, under auto."""
+    tools = [{"type": "function", **t["function"]} for t in corpus.TOOLS]
+    common = dict(model="qwen35-demo", input=TWO_CITIES, tools=tools, reasoning={"effort": "none"}, temperature=0,
+                  max_output_tokens=160, store=False)
+    both = client.responses.create(**common)
+    assert cities(i.arguments for i in both.output if i.type == "function_call") == ["Helsinki", "Havana"]
+    one = client.responses.create(**common, parallel_tool_calls=False)
+    assert [i.type for i in one.output] == ["function_call"] and cities([one.output[0].arguments]) == ["Helsinki"]
+    assert one.status == "completed" and one.parallel_tool_calls is False
+
+    anthropic = pytest.importorskip("anthropic")
+    claude = anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+    common = dict(model="qwen35-demo", max_tokens=160, thinking={"type": "disabled"},
+                  messages=[{"role": "user", "content": TWO_CITIES}], extra_body={"temperature": 0},
+                  tools=[{"name": t["function"]["name"], "description": t["function"]["description"],
+                          "input_schema": t["function"]["parameters"]} for t in corpus.TOOLS])
+    both = claude.messages.create(**common)
+    assert [b.input["city"] for b in both.content if b.type == "tool_use"] == ["Helsinki", "Havana"]
+    one = claude.messages.create(**common, tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert [(b.type, b.input["city"]) for b in one.content] == [("tool_use", "Helsinki")]
+    assert one.stop_reason == "tool_use"
+
+
 def picture(shapes, background: str) -> str:
     png = corpus.draw_scene(random.Random(42), shapes, background)
     return "data:image/png;base64," + base64.b64encode(png).decode()

@@ -751,6 +751,28 @@ def test_a_forced_tool_call_streams_as_a_call_with_an_id(fresh):
     assert fresh.messages == []  # respond() does not record
 
 
+def test_without_parallel_tool_calls_the_reply_ends_with_its_first_call(fresh):
+    """The session's one place for parallel_tool_calls false, whatever the constraint: under a
+    grammar that makes the model write two calls, the reply still ends with the first."""
+    import dataclasses
+
+    from qwen35.runtime.conversation.constraints import tool_call_constraint
+
+    one_or_more = tool_call_constraint(TOOLS, "ping", parallel=True)
+    two = dataclasses.replace(one_or_more, grammar=one_or_more.grammar.replace(' ("\\n" call)*', ' "\\n" call', 1))
+    assert two.grammar != one_or_more.grammar
+    options = dict(tools=TOOLS, think=False, temp=0, max_tokens=60, constraint=two)
+    list(fresh.respond([{"role": "user", "content": "ping it"}], **options))
+    assert [c["function"]["name"] for c in fresh.last_reply.tool_calls] == ["ping", "ping"]
+    written = fresh.last_reply.stats["gen_tokens"]
+    pieces = list(fresh.respond([{"role": "user", "content": "ping it"}], parallel_tool_calls=False, **options))
+    reply = fresh.last_reply
+    assert [c["function"] for c in reply.tool_calls] == [{"name": "ping", "arguments": {}}]
+    assert [p.call for p in pieces if p.kind == "tool_call"] == reply.tool_calls
+    assert reply.finish_reason == "stop" and not reply.call_cut_off and reply.content == ""
+    assert reply.stats["gen_tokens"] < written
+
+
 def test_json_schema_output_is_enforced(fresh):
     import json as json_
 

@@ -189,6 +189,22 @@ def test_several_streamed_calls_accumulate_in_the_openai_client_to_their_argumen
     assert reader.cut_off
 
 
+def test_system_and_developer_messages_before_the_first_user_message_are_one_system_prompt(client):
+    """[system, developer, user] (as agent frameworks send it) is answered, its system prompt the
+    two joined — as Responses joins its instructions — not refused by the template ("System
+    message must be at the beginning")."""
+    options = dict(model="tiny", reasoning_effort="none", **GREEDY)
+    r = client.chat.completions.create(messages=[{"role": "system", "content": "You are terse."},
+                                                 {"role": "developer", "content": "Answer in French."}]
+                                       + user("Hello there"), **options)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+    joined = client.chat.completions.create(messages=[{"role": "system", "content": "You are terse.\n\nAnswer in French."}]
+                                            + user("Hello there"), **options)
+    assert joined.choices[0].message.content == r.choices[0].message.content
+    assert joined.usage.prompt_tokens == r.usage.prompt_tokens
+    assert joined.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 4  # the same prompt
+
+
 def test_tool_choice_required_makes_a_call(client):
     r = client.chat.completions.create(model="tiny", messages=user("Check."), tools=TOOLS[:1], tool_choice="required",
                                        parallel_tool_calls=False, reasoning_effort="none", temperature=0, max_tokens=30)

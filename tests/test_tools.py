@@ -109,6 +109,33 @@ def test_malformed_calls_never_raise_and_stay_content():
         assert calls == [] and content == text.strip()
 
 
+def test_without_parallel_calls_the_answer_ends_with_its_first_call():
+    """parallel_tool_calls false: the reader takes the first complete call and reads nothing after
+    it (`done` tells the session to stop the reply there), however the text comes."""
+    text = "Let me see.\n\n" + call("search", query="a") + "\n" + call("search", query="b") + "\nMore."
+    for size in (1, 3, 7, len(text)):
+        reader = ToolCallReader(TOOLS, parallel=False)
+        events = []
+        for i in range(0, len(text), size):
+            events += reader.feed(text[i:i + size])
+            if reader.done:
+                break
+        events += reader.finish()
+        assert reader.done and [c["function"]["arguments"] for c in reader.calls] == [{"query": "a"}], size
+        assert [e for e in events if e[0] == "call"] == [("call", reader.calls[0])]
+        assert "".join(reader.content) == "Let me see." and not reader.cut_off
+    two = call("search", query="a") + "\n" + call("search", query="b")
+    without_close = two.replace("</tool_call>", "", 1)  # (a model that left out the first `</tool_call>`)
+    for text in (two, without_close):
+        reader = ToolCallReader(TOOLS, parallel=False)
+        reader.feed(text)
+        assert reader.done and len(reader.calls) == 1 and reader.finish() == []
+    reader = ToolCallReader(TOOLS)  # parallel: every call, never done
+    reader.feed(two)
+    reader.finish()
+    assert len(reader.calls) == 2 and not reader.done
+
+
 def test_text_after_a_call_is_kept():
     content, calls = split_tool_calls(call("search", query="a") + "\nDone.", TOOLS)
     assert content == "Done." and len(calls) == 1
@@ -173,6 +200,22 @@ def test_arguments_sent_as_json_strings_are_decoded_for_the_template():
         {"role": "tool", "content": "result", "tool_call_id": "call_1"}]
 
 
+def test_the_system_and_developer_messages_a_conversation_starts_with_are_one_system_prompt():
+    """Qwen's template takes one system message, first: a client's [system, developer, user] (or
+    several of either) is joined into it, as Responses joins its instructions, for every API."""
+    messages = prepare_messages([{"role": "system", "content": "You are terse."},
+                                 {"role": "developer", "content": [{"type": "text", "text": "Answer in French."}]},
+                                 {"role": "system", "content": ""},
+                                 {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut"},
+                                 {"role": "user", "content": "Bye"}])
+    assert messages == [{"role": "system", "content": "You are terse.\n\nAnswer in French."},
+                        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut"},
+                        {"role": "user", "content": "Bye"}]
+    assert prepare_messages(messages) == messages  # (prepared again, as the session does: the same)
+    later = [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Late."}]
+    assert prepare_messages(later) == later  # a system message later on is the template's to refuse
+
+
 @pytest.mark.parametrize("messages, problem", [
     ([], "non-empty list"),
     ([{"role": "robot", "content": "x"}], "role must be one of"),
@@ -182,6 +225,8 @@ def test_arguments_sent_as_json_strings_are_decoded_for_the_template():
     ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}], "not valid JSON"),
     ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}], "a JSON object"),
     ([{"role": "assistant", "tool_calls": [{"type": "function"}]}], "must be"),
+    ([{"role": "system", "content": "x"}, {"role": "developer", "content": [{"type": "image", "image": "0" * 64}]}],
+     r"messages\[1\]: a system or developer message holds text only"),
 ])
 def test_bad_messages_are_refused_with_a_reason(messages, problem):
     with pytest.raises(ChatError, match=problem):

@@ -23,7 +23,13 @@ pytest.importorskip("transformers")
 from qwen35.runtime.engine import native  # noqa: E402
 from qwen35.runtime.engine.vision import Projector  # noqa: E402
 
-MIN_COSINE = 0.999
+# Measured on x86-64 (dense, MoE): 1 - cosine 5.4e-7 per image token, prompt KL 2.3e-7 and 5.1e-7.
+# The bars leave ~10x of that, no more: clip.cpp's gelu_quick in place of the tower's GELU (an mmproj
+# without clip.use_gelu) gives 1 - cosine 3.9e-5 and KL 2.4e-5; an image advancing the position by
+# its cells (12) instead of M-RoPE's max(nx, ny) (4) gives KL 4.6e-4 and 9.9e-4, and leaves the
+# embeddings alone.
+MIN_COSINE = 1 - 1e-5
+MAX_KL = 5e-6
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
@@ -126,7 +132,7 @@ def test_prompt_with_an_image_matches_transformers(fixture, ours):
     logits, index = ours
     kl, top1 = kl_and_top1(fixture.reference_logits[index], logits)
     print(f"mean KL {kl:.3g}, top-1 {top1:.3f}")
-    assert kl < 1e-3 and top1 == 1.0
+    assert kl < MAX_KL and top1 == 1.0
 
 
 def test_prompt_with_an_image_is_at_the_reference_converters_floor(fixture, converted, ours, tmp_path):

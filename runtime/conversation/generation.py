@@ -30,6 +30,9 @@ class Request:
     constraint: Constraint | None = None
     stop: tuple[str, ...] = ()
     read_tool_calls: bool = True
+    # False (a client's `parallel_tool_calls: false`): the reply ends with its first complete tool
+    # call, under any tool_choice (a grammar holds a required call to one; `auto` has none).
+    parallel_tool_calls: bool = True
     # As llama-bench generates: the reply runs to max_tokens, neither an end-of-generation token nor
     # a repetition ends it (`qwen35 bench`, so that its figures count the tokens llama-bench's do).
     exact_length: bool = False

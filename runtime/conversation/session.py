@@ -17,6 +17,8 @@ and cells part ways after it (M-RoPE), and the context-full checks count cells.
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import time
 from dataclasses import dataclass, field
@@ -177,7 +179,8 @@ class ChatSession:
         a signal handler, say) or if the caller stops iterating. `images` (paths or encoded bytes)
         go with a text message, and so does `video` (a video file, a directory of its frames, or a
         list of frames: see `add_video`); they are checked here, before anything is evaluated.
-        Options: think, max_tokens, tools, stop and the sampling keywords."""
+        Options: think, max_tokens, tools, stop, parallel_tool_calls (False: the reply ends with
+        its first tool call) and the sampling keywords."""
         if images or video is not None:
             if not isinstance(message, str):
                 raise ChatError("images and videos go with a text message")
@@ -198,7 +201,9 @@ class ChatSession:
         """Yield the reply to a whole conversation (OpenAI-style messages, system prompt included),
         without recording it in `messages`. `images`: the encoded files that the messages' image
         parts ({"type": "image", "image": <SHA-256>}) name. `constraint` limits what the answer may
-        be (see constraints.py); `read_tool_calls=False` leaves call-like text in the content.
+        be (see constraints.py); `read_tool_calls=False` leaves call-like text in the content;
+        `parallel_tool_calls=False` ends the reply with its first complete tool call, whatever the
+        constraint (the server's `parallel_tool_calls: false`, `disable_parallel_tool_use`).
         `reasoning_comes_back`: the next request will hold this reply with its reasoning (a server
         that keeps the conversation itself), which the prefill between requests then assumes."""
         conversation = prepare_messages(messages)
@@ -371,32 +376,51 @@ class ChatSession:
     def prepare_constraints(self, background: bool = False) -> None:
         """Build what constrained replies need of the model (llguidance's view of its vocabulary,
         1-2 s once per model on two cores) ahead of the first one; a server does it at start, on a
-        thread (`background`) that close() waits for: the build reads the model's vocabulary, which
-        close() frees (a server stopped in that second crashed with SIGSEGV)."""
+        thread (`background`). The build reads the model's vocabulary, which closing frees (a server
+        stopped in that second crashed with SIGSEGV): close() waits for it a little, and past that
+        leaves the build to free the model when it ends."""
         if not constraints.FAST:
             return
         if not background:
             constraints.tokenizer(self.decoder.model)
             return
+        self._build_lock = threading.Lock()
+        self._close_after_build = False
+
         def build() -> None:
-            # At the lowest priority: started with the server, it took one of two cores from the first
-            # replies, whose decode then ran its two threads on the other (the demo model streamed at
-            # 105-126 tokens/s through a server just started, 220-250 once the build was done).
-            lower_thread_priority()
-            constraints.tokenizer(self.decoder.model)
+            try:
+                # At the lowest priority: started with the server, it took one of two cores from the
+                # first replies, whose decode then ran its two threads on the other (the demo model
+                # streamed at 105-126 tokens/s through a server just started, 220-250 once built).
+                lower_thread_priority()
+                constraints.tokenizer(self.decoder.model)
+            finally:
+                with self._build_lock:
+                    self._constraints_build = None
+                    close = self._close_after_build
+                if close:
+                    self.decoder.close()
 
         self._constraints_build = threading.Thread(target=build, name="qwen35-constraints", daemon=True)
         self._constraints_build.start()
 
+    # How long close() waits for the vocabulary build. At the lowest priority on a busy machine it can
+    # take minutes; a server asked to stop must not wait for it.
+    CLOSE_WAIT_S = 2.0
+
     def close(self) -> None:
         build = getattr(self, "_constraints_build", None)
         if build is not None:
-            build.join()
+            build.join(self.CLOSE_WAIT_S)
         if getattr(self, "prefill", None):
             self._settle()
         if getattr(self, "media", None):
             self.media.close()
         if getattr(self, "decoder", None):
+            with getattr(self, "_build_lock", None) or contextlib.nullcontext():
+                if getattr(self, "_constraints_build", None) is not None:
+                    self._close_after_build = True  # the build frees the model when it ends
+                    return
             self.decoder.close()
 
     def __enter__(self) -> "ChatSession":
@@ -444,7 +468,7 @@ class ChatSession:
         constrained = request.constraint is not None and request.constraint.grammar is not None
         ends_reasoning = self._tool_call if not constrained or request.constraint.tool_call else None
         splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, ends_reasoning)
-        answer = ToolCallReader(tools, enabled=request.read_tool_calls)
+        answer = ToolCallReader(tools, enabled=request.read_tool_calls, parallel=request.parallel_tool_calls)
         stop = StopStrings(list(request.stop))
         notices: list[str] = []
         finish = "interrupted"
@@ -499,7 +523,7 @@ class ChatSession:
                         continue
                     text, stopped = stop.feed(piece.text)
                     yield from _answer_pieces(answer.feed(text))
-                    if stopped:
+                    if stopped or answer.done:  # (done: the one tool call allowed is complete)
                         finish = "stop"
                         break
             finally:
@@ -593,8 +617,10 @@ class ChatSession:
         max_tokens = overrides.pop("max_tokens", self.max_tokens)
         stop = overrides.pop("stop", None) or ()
         exact_length = overrides.pop("exact_length", False)
+        parallel = overrides.pop("parallel_tool_calls", True)
         return Request(think=think, max_tokens=max_tokens, sampling=self._with_overrides(overrides),
-                        stop=tuple([stop] if isinstance(stop, str) else stop), exact_length=exact_length, **fields)
+                        stop=tuple([stop] if isinstance(stop, str) else stop), exact_length=exact_length,
+                        parallel_tool_calls=parallel, **fields)
 
     # --- settings -------------------------------------------------------------------------------
 

@@ -71,7 +71,8 @@ def check_tools(tools) -> list[dict]:
 def prepare_messages(messages) -> list[dict]:
     """Chat messages as the template reads them, in new dicts: content as text (parts joined),
     NFC-normalized; tool-call arguments as mappings (clients send them as JSON strings, and the
-    template iterates them); `developer` read as `system`; fields the template ignores left out."""
+    template iterates them); `developer` read as `system`, and the system and developer messages
+    the conversation starts with joined into one (join_system); fields the template ignores left out."""
     if not isinstance(messages, list) or not messages:
         raise ChatError("messages must be a non-empty list")
     prepared = []
@@ -96,7 +97,24 @@ def prepare_messages(messages) -> list[dict]:
         elif role == "tool" and message.get("tool_call_id") is not None:
             out["tool_call_id"] = str(message["tool_call_id"])
         prepared.append(out)
-    return prepared
+    return join_system(prepared)
+
+
+def join_system(messages: list[dict]) -> list[dict]:
+    """Prepared messages with the system messages they start with (a client's system and developer
+    messages, a Responses request's instructions) joined into one, blank-line separated: Qwen's
+    template takes one system message, first, and refuses a second ("System message must be at
+    the beginning"). A system message later in the conversation is left for the template to refuse."""
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    if lead < 2:
+        return messages
+    texts = [m["content"] for m in messages[:lead]]
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ChatError(f"messages[{i}]: a system or developer message holds text only")
+    return [{"role": "system", "content": "\n\n".join(t for t in texts if t)}] + messages[lead:]
 
 
 def _content(content, where: str) -> str | list[dict]:
@@ -266,11 +284,15 @@ class ToolCallReader:
     what it is. The pieces joined are exactly `json.dumps(arguments, ensure_ascii=False)`. A call
     cut off (by the token limit) is closed with what it holds: a string value as far as it was
     written, another value only if complete. A parameter given twice keeps its first value.
+
+    With `parallel=False` (a client's `parallel_tool_calls: false`) the answer ends with its first
+    complete call: what follows is read no more, and `done` says the reply may stop there.
     """
 
-    def __init__(self, tools: list[dict] | None = None, *, enabled: bool = True) -> None:
+    def __init__(self, tools: list[dict] | None = None, *, enabled: bool = True, parallel: bool = True) -> None:
         self._tools = tools
         self._enabled = enabled
+        self._parallel = parallel
         self._buffer = ""
         self._state = self._read_text
         self._started = False  # some content was given (leading whitespace is layout)
@@ -283,6 +305,7 @@ class ToolCallReader:
         self.calls: list[dict] = []
         self.content: list[str] = []
         self.cut_off = False  # the text ended inside a call, before its `</function>`
+        self.done = False  # (parallel=False) a call is complete: the answer ends there
 
     def feed(self, text: str) -> list[tuple[str, object]]:
         self._buffer += text
@@ -355,6 +378,11 @@ class ToolCallReader:
         self._buffer = self._buffer[consumed:]
         self._state = self._read_text
         return True
+
+    def _read_nothing(self, events: list, final: bool) -> bool:
+        """After the one call the answer may make (parallel=False): the rest is not the answer."""
+        self._buffer = ""
+        return False
 
     def _read_parameters(self, events: list, final: bool) -> bool:
         """Inside a call, between its parameters (what is not a tag here is dropped)."""
@@ -478,7 +506,8 @@ class ToolCallReader:
         call, self._call = self._call, None
         self.calls.append(call)
         events.append(("call", call))
-        self._state = self._read_text
+        self._state = self._read_text if self._parallel else self._read_nothing
+        self.done = not self._parallel
 
     def _next_key(self, key: str) -> str:
         """The JSON text that introduces the next argument's value."""

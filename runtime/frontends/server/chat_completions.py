@@ -105,7 +105,7 @@ class ChatCompletions:
         if seed is not None:
             kwargs["seed"] = seed
         kwargs.update(fields.sampling(body))
-        kwargs["constraint"], kwargs["read_tool_calls"] = self._constraint(body, tools)
+        kwargs.update(self._constraint(body, tools))
         stream_options = body.get("stream_options") or {}
         options = {"stream": bool(body.get("stream")),
                    "include_usage": bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))}

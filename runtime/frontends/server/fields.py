@@ -84,11 +84,19 @@ def think_of_effort(effort, param: str) -> bool | None:
 
 
 def output_constraint(tools: list[dict], choice, parallel: bool, json_output=False, *,
-                      choice_param: str, format_param: str) -> tuple[Constraint | None, bool]:
-    """The constraint on the answer and whether to read tool calls out of it. `choice`: AUTO, NONE,
-    REQUIRED or a function's name; `json_output`: False (free text), None (any JSON object) or a
-    JSON schema. A call the client requires is enforced by a grammar of the template's call
-    format (constraints.py); so is JSON output, which then leaves call-like text as content."""
+                      choice_param: str, format_param: str) -> dict:
+    """ChatSession.respond's arguments for what the answer may be: its `constraint`, whether to
+    `read_tool_calls` out of it, and `parallel_tool_calls`. `choice`: AUTO, NONE, REQUIRED or a
+    function's name; `parallel`: whether the answer may make several calls; `json_output`: False
+    (free text), None (any JSON object) or a JSON schema. A call the client requires is enforced
+    by a grammar of the template's call format (constraints.py); so is JSON output, which then
+    leaves call-like text as content. One call at most (`parallel` false) is the session's to
+    enforce, whatever the choice: the reply ends with its first complete call."""
+    constraint, read_tool_calls = _constraint(tools, choice, parallel, json_output, choice_param, format_param)
+    return {"constraint": constraint, "read_tool_calls": read_tool_calls, "parallel_tool_calls": parallel}
+
+
+def _constraint(tools, choice, parallel, json_output, choice_param, format_param) -> tuple[Constraint | None, bool]:
     try:
         if choice == NONE:
             return Constraint(forbid_tool_calls=True), False

@@ -120,7 +120,7 @@ class Messages:
         stop = fields.stop_strings(body.get("stop_sequences"), "stop_sequences", None)
         if stop:
             kwargs["stop"] = stop
-        kwargs["constraint"], kwargs["read_tool_calls"] = self._constraint(body, tools)
+        kwargs.update(self._constraint(body, tools))
         return kwargs, fields.check_conversation(self.server.session, messages, tools, think, "messages")
 
     @staticmethod

@@ -26,7 +26,7 @@ import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-from ...conversation.tools import check_tools, prepare_messages
+from ...conversation.tools import check_tools, join_system, prepare_messages
 from ...engine.errors import ChatError
 from . import fields
 from .fields import AUTO, NONE, REQUIRED
@@ -228,7 +228,7 @@ class Responses:
             kwargs["seed"] = fields.seed(body)
         if fields.positive_int(body, "max_output_tokens") is not None:
             kwargs["max_tokens"] = body["max_output_tokens"]
-        kwargs["constraint"], kwargs["read_tool_calls"] = self._constraint(body, tools)
+        kwargs.update(self._constraint(body, tools))
         fields.check_conversation(self.server.session, conversation, tools, think, "input")
         return _Turn(self.server.model_name, body, kwargs, messages, images, store)
 
@@ -352,17 +352,15 @@ def function_tools(tools):
 
 
 def with_instructions(instructions: str | None, messages: list[dict]) -> list[dict]:
-    """The conversation with this request's instructions as its system prompt (OpenAI: a previous
-    response's instructions are not carried over), joined with the system and developer messages
-    the conversation starts with: Qwen's template takes one system message, first."""
-    lead = 0
-    while lead < len(messages) and messages[lead]["role"] == "system":
-        lead += 1
-    texts = ([instructions] if instructions else []) + [m["content"] for m in messages[:lead]]
-    if any(not isinstance(t, str) for t in texts):
-        raise BadRequest("a system or developer message holds text only", param="input")
-    system = [{"role": "system", "content": "\n\n".join(texts)}] if texts else []
-    return system + messages[lead:]
+    """The conversation (prepared messages) with this request's instructions as its system prompt
+    (OpenAI: a previous response's instructions are not carried over), joined with the system and
+    developer messages the conversation starts with, as prepare_messages joins those for every API."""
+    if not instructions:
+        return messages
+    try:
+        return join_system(prepare_messages([{"role": "system", "content": instructions}]) + messages)
+    except ChatError as e:
+        raise BadRequest(str(e), param="input") from None
 
 
 # --- the reply → output items and the response object -------------------------------------------
@@ -462,7 +460,9 @@ def usage(reply) -> dict:
     cached = stats.get("cached_tokens", 0)
     prompt = cached + stats.get("prompt_tokens", 0)
     output = stats.get("gen_tokens", 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
+    # (cache_write_tokens: a field the SDK's types require; nothing here is written to a cache that bills)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": stats.get("reasoning_tokens", 0)},
             "total_tokens": prompt + output}
 
