@@ -38,6 +38,7 @@ both peers' MTP on every row; `auto` never more than 3% slower than plain.
     .venv/bin/python bench/bench_mtp.py [--sizes 0.8b,4b] [--acceptance 0,0.5,0.8,1] [--draft 1,2,3]
         [--threads N] [--reps 3] [--tokens 128] [--peers llama-server,example]
     .venv/bin/python bench/bench_mtp.py --sizes demo [--draft 1,2,3] [--reps 3]
+    .venv/bin/python bench/bench_mtp.py --sizes 0.8b --load --draft 3   # time to open a session: off / auto
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import random
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -311,6 +313,45 @@ def report(rows: list[dict], peers: list[str]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+LOAD_SCRIPT = """import sys, time
+from qwen35.runtime import ChatSession
+start = time.perf_counter()
+s = ChatSession(sys.argv[1], n_ctx=2048, threads=int(sys.argv[3]), speculative=sys.argv[2], draft_tokens=int(sys.argv[4]),
+                prefill=False)
+print(time.perf_counter() - start, s.speculative, s.decoder.costs.step if s.decoder.costs else None, flush=True)
+s.close()
+"""
+
+
+def load_times(model: Path, args) -> dict:
+    """Seconds to open a ChatSession on `model` (a fresh process each time, the file in the page
+    cache): plainly (`off`), with `auto` the first time on this machine (its step costs measured:
+    a fresh cache directory) and with `auto` again (remembered). Interleaved, medians of --reps."""
+    import tempfile
+
+    n = max(args.draft)
+    times: dict[str, list[float]] = {"off": [], "auto, measuring": [], "auto, remembered": []}
+    costs = None
+    with tempfile.TemporaryDirectory() as cache:
+        for rep in range(args.reps + 1):
+            fresh = Path(cache) / f"fresh{rep}"
+            order = [("off", "off", cache), ("auto, measuring", "auto", str(fresh)), ("auto, remembered", "auto", cache)]
+            for name, mode, xdg in random.Random(rep).sample(order, len(order)):
+                env = dict(os.environ, XDG_CACHE_HOME=xdg)
+                out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(model), mode, str(args.threads), str(n)],
+                                     capture_output=True, text=True, env=env, check=True).stdout.split(maxsplit=2)
+                if rep:  # the first round warms the page cache and fills the remembered costs
+                    times[name].append(float(out[0]))
+                if mode == "auto":
+                    costs = out[2].strip()
+    result = {name: statistics.median(t) for name, t in times.items()}
+    print(f"\nopening {model.name} ({args.threads} threads, N = {n}, medians of {args.reps}): "
+          + ", ".join(f"{name} {s:.2f} s" for name, s in result.items())
+          + f"; auto over off: +{result['auto, measuring'] - result['off']:.2f} s measuring, "
+            f"+{result['auto, remembered'] - result['off']:.2f} s remembered; step costs {costs}", flush=True)
+    return result
+
+
 def main() -> None:
     from qwen35.system import physical_cores
 
@@ -326,6 +367,8 @@ def main() -> None:
     ap.add_argument("--peers", default="llama.cpp,example", help="comma-separated: llama.cpp, example (or none)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/mtp"))
     ap.add_argument("--json", type=Path, help="also write the raw measurements here")
+    ap.add_argument("--load", action="store_true",
+                    help="only the time to open a session: off, auto measuring its step costs, auto remembering them")
     args = ap.parse_args()
     args.draft = [int(n) for n in args.draft.split(",")]
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +378,10 @@ def main() -> None:
     # they never spin against each other. (Passive waits slow every decode's many small barriers,
     # plain decoding most, which would flatter drafting.)
     env = dict(os.environ)
+    if args.load:
+        for size in args.sizes.split(","):
+            load_times(demo_gguf(args.workdir) if size == "demo" else controlled_gguf(size, 0.8, args.workdir), args)
+        return
     rows = []
     for size in args.sizes.split(","):
         for rate in [None] if size == "demo" else (float(a) for a in args.acceptance.split(",")):

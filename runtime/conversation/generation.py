@@ -98,20 +98,19 @@ def generate(decoder: Decoder, sampler: native.Sampler, request: Request, splitt
             if again is None:
                 again = keep_prompt_state()
             step = time.perf_counter()
-            n_draft = min(decoder.draft_tokens, decoder.n_ctx - held - 1,
+            n_draft = min(decoder.policy.n_draft(), decoder.n_ctx - held - 1,
                           (max_tokens - n - 1) if max_tokens is not None else decoder.draft_tokens)
-            if len(pending) == 1 and not again and n_draft > 0 and decoder.policy.drafts():
+            if len(pending) == 1 and not again and n_draft > 0:
                 verified = decoder.draft_step(token, sampler, n_draft)
                 token = verified.next()
-                decoder.policy.record(True, time.perf_counter() - step, len(verified.sampled))
+                decoder.policy.record(n_draft, len(verified.sampled) - 1)
             else:
                 decoder.evaluate(again + pending, logits=True)
                 token = sampler.sample(decoder.ctx)
                 if len(pending) == 1 and not again:
                     if decoder.governor:
                         decoder.governor.token_done(time.perf_counter() - step)
-                    if decoder.spec:
-                        decoder.policy.record(False, time.perf_counter() - step, 1)
+                    decoder.policy.plain_step()
             again = []
             elapsed = time.perf_counter() - first
             stats["gen_tps"] = n / elapsed if elapsed > 0 else None

@@ -97,11 +97,12 @@ class ChatSession:
     bench/bench_busy.py: busy, 0.95× the best fixed count; quiet, 0.98× the fixed default).
 
     `speculative` ("auto", "mtp" or "off") decodes with the model's own multi-token-prediction head
-    (speculative.py): it drafts `draft_tokens` tokens and the model checks them in one pass, so a
-    step can emit several tokens; the tokens are the model's own, as without it (greedy: the same
-    tokens). "auto" uses it when the GGUF has an MTP block, when timing its steps at load shows it
-    can pay on this machine (speculative.drafting_verdict), and as long as it then measures faster
-    than plain decoding (speculative.DraftPolicy); "mtp" always (an error for a GGUF without one).
+    (speculative.py): it drafts up to `draft_tokens` tokens and the model checks them in one pass,
+    so a step can emit several tokens; the tokens are the model's own, as without it (greedy: the
+    same tokens). "auto" uses it when the GGUF has an MTP block and this machine's step costs
+    (measured once, remembered) say it can pay (speculative.drafting_verdict), drafting as many a
+    step as pay at the acceptance it sees (speculative.DraftPolicy); "mtp" always drafts
+    `draft_tokens` (an error for a GGUF without one).
     Either way, a llama-cpp-python without the hidden-state functions it needs gives a warning
     and plain decoding.
     """

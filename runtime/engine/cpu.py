@@ -23,7 +23,6 @@ weights llama.cpp would give it. `use_extra_bufts = false` would switch off both
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import re
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+
+from . import remembered
 
 AMX = "AMX"
 # ggml_type values AMX has kernels for (ggml-cpu/amx/common.h, qtype_has_amx_kernels).
@@ -200,49 +201,26 @@ def setting_from_env(environ=os.environ) -> str:
     return value if value in SETTINGS else "auto"
 
 
-def _cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35" / "amx-verdicts.json"
+VERDICTS = "amx-verdicts.json"
 
 
 def verdict_key(amx_weights: list[str]) -> str:
     """A verdict holds for one CPU model, one llama.cpp build (its CPU library) and one set of types."""
-    h = hashlib.sha256()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "microcode")):
-                h.update(line.encode())
-                if line.startswith("microcode"):
-                    break
-    except OSError:
-        pass
-    h.update(Path(_library("ggml-cpu")._name).read_bytes())
-    h.update(",".join(sorted(amx_weights)).encode())
-    h.update(f"probe {PROBE_TOKENS}+{PROBE_SINGLE_TOKENS}".encode())  # what a verdict was reached on
-    return h.hexdigest()[:32]
+    return remembered.build_key(cpu_library(), ",".join(sorted(amx_weights)),
+                                f"probe {PROBE_TOKENS}+{PROBE_SINGLE_TOKENS}").hexdigest()[:32]
 
 
 def cached_or_probed_verdict(model_path: str, amx_weights: list[str], probe: Callable[[str], dict] | None = None) -> dict:
     """The cached verdict for this CPU/build/types, else a fresh probe's (then cached)."""
     key = verdict_key(amx_weights)
-    path = _cache_path()
-    try:
-        verdicts = json.loads(path.read_text())
-    except (OSError, ValueError):
-        verdicts = {}
-    if key in verdicts:
-        return verdicts[key]
+    known = remembered.recall(VERDICTS, key)
+    if known is not None:
+        return known
     result = (probe or probe_in_child)(model_path)
     if result is NOT_PROBED_YET:
         return result  # (a stand-in, not a verdict: nothing to cache)
     result = {**result, "types": sorted(amx_weights), "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    verdicts[key] = result
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-        tmp.write_text(json.dumps(verdicts, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass  # an unwritable cache only means probing again next time
+    remembered.remember(VERDICTS, key, result)
     return result
 
 
@@ -250,6 +228,11 @@ def cached_or_probed_verdict(model_path: str, amx_weights: list[str], probe: Cal
 # AMX works, so that the copy it would make is counted (the probe itself runs at the load, after
 # the estimate has said the model fits).
 NOT_PROBED_YET = {"verdict": "ok", "detail": "not probed yet"}
+
+
+def cpu_library() -> Path:
+    """The llama.cpp CPU library this process runs (what a build is known by)."""
+    return Path(_library("ggml-cpu")._name)
 
 
 def amx_decision(model_path, *, probe: bool = True) -> Decision:

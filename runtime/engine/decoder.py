@@ -2,8 +2,9 @@
 
 Opening it decides everything that depends on the machine before a byte is loaded: the memory the
 model will take at this context (memory.py, with AMX's copy of the weights where AMX runs), whether
-it fits, whether the MTP head is loaded (and, with `auto`, kept after timing a plain step, a verify
-and a draft here: speculative.drafting_verdict), whether the read-back snapshots fit. Then it
+it fits, whether the MTP head is loaded (and, with `auto`, kept when this machine's step costs —
+measured once and remembered — say drafting can pay: speculative.drafting_verdict), whether the
+read-back snapshots fit. Then it
 evaluates cells — text tokens, and images' stand-ins, which it hands to whoever laid them out
 (`images`) — in batches, keeping the state cache (state_cache.py) and the MTP head in step.
 
@@ -25,8 +26,10 @@ from .errors import ChatError
 from .memory import check_fits, estimate, recurrent_state_bytes
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .repack import AMX_IN_USE, cpu_features
-from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, drafting_verdict, mtp_block_count,
-                          open_speculator, staging_api, step_costs)
+from . import remembered
+from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, StepCosts, check_mode,
+                          drafting_verdict, mtp_block_count, open_speculator, remembered_costs, staging_api,
+                          step_costs)
 from .state_cache import READ_BACK, StateCache, position
 from .vision import LLAMA_IMAGE_MAX_TOKENS
 
@@ -117,6 +120,7 @@ class Decoder:
             raise
         self.spec: Speculator | None = None
         self.ctx: native.Context | None = None
+        self.costs: StepCosts | None = None
         try:
             # Verifying a draft needs logits for each of its tokens and the recurrent-state
             # snapshots to roll back the rejected ones.
@@ -141,7 +145,7 @@ class Decoder:
                                   weights_idle=self.memory.weights_idle)
         self.n_ctx = self.ctx.n_ctx
         self.draft_tokens = draft_tokens if self.spec else 0
-        self.policy = DraftPolicy(speculative if self.spec else OFF)
+        self.policy = DraftPolicy(speculative if self.spec else OFF, self.draft_tokens, self.costs)
         # Between generated tokens, give cores back to other programs that take them (and take them
         # again when they are free): see adaptive_threads.py.
         self.governor = ThreadGovernor(self.threads, self._set_threads) if adapt_threads and self.threads > 1 \
@@ -234,9 +238,12 @@ class Decoder:
             self.spec.set_threads(threads)
 
     def set_speculative(self, mode: str) -> None:
+        check_mode(mode)
         if mode != OFF and self.spec is None:
             raise ChatError("this session decodes without an MTP head: open it with speculative='mtp'")
-        self.policy = DraftPolicy(mode)
+        if mode == AUTO and self.costs is None:
+            self.costs = self._step_costs()
+        self.policy = DraftPolicy(mode, self.draft_tokens, self.costs)
 
     def close(self) -> None:
         if self.spec:
@@ -252,10 +259,30 @@ class Decoder:
     # --- drafting at load -----------------------------------------------------------------------
 
     def _drop_drafting_unless_it_can_pay(self, n_ctx: int, draft_tokens: int) -> None:
-        """`auto`: time a plain step, a verify and a draft on this machine; when drafting would
-        lose even with the best acceptance real weights reach, decode plainly from the start, on a
-        context without the rollback snapshots and hidden-state rows that cost every plain step
+        """`auto`: take this machine's step costs (remembered, else measured now); when drafting
+        would lose even with the best acceptance real weights reach, decode plainly from the start,
+        on a context without the rollback snapshots and hidden-state rows that cost every plain step
         time too (the MTP block stays loaded: loading the model again would cost more)."""
+        self.costs = self._step_costs()
+        notice = drafting_verdict(self.costs)
+        if notice is None:
+            return
+        self.warnings.append(notice)
+        self.spec.close()
+        self.spec = None
+        self.ctx.close()
+        self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH, n_rollback=self.read_back)
+
+    def _step_costs(self) -> StepCosts:
+        """What a drafting step costs here against a plain one: measured once for this CPU, llama.cpp
+        build, model file (its path, size and time), thread count, draft count and AMX use, then
+        remembered (speculative.remembered_costs)."""
+        path = Path(self.model_file.path).resolve()
+        stat = path.stat()
+        key = remembered.build_key(cpu.cpu_library(), str(path), str(stat.st_size), str(stat.st_mtime_ns),
+                                   f"threads {self.threads}", f"drafts {self.spec.n_draft}",
+                                   f"amx {cpu.amx_decision(path, probe=False).use_amx}",
+                                   f"calibration {_CALIBRATION_TOKENS}").hexdigest()[:32]
         filler = self.model.tokenize(_CALIBRATION_TEXT)[:_CALIBRATION_TOKENS]
         # Timed on a thread of its own that then ends: llama.cpp's OpenMP keeps a pool of threads
         # for each thread that decodes, and while a long-lived thread (a server's main thread)
@@ -265,28 +292,24 @@ class Decoder:
 
         def time_steps() -> None:
             try:
-                outcome.append(step_costs(self.spec, filler))
+                outcome.append(step_costs(self.model, self.spec, filler))
             except Exception as e:  # noqa: BLE001 - raised again on the caller's thread
                 outcome.append(e)
 
-        timing = threading.Thread(target=time_steps, name="qwen35-draft-check")
-        timing.start()
-        timing.join()
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        notice = drafting_verdict(outcome[0], draft_tokens)
-        if notice is None:
-            return
-        self.warnings.append(notice)
-        self.spec.close()
-        self.spec = None
-        self.ctx.close()
-        self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH, n_rollback=self.read_back)
+        def measure() -> StepCosts:
+            timing = threading.Thread(target=time_steps, name="qwen35-draft-check")
+            timing.start()
+            timing.join()
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            return outcome[0]
+
+        return remembered_costs(key, measure)
 
 
 def drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:
     """Whether to load the MTP head; a missing one is an error only when asked for ("mtp")."""
-    DraftPolicy(mode)  # checks the mode
+    check_mode(mode)
     if mode == OFF:
         return False
     if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:

@@ -32,13 +32,15 @@ from __future__ import annotations
 import ctypes
 import struct
 import time
-from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 
 import llama_cpp as L
 
-from . import native
+from . import native, remembered
 from .errors import ChatError
 
 # The stable-API part of what the loop needs (llama.h's extended batch: a token with a hidden state).
@@ -274,70 +276,115 @@ def open_speculator(model: native.Model, target: native.Context, n_draft: int,
         return None, f"speculative decoding off: {e}"
 
 
-# --- whether drafting can pay on this machine -------------------------------------------------
+# --- what a drafting step costs on this machine ---------------------------------------------------
 
 # The best acceptance upstream measured on real weights at 3 drafts (MTP.md): if drafting loses
 # even there, it loses on every real conversation.
 BEST_REAL_ACCEPTANCE = 0.85
 
 
-def expected_speedup(plain_s: float, step_s: float, n_draft: int, acceptance: float = BEST_REAL_ACCEPTANCE) -> float:
-    """Decode speed with drafting over plain decoding, from the cost of a plain step (`plain_s`,
-    one token) and of a drafting step (`step_s`: n_draft drafts, the verify of n_draft + 1 tokens
-    in one decode, the MTP head fed what was verified): a step emits 1 + a + a² + … + a^n tokens
-    on average when each draft is right with probability a."""
-    emitted = sum(acceptance ** i for i in range(n_draft + 1))
-    return emitted * plain_s / step_s
+def emitted(acceptance: float, n_draft: int) -> float:
+    """Tokens a step of `n_draft` drafts emits on average when each draft is right with probability
+    `acceptance`: the first wrong draft ends the step, and the verify always yields one token more
+    (1 + a + a² + … + a^n)."""
+    return sum(acceptance ** i for i in range(n_draft + 1))
 
 
-def step_costs(spec: "Speculator", filler: list[int], reps: int = 3) -> dict[str, float]:
-    """Seconds, on this machine now, of a plain step ("plain"), a verify of n_draft + 1 tokens
-    ("verify"), one draft ("draft") and feeding the MTP head the verified tokens ("feed"): timed
-    after `filler` (a short prompt), the fastest of `reps` rounds after one warm-up round (the
-    fastest: what the machine can do, not what a passing load left of it). Both contexts are
-    left empty."""
-    target, n = spec._target, spec.n_draft
-    timings: dict[str, list[float]] = {"plain": [], "verify": [], "feed": [], "draft": []}
+@dataclass(frozen=True)
+class StepCosts:
+    """What a drafting step costs here, in plain steps: `step[n - 1]` is a whole step with n drafts
+    (the drafts, the verify of n + 1 tokens in one decode with logits for each, the MTP head fed
+    them, the rows sampled, the rest rolled back) against a plain step (one token decoded and
+    sampled), both timed as decoding runs them. Ratios, not seconds: a machine busier than when
+    they were measured slows both alike. `plain_s`: the plain step's seconds then (a record)."""
+
+    step: tuple[float, ...]
+    plain_s: float = 0.0
+
+    @property
+    def max_draft(self) -> int:
+        return len(self.step)
+
+    def speedup(self, n_draft: int, acceptance: float) -> float:
+        """Decode speed with `n_draft` drafts a step over plain decoding (n_draft 0: plain)."""
+        return 1.0 if n_draft == 0 else emitted(acceptance, n_draft) / self.step[n_draft - 1]
+
+    def best(self, acceptance: float, limit: int | None = None) -> tuple[int, float]:
+        """(n, speedup): the fastest number of drafts a step, at most `limit` (0: plain decoding;
+        a tie goes to fewer)."""
+        top = self.max_draft if limit is None else max(0, min(limit, self.max_draft))
+        return max(((n, self.speedup(n, acceptance)) for n in range(top + 1)), key=lambda c: c[1])
+
+
+def step_costs(model: native.Model, spec: "Speculator", filler: list[int], reps: int = 2) -> StepCosts:
+    """Time, on this machine now, a plain step and a drafting step of 1 .. spec.n_draft drafts,
+    each as decoding runs it (sampled with the default settings), after `filler` (a short prompt):
+    the fastest of `reps` rounds after one warm-up round (its first graphs are built then) — what
+    the machine can do, not what a passing load left of it. Both contexts are left empty."""
+    target = spec._target
+    sampler = native.Sampler(native.Sampling(), model.n_vocab)
+    timings: list[list[float]] = [[] for _ in range(spec.n_draft + 1)]
     target.decode(filler, 0)
     spec.feed(filler, 0)
     pos = len(filler)
-    for round_ in range(reps + 1):
-        for shape in timings:
-            start = time.perf_counter()
-            if shape == "plain":
-                target.decode(filler[:1], pos)
+    drafted, accepted = spec.drafted, spec.accepted
+    try:
+        for round_ in range(reps + 1):
+            for n, seconds in enumerate(timings):
+                token = filler[pos % len(filler)]
+                start = time.perf_counter()
+                if n == 0:  # as `auto` decodes plainly: the MTP head takes the hidden state only
+                    target.decode([token], pos)
+                    spec.note(1, pos)
+                    sampler.sample(target)
+                else:
+                    spec.step(token, pos, sampler, n, model.is_eog)
+                    spec.keep(pos + 1)  # one token kept, as when no draft is right
+                if round_:
+                    seconds.append(time.perf_counter() - start)
                 pos += 1
-            elif shape == "verify":
-                target.decode(filler[:n + 1], pos, logits_all=True)
-            elif shape == "feed":
-                spec.feed(filler[:n + 1], pos)
-                spec.keep(pos + 1)  # keep one: a step that accepted no draft
-                pos += 1
-            else:
-                spec.draft(filler[0], pos, 1)
-            if round_:  # round 0 warms each shape up (its first graph is built then)
-                timings[shape].append(time.perf_counter() - start)
-    target.clear()
-    spec.clear()
-    return {shape: min(seconds) for shape, seconds in timings.items()}
+    finally:
+        sampler.close()
+        spec.drafted, spec.accepted = drafted, accepted
+        target.clear()
+        spec.clear()
+    plain = min(timings[0])
+    return StepCosts(step=tuple(round(min(t) / plain, 4) for t in timings[1:]), plain_s=round(plain, 6))
 
 
-# Drafting is kept at load only if it would be this much faster at the best real acceptance: the
-# timings leave out the sampling and bookkeeping of a step, which plain decoding has less of.
+DRAFT_COSTS = "draft-costs.json"
+
+
+def remembered_costs(key: str, measure: Callable[[], StepCosts]) -> StepCosts:
+    """The step costs measured before for `key` (this CPU, llama.cpp build, model file, threads and
+    draft count: Decoder makes it), else `measure()`'s, then kept (remembered.py)."""
+    known = remembered.recall(DRAFT_COSTS, key)
+    if known is not None:
+        try:
+            return StepCosts(step=tuple(float(x) for x in known["step"]), plain_s=float(known.get("plain_s", 0)))
+        except (KeyError, TypeError, ValueError):
+            pass  # a file from elsewhere: measure again
+    costs = measure()
+    remembered.remember(DRAFT_COSTS, key, {"step": list(costs.step), "plain_s": costs.plain_s,
+                                           "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return costs
+
+
+# Drafting is kept at load only if it would be this much faster at the best real acceptance.
 MIN_EXPECTED_SPEEDUP = 1.05
 
 
-def drafting_verdict(costs: dict[str, float], n_draft: int) -> str | None:
+def drafting_verdict(costs: StepCosts) -> str | None:
     """None when drafting can pay with these costs, else the notice that says why it is off."""
-    plain_s = costs["plain"]
-    step_s = n_draft * costs["draft"] + costs["verify"] + costs["feed"]
-    speedup = expected_speedup(plain_s, step_s, n_draft)
-    if speedup >= MIN_EXPECTED_SPEEDUP:
+    n, speedup = costs.best(BEST_REAL_ACCEPTANCE)
+    if n and speedup >= MIN_EXPECTED_SPEEDUP:
         return None
-    return (f"speculative decoding off: on this machine checking {n_draft + 1} tokens in one pass takes "
-            f"{costs['verify'] / plain_s:.1f}x one token's time and a draft {costs['draft'] / plain_s:.2f}x, so "
-            f"even at {BEST_REAL_ACCEPTANCE:.0%} of drafts right it would decode at {speedup:.2f}x plain speed "
-            f"(measured at load; speculative=mtp, or --mtp, drafts anyway)")
+    n_max = costs.max_draft
+    return (f"speculative decoding off: on this machine a step that drafts {n_max} token{'s' if n_max > 1 else ''} "
+            f"and checks {n_max + 1} in one pass takes {costs.step[-1]:.1f}x one token's time, so even at "
+            f"{BEST_REAL_ACCEPTANCE:.0%} of drafts right it would decode at "
+            f"{max(costs.speedup(k, BEST_REAL_ACCEPTANCE) for k in range(1, n_max + 1)):.2f}x plain speed "
+            f"(measured once on this machine; speculative=mtp, or --mtp, drafts anyway)")
 
 
 # A model state with its drafting side: target bytes, drafting bytes, their length and this mark.
@@ -395,59 +442,109 @@ OFF, MTP, AUTO = "off", "mtp", "auto"
 MODES = (AUTO, MTP, OFF)
 
 
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ChatError(f"speculative must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+class Acceptance:
+    """How often the MTP head's next draft is right, as decoding goes. A step's drafts are looked at
+    until the first wrong one, so a step with k of n drafts right shows k right of k + 1 tries (n of
+    n when all are right). Acceptance depends on the text being written, so what was seen fades
+    with every token since (DECAY a token, drafted or not: about the last 30 tokens count), and a
+    prior of PRIOR_TRIES tries at PRIOR stays beside it: real heads are right 60-85% of the time
+    (MTP.md); a head that is never right shows it in a try or two; and after a long stretch of plain
+    decoding a single try speaks for the text of now."""
+
+    PRIOR = 0.6
+    PRIOR_TRIES = 1.0
+    DECAY = 0.97
+
+    def __init__(self) -> None:
+        self.right = 0.0
+        self.tries = 0.0
+        self.ever_right = 0
+
+    @property
+    def rate(self) -> float:
+        return (self.right + self.PRIOR * self.PRIOR_TRIES) / (self.tries + self.PRIOR_TRIES)
+
+    def observe(self, drafted: int, right: int) -> None:
+        for hit in [1] * right + ([0] if right < drafted else []):
+            self.right = self.right * self.DECAY + hit
+            self.tries = self.tries * self.DECAY + 1
+        self.ever_right += right
+
+    def age(self, tokens: int = 1) -> None:
+        """`tokens` were decoded plainly: what was seen before counts less."""
+        fade = self.DECAY ** tokens
+        self.right *= fade
+        self.tries *= fade
+
+
 class DraftPolicy:
-    """Whether the next step drafts. `mtp`: always; `off`: never; `auto`: whichever way has cost
-    less engine time per emitted token, measured as decoding goes.
+    """How many drafts the next step makes (0: decode plainly). `mtp`: always `max_draft`; `off`:
+    never; `auto`: as many as decode fastest by the machine's step costs (StepCosts, measured once
+    and remembered) at the acceptance seen so far (Acceptance) — and none when plain decoding is
+    faster, as it is when the head is seldom right or a step costs too much here.
 
-    `auto` starts drafting (the MTP head of a real release is right 60-85% of the time); after a
-    few tokens it probes plain decoding for PROBE_STEPS steps and settles on the cheaper way; then
-    it probes the other way again after `interval` tokens — twice as long each time a probe
-    confirms the choice (up to MAX_INTERVAL), so when drafting does not pay, its probes cost a
-    small and shrinking share of the time. The costs carry over from reply to reply."""
+    Two rules keep `auto` from losing where drafting does not pay, from the first reply on. It
+    starts small: no more drafts a step than one plus the drafts ever found right, so a head that is
+    never right costs one single-draft step or two, not a reply of wide ones. And while it decodes
+    plainly it cannot see the head's acceptance, so it probes with PROBE_STEPS single-draft
+    steps after FIRST_INTERVAL plain tokens, then after twice as many each time plain decoding stays
+    the better way (up to MAX_INTERVAL): its probes cost a small and shrinking share. Everything carries over from
+    reply to reply."""
 
-    PROBE_STEPS = 4
-    FIRST_INTERVAL = 64
+    FIRST_INTERVAL = 32
     MAX_INTERVAL = 4096
-    WINDOW = 16  # steps in the running cost of each way
+    PROBE_STEPS = 2  # single-draft steps a probe takes: one wrong draft of a good head is not the end
+    MARGIN = 1.03  # drafting must beat plain decoding by this much: no switching on a hair
 
-    def __init__(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ChatError(f"speculative must be one of {', '.join(MODES)}, not {mode!r}")
-        self.mode = mode
-        self._costs = {True: deque(maxlen=self.WINDOW), False: deque(maxlen=self.WINDOW)}
-        self._settled = True  # the way in use between probes
-        self._probe = 0  # steps left in a probe of the other way
-        self._interval = 2 * self.PROBE_STEPS  # tokens until the next probe (first: soon)
-        self._since = 0
+    def __init__(self, mode: str, max_draft: int = 2, costs: StepCosts | None = None) -> None:
+        self.mode = check_mode(mode)
+        if mode == AUTO and costs is None:
+            raise ChatError("speculative='auto' needs this machine's step costs")
+        self.max_draft = max_draft
+        self.costs = costs
+        self.acceptance = Acceptance()
+        self._interval = self.FIRST_INTERVAL
+        self._since = 0  # plain tokens since the last drafting step
+        self._probe = 0  # single-draft steps left in a probe
+        self._n = self._choose() if mode == AUTO else 0
+
+    def n_draft(self) -> int:
+        """Drafts for the next step (0: a plain step)."""
+        if self.mode != AUTO:
+            return self.max_draft if self.mode == MTP else 0
+        if self._n == 0 and not self._probe and self._since >= self._interval:
+            self._probe = self.PROBE_STEPS
+        return 1 if self._probe else self._n
 
     def drafts(self) -> bool:
+        """Whether the next step drafts (and so the MTP head must be kept in step)."""
+        return self.n_draft() > 0
+
+    def record(self, drafted: int, right: int) -> None:
+        """A drafting step made `drafted` drafts, of which the first `right` were right."""
+        self.acceptance.observe(drafted, right)
         if self.mode != AUTO:
-            return self.mode == MTP
-        return self._settled != bool(self._probe)
-
-    def cost(self, drafting: bool) -> float | None:
-        """Seconds per emitted token of that way over its last steps (None: not measured)."""
-        window = self._costs[drafting]
-        tokens = sum(n for _, n in window)
-        return sum(s for s, _ in window) / tokens if tokens else None
-
-    def record(self, drafting: bool, seconds: float, tokens: int) -> None:
-        if self.mode != AUTO or drafting != self.drafts():
-            self._costs[drafting].append((seconds, tokens))
             return
-        self._costs[drafting].append((seconds, tokens))
+        self._since = 0
         if self._probe:
             self._probe -= 1
-            if not self._probe:  # the probe is over: keep the cheaper way
-                mine, other = self.cost(self._settled), self.cost(not self._settled)
-                if mine is not None and other < mine:
-                    self._settled = not self._settled
-                    self._interval = self.FIRST_INTERVAL
-                else:
-                    self._interval = max(self.FIRST_INTERVAL, min(2 * self._interval, self.MAX_INTERVAL))
-                self._since = 0
+            if self._probe:
+                return
+            self._n = self._choose()
+            self._interval = min(2 * self._interval, self.MAX_INTERVAL) if self._n == 0 else self.FIRST_INTERVAL
             return
-        self._since += tokens
-        if self._since >= self._interval:
-            self._probe = self.PROBE_STEPS
-            self._costs[not self._settled].clear()
+        self._n = self._choose()
+
+    def plain_step(self) -> None:
+        self._since += 1
+        self.acceptance.age()
+
+    def _choose(self) -> int:
+        n, speedup = self.costs.best(self.acceptance.rate, min(self.max_draft, 1 + self.acceptance.ever_right))
+        return n if speedup >= self.MARGIN else 0
