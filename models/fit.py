@@ -18,6 +18,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from gguf.constants import GGMLQuantizationType
 
@@ -30,6 +31,7 @@ from ..gguf_header import TensorInfo
 from ..runtime.engine import memory
 from ..runtime.engine.decoder import N_BATCH, N_CHECKPOINTS
 from ..runtime.engine.modelfile import ModelFile
+from ..runtime.engine.repack import AMX_IN_USE
 from ..runtime.engine.state_cache import READ_BACK
 from ..runtime.engine.vision import DEFAULT_IMAGE_MAX_TOKENS
 from .errors import ModelError
@@ -99,13 +101,17 @@ class Machine:
     features: frozenset[str]  # llama.cpp's CPU features (repacking)
     threads: int
     arm: bool
+    # Whether weights of these ggml types get AMX here (which holds a copy of the weights it takes).
+    amx_takes: Callable[[list[int]], bool] = lambda types: False
 
     @classmethod
     def this(cls, available: int | None = None) -> "Machine":
+        from ..runtime.engine.cpu import amx_would_run
         from ..runtime.engine.repack import cpu_features
         from ..system import available_ram, performance_cores
 
-        return cls(available_ram() if available is None else available, cpu_features(), performance_cores(), is_arm())
+        return cls(available_ram() if available is None else available, cpu_features(), performance_cores(), is_arm(),
+                   amx_would_run)
 
     @property
     def headroom(self) -> int:
@@ -119,8 +125,9 @@ def needed(mf: ModelFile, mmproj: ModelFile | None, n_ctx: int, machine: Machine
     the decoder decides."""
     recurrent = max(memory.recurrent_state_bytes(mf), 1)
     cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
+    features = machine.features | ({AMX_IN_USE} if machine.amx_takes([t.ggml_type for t in mf.tensors]) else set())
     sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent),
-                 threads=machine.threads, features=machine.features, process=0, mmproj=mmproj,
+                 threads=machine.threads, features=features, process=0, mmproj=mmproj,
                  image_max_tokens=DEFAULT_IMAGE_MAX_TOKENS if mmproj is not None else 0)
     full = memory.estimate(mf, n_ctx, **sizes, read_back=READ_BACK).needed
     if full <= machine.available:

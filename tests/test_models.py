@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from qwen35.cli import main
 from qwen35.convert.pipeline import convert
 from qwen35.demo.synthetic import write_checkpoint
+from qwen35.runtime.engine.repack import AMX_IN_USE  # noqa: E402
 from qwen35.models import ModelError, fit, hub, store
 from qwen35.models.names import ModelName, parse
 from qwen35.runtime.engine import memory
@@ -96,6 +97,27 @@ def test_a_server_s_checkpoint_cache_is_counted_in_the_fit():
     as_run = fit.choose_profile(config, "Qwen3.5-9B", 8192, machine)
     as_served = fit.choose_profile(config, "Qwen3.5-9B", 8192, machine, cache_ram=2048 << 20)
     assert (as_run.profile, as_served.profile) == ("q6_k", "q5_k_m") and as_served.need > as_run.need
+
+
+def test_where_amx_runs_the_fit_counts_its_copy_of_the_weights():
+    """AMX holds a copy of the weights it takes (the decoder's estimate counts it: memory.estimate
+    with AMX_IN_USE); the fit must too, or it picks a profile the load then refuses."""
+    config = _release("qwen3.5-9b.config")
+    plain = fit.Machine(16 * fit.GIB, frozenset(), 4, False)
+    seen = []
+    amx = fit.Machine(16 * fit.GIB, frozenset(), 4, False, amx_takes=lambda types: seen.append(set(types)) or True)
+    q8 = memory.as_profile(fit.release_model(config), "q8_0")
+    mmproj = fit.release_mmproj(config)
+    with_copy = fit.needed(q8, mmproj, 8192, amx)
+    assert with_copy > fit.needed(q8, mmproj, 8192, plain)
+    sizes = dict(n_batch=512, n_checkpoints=5, threads=4, mmproj=mmproj, process=0, image_max_tokens=1024)
+    assert with_copy == memory.estimate(q8, 8192, **sizes, features=frozenset({AMX_IN_USE}), read_back=memory.READ_BACK).needed
+    assert 8 in seen[0]  # asked about the profile's own types (Q8_0 = 8)
+    # So on a machine where q8_0 fits only without AMX's copy (13 GiB), AMX makes the fit step down.
+    chosen = [fit.choose_profile(config, "Qwen3.5-9B", 8192, fit.Machine(13 * fit.GIB, frozenset(), 4, False,
+                                                                         amx_takes=lambda types, on=on: on)).profile
+              for on in (False, True)]
+    assert chosen == ["q8_0", "q6_k"]
 
 
 def test_the_reason_names_the_better_profile_that_did_not_fit():

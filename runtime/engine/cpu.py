@@ -252,6 +252,18 @@ def amx_decision(model_path, *, probe: bool = True) -> Decision:
                   build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name)))
 
 
+def amx_would_run(ggml_types) -> bool:
+    """Whether weights of these ggml types would get AMX here, as far as is known without probing (a
+    verdict not cached yet counts AMX as working, as the decoder's estimate before loading does): for
+    estimating a file before it exists (a profile not converted yet)."""
+    available = [name for name, _ in extra_buffers().original]
+    if AMX not in available:
+        return False
+    amx_weights = sorted({AMX_TYPES[t] for t in ggml_types if t in AMX_TYPES})
+    return decide(amx_available=True, amx_weights=amx_weights, setting=setting_from_env(),
+                  verdict=lambda: cached_or_probed_verdict("", amx_weights, lambda _: NOT_PROBED_YET)).use_amx
+
+
 def place_weights(model_path) -> Decision:
     """Decide AMX for this model and set the loader's buffer types accordingly (before loading)."""
     extra = extra_buffers()
