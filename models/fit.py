@@ -210,4 +210,5 @@ def decide(candidates, label: str, n_ctx: int, machine: Machine) -> Fit:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
+    """GiB to a tenth; below a tenth, MiB ("would need 0.0 GiB more" said nothing)."""
+    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB // 10 else f"{n / memory.MIB:.0f} MiB"

@@ -126,6 +126,10 @@ def test_the_reason_names_the_better_profile_that_did_not_fit():
     assert reason == "Qwen3.5-9B: q6_k (8.8 GiB) would leave 1.2 GiB free at 8k context; taking q5_k_m, 8.0 GiB"
 
 
+def test_sizes_under_a_tenth_of_a_gib_are_said_in_mib():
+    assert fit._gib(int(8.84 * fit.GIB)) == "8.8 GiB" and fit._gib(40 << 20) == "40 MiB"
+
+
 def test_arm_boards_try_edge_arm_at_the_4_bit_step_and_never_plain_q4_0():
     x86, arm = fit.profile_order(arm=False), fit.profile_order(arm=True)
     assert "edge-arm" not in x86 and arm.index("edge-arm") == arm.index("q4_k_m") + 1
