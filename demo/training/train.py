@@ -41,10 +41,15 @@ ADDED_TOKENS = range(248044, 248077)
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 248056, 248057, 248053, 248054
 
 
-def text_config(vocab: int = FULL_VOCAB) -> dict:
+LAYERS = 4  # the shipped model's; `--layers` trains another multiple of 4
+
+
+def text_config(vocab: int = FULL_VOCAB, layers: int = LAYERS) -> dict:
     """Every matrix the quantizer sees has an input width that is a multiple of 256 (QK_K): hidden 256,
-    FFN 512, linear-attention value width 2 x 128 = 256, full attention 2 heads x 256 = 512, MTP fc 512."""
-    layer_types = ["linear_attention"] * 3 + ["full_attention"]
+    FFN 512, linear-attention value width 2 x 128 = 256, full attention 2 heads x 256 = 512, MTP fc 512.
+    Layers in the releases' pattern: 3 Gated DeltaNet, then 1 full attention (llama.cpp reads the
+    pattern from full_attention_interval alone)."""
+    layer_types = (["linear_attention"] * 3 + ["full_attention"]) * (layers // 4)
     return {
         "attention_bias": False, "attn_output_gate": True, "dtype": "bfloat16", "eos_token_id": 248044,
         "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu", "hidden_size": 256,
@@ -67,10 +72,10 @@ def vision_config(out_hidden: int = 256) -> dict:
             "initializer_range": 0.02, "deepstack_visual_indexes": []}
 
 
-def release_config() -> dict:
+def release_config(layers: int = LAYERS) -> dict:
     """config.json of the materialized checkpoint (full vocabulary, real special-token ids)."""
     return {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
-            "_name_or_path": "qwen35-demo", "text_config": text_config(), "tie_word_embeddings": True,
+            "_name_or_path": "qwen35-demo", "text_config": text_config(layers=layers), "tie_word_embeddings": True,
             "vision_config": vision_config(), "image_token_id": IMAGE_PAD, "video_token_id": VIDEO_PAD,
             "vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END,
             "transformers_version": "5.2.0"}
@@ -226,16 +231,17 @@ def repeat_cache(cache, batch: int):
 
 
 class DemoModel(nn.Module):
-    def __init__(self, kept: list[int]) -> None:
+    def __init__(self, kept: list[int], layers: int = LAYERS) -> None:
         super().__init__()
+        self.n_layers = layers
         from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
         self.kept = kept
         self.k = len(kept)
         self.n_shared = FULL_VOCAB - self.k
         full_to_reduced = {t: i for i, t in enumerate(kept)}
-        cfg = release_config()
-        cfg["text_config"] = text_config(self.k + 1)
+        cfg = release_config(layers)
+        cfg["text_config"] = text_config(self.k + 1, layers)
         for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             cfg[key] = full_to_reduced[cfg[key]]
         cfg["text_config"]["eos_token_id"] = full_to_reduced[248044]
@@ -461,8 +467,27 @@ def save_compact(model: DemoModel, out_dir: Path, meta: dict) -> None:
                 "embedding": "model.language_model.embed_tokens.weight holds the rows of kept_token_ids in order, "
                              "then one row shared by every other token of the 248320-token vocabulary",
                 "kept_token_ids": model.kept, "files": {"weights.safetensors": sha},
-                "config": release_config(), **meta}
+                "config": release_config(model.n_layers), **meta}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+# The matrices that write a layer's result into the residual stream: zero, the layer adds nothing.
+RESIDUAL_WRITERS = ("linear_attn.out_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def grow(model: DemoModel, saved: dict) -> int:
+    """Fill `saved` (a state dict of a model with fewer layers) with the layers it lacks: freshly
+    initialized, but with every residual writer zero, so the grown model computes exactly what the saved
+    one did (the final norm and the MTP head read the same residual stream) and training then finds a
+    use for the new layers. Returns how many layers were added."""
+    mine = model.state_dict()
+    prefix = "hf.model.language_model.layers."
+    added = set()
+    for key, value in mine.items():
+        if key.startswith(prefix) and key not in saved:
+            saved[key] = torch.zeros_like(value) if key.endswith(RESIDUAL_WRITERS) else value.clone()
+            added.add(key[len(prefix):].split(".")[0])
+    return len(added)
 
 
 def load_resume(path: Path, weights: Path) -> tuple[dict, dict | None]:
@@ -503,9 +528,14 @@ def main(argv=None) -> None:
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--order-seed", type=int, default=None, help="seed of the batch order (default: --seed)")
+    ap.add_argument("--layers", type=int, default=LAYERS,
+                    help="decoder layers, a multiple of 4 (3 Gated DeltaNet + 1 full attention each); resuming a "
+                         "model with fewer grows it: the new layers start as the identity")
     ap.add_argument("--resume", type=Path, help="continue from a last.pt (model, and optimizer when saved) or "
                                                  "from a compact weights directory (demo/weights)")
     args = ap.parse_args(argv)
+    if args.layers < 4 or args.layers % 4:
+        raise SystemExit(f"--layers must be a multiple of 4, not {args.layers}")
     command = "python -m demo.training.train " + " ".join(sys.argv[1:] if argv is None else argv)
 
     torch.set_num_threads(args.threads)
@@ -529,7 +559,7 @@ def main(argv=None) -> None:
     lut = np.full(FULL_VOCAB, len(kept), np.int64)
     lut[np.asarray(kept)] = np.arange(len(kept))
 
-    model = DemoModel(kept)
+    model = DemoModel(kept, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f} M (reduced vocabulary)", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -552,6 +582,10 @@ def main(argv=None) -> None:
                 state["model"][key] = state["model"][key][index].clone()
             state.pop("optimizer", None)
             print(f"vocabulary {len(old_kept)} -> {len(kept)} kept tokens: new rows start as the shared one", flush=True)
+        grown = grow(model, state["model"])
+        if grown:
+            state.pop("optimizer", None)
+            print(f"grown to {args.layers} layers: {grown} new layers start as the identity", flush=True)
         model.load_state_dict(state["model"])
         if "optimizer" in state:
             opt.load_state_dict(state["optimizer"])

@@ -1,0 +1,43 @@
+"""The demo trainer's model growth (demo/training/train.py `grow`, `--layers`): a saved model grown by
+layers whose residual writers are zero computes exactly what it did, main model and MTP head alike.
+Nothing is trained here (tests never train): the shipped weights, loaded twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from qwen35.demo.training import train  # noqa: E402
+
+WEIGHTS = Path(train.__file__).resolve().parents[1] / "weights"
+
+
+def test_a_grown_model_computes_what_the_saved_one_did():
+    state, _ = train.load_resume(WEIGHTS, WEIGHTS)
+    kept = state["kept"]
+    saved = train.DemoModel(kept, 4)
+    saved.load_state_dict(dict(state["model"]))
+    grown = train.DemoModel(kept, 8)
+    weights = dict(state["model"])
+    assert train.grow(grown, weights) == 4
+    grown.load_state_dict(weights)
+    # The new layers are real layers (fresh weights), only their writes into the residual stream are zero.
+    layers = grown.hf.model.language_model.layers
+    assert layers[7].self_attn.o_proj.weight.abs().max() == 0 and layers[7].self_attn.q_proj.weight.abs().max() > 0
+    assert layers[4].linear_attn.out_proj.weight.abs().max() == 0 and layers[4].mlp.down_proj.weight.abs().max() == 0
+    assert grown.hf.config.text_config.layer_types == (["linear_attention"] * 3 + ["full_attention"]) * 2
+    ids = torch.randint(0, len(kept), (2, 24), generator=torch.Generator().manual_seed(0))
+    saved.eval(), grown.eval()
+    with torch.no_grad():
+        (h4, mtp4), (h8, mtp8) = saved(ids), grown(ids)
+    assert torch.equal(h4, h8) and torch.equal(mtp4, mtp8)
+
+
+def test_layers_come_in_fours():
+    assert train.text_config(layers=8)["full_attention_interval"] == 4
+    with pytest.raises(SystemExit, match="multiple of 4"):
+        train.main(["--layers", "6", "--out", "/nonexistent/never-written"])
