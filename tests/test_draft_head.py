@@ -110,9 +110,10 @@ def test_the_ranking_is_the_first_regular_ids_and_the_added_tokens():
 
 
 
-def _generate(model, prompt: list[int], n: int, spec: Speculator | None, ctx: native.Context) -> list[int]:
-    """Greedy: `n` tokens after `prompt`, plain (spec None) or drafting n_draft tokens a step."""
-    sampler = native.Sampler(GREEDY, model.n_vocab)
+def _generate(model, prompt: list[int], n: int, spec: Speculator | None, ctx: native.Context,
+              sampling: native.Sampling = GREEDY) -> list[int]:
+    """`n` tokens after `prompt`, plain (spec None) or drafting n_draft tokens a step."""
+    sampler = native.Sampler(sampling, model.n_vocab)
     try:
         ctx.decode(prompt, 0)
         if spec:
@@ -133,7 +134,8 @@ def _generate(model, prompt: list[int], n: int, spec: Speculator | None, ctx: na
         sampler.close()
 
 
-def _greedy(path, n_draft: int, n_tokens: int, draft_vocab) -> tuple[list[int], list[int], int, int]:
+def _greedy(path, n_draft: int, n_tokens: int, draft_vocab,
+            sampling: native.Sampling = GREEDY) -> tuple[list[int], list[int], int, int]:
     """(plain tokens, speculative tokens drafting from `draft_vocab` (None: the whole vocabulary),
     drafts accepted, drafts made)."""
     model = native.Model(str(path), load_mtp=True)
@@ -144,8 +146,8 @@ def _greedy(path, n_draft: int, n_tokens: int, draft_vocab) -> tuple[list[int], 
         spec = Speculator(model, ctx, n_draft, GEN_THREADS,
                           draft_vocab=draft_vocab(model) if callable(draft_vocab) else draft_vocab)
         prompt = model.tokenize(PROMPT)
-        expected = _generate(model, prompt, n_tokens, None, plain)
-        got = _generate(model, prompt, n_tokens, spec, ctx)
+        expected = _generate(model, prompt, n_tokens, None, plain, sampling)
+        got = _generate(model, prompt, n_tokens, spec, ctx, sampling)
         return expected, got, spec.accepted, spec.drafted
     finally:
         if spec:
@@ -214,3 +216,21 @@ def test_acceptance_with_and_without_the_successors_in_the_draft_vocabulary():
     _, got, accepted, drafted = _greedy(path, n_draft, n_tokens, missing)
     assert got == reply
     assert drafted > 0 and accepted == 0
+
+
+def test_sampling_with_a_seed_gives_the_tokens_of_plain_decoding_with_a_reduced_draft():
+    """As test_speculative's seeded test: the sampled target decides every token; the reduced
+    draft only changes which rows are looked at. The subset holds every second token of the reply
+    (with all of them, every draft was taken: 47 of 47), so drafts are taken and rejected."""
+    path = build_gguf(variant_config(tied=False), "f32", acceptance=0.8)
+    sampling = native.Sampling(temp=3.0, top_k=4, seed=1234)
+    model = native.Model(str(path), vocab_only=True)
+    try:
+        base = set(frequency_ranked(model, 2048).tolist())
+    finally:
+        model.close()
+    expected, _, _, _ = _greedy(path, 3, 64, None, sampling)
+    subset = np.array(sorted(base | set(expected[::2])))
+    _, got, accepted, drafted = _greedy(path, 3, 64, subset, sampling)
+    assert got == expected
+    assert 0 < accepted < drafted  # some drafts taken, some rejected by the sampled target

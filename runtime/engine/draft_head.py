@@ -144,13 +144,16 @@ def _libs():
 
 class SubsetHead:
     """logits = W[ids] · h for one hidden row h, W the output weight of the GGUF at `path`, its
-    rows kept in the file's type; `argmax(h)` is the draft token."""
+    rows kept in the file's type; `argmax(h)` is the draft token. `header`: the file's header if
+    it was read already (reading it takes ~0.14 s at a real vocabulary; gathering K rows and
+    building the graph ~0.1 s more at 32k rows of a 4B model)."""
 
-    def __init__(self, path, ids, threads: int) -> None:
-        try:
-            header = read_header(path)
-        except GGUFFormatError as e:
-            raise ChatError(str(e)) from None
+    def __init__(self, path, ids, threads: int, header=None) -> None:
+        if header is None:
+            try:
+                header = read_header(path)
+            except GGUFFormatError as e:
+                raise ChatError(str(e)) from None
         tensor = _head_tensor(header, _mtp_block(header))
         n_rows, n_embd = tensor.shape
         self.ids = np.asarray(ids, np.int64)

@@ -309,10 +309,10 @@ class Speculator:
 
 
 def open_speculator(model: native.Model, target: native.Context, n_draft: int,
-                    threads: int) -> tuple[Speculator | None, str | None]:
+                    threads: int, draft_vocab=None) -> tuple[Speculator | None, str | None]:
     """A Speculator, or None and the notice that says why decoding stays plain."""
     try:
-        return Speculator(model, target, n_draft, threads), None
+        return Speculator(model, target, n_draft, threads, draft_vocab), None
     except ChatError as e:
         return None, f"speculative decoding off: {e}"
 
