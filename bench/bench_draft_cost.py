@@ -12,7 +12,8 @@ per call; the load average is printed before and after, since another program on
 every figure.
 
 Acceptance (`--acceptance`): greedy replies (n_draft 3) with the whole vocabulary and with each K,
-checked token-identical to plain decoding, with the drafts accepted/made. On the trained demo model
+checked token-identical to plain decoding, with the drafts accepted/made and the time of all
+replies against plain decoding's (median of --rounds, the settings in an order drawn anew). On the trained demo model
 (`demo`: its prompts, thinking on) this is the real cost of the reduction; on a controlled fixture
 the MTP head's successors are spread uniformly over all 248,044 regular ids (tests/mtp_fixtures.py),
 so a ranked subset of K keeps only ~K/248,044 of them: a worst case, not a forecast.
@@ -149,29 +150,50 @@ def _generate(model, ctx, spec, prompt: list[int], n: int) -> list[int]:
 
 
 def acceptance(name: str, path: Path, prompts: list[str], args, n_tokens: int = 96) -> None:
+    """Drafts accepted per setting (and the tokens checked against plain decoding), and the decode
+    speed of the replies: --rounds rounds, the settings in an order drawn anew each round, the
+    median of each setting's time for all replies (prompt evaluation included, the same for all)."""
     from qwen35.runtime.engine import native
     from qwen35.runtime.engine.speculative import Speculator
 
     model = native.Model(str(path), load_mtp=True)
     plain = native.Context(model, 2048, args.threads, 512)
     ctx = native.Context(model, 2048, args.threads, 512, n_outputs=4, n_rollback=3)
+    settings = {"plain": None, "whole vocabulary": Speculator(model, ctx, 3, args.threads)}
+    for k in args.vocab:
+        settings[f"K = {k:,}"] = Speculator(model, ctx, 3, args.threads, draft_vocab=k)
     try:
         rendered = [model.tokenize(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n<think>\n")
                     for p in prompts]
         expected = [_generate(model, plain, None, p, n_tokens) for p in rendered]
-        print(f"{name} ({path.name}): {len(prompts)} greedy replies, {sum(map(len, expected))} tokens, n_draft 3; "
-              f"{load()}", flush=True)
-        for k in [None] + args.vocab:
-            spec = Speculator(model, ctx, 3, args.threads, draft_vocab=k)
-            try:
-                same = all(_generate(model, ctx, spec, p, n_tokens) == e for p, e in zip(rendered, expected))
-                label = "whole vocabulary" if k is None else f"K = {k:,}"
-                print(f"  {label:18} drafts accepted {spec.accepted}/{spec.drafted} = "
-                      f"{spec.accepted / max(spec.drafted, 1):.3f}; tokens {'identical' if same else 'DIFFERENT'} "
-                      f"to plain decoding", flush=True)
-            finally:
-                spec.close()
+        print(f"{name} ({path.name}): {len(prompts)} greedy replies, {sum(map(len, expected))} tokens, n_draft 3, "
+              f"threads {args.threads}; {load()}", flush=True)
+        seconds: dict[str, list[float]] = {label: [] for label in settings}
+        same = dict.fromkeys(settings, True)
+        counts = {}
+        for round_ in range(max(args.rounds, 1)):
+            order = list(settings)
+            random.Random(round_).shuffle(order)
+            for label in order:
+                spec = settings[label]
+                start = time.perf_counter()
+                got = [_generate(model, plain if spec is None else ctx, spec, p, n_tokens) for p in rendered]
+                seconds[label].append(time.perf_counter() - start)
+                same[label] &= got == expected
+                if spec is not None and label not in counts:
+                    counts[label] = (spec.accepted, spec.drafted)
+        unit = statistics.median(seconds["plain"])
+        for label in settings:
+            t = statistics.median(seconds[label])
+            acc = (f"drafts accepted {counts[label][0]}/{counts[label][1]} = "
+                   f"{counts[label][0] / max(counts[label][1], 1):.3f}" if label in counts else "")
+            print(f"  {label:18} {1e3 * t:8.1f} ms  {unit / t:5.2f}x plain  {acc:34} tokens "
+                  f"{'identical' if same[label] else 'DIFFERENT'} to plain decoding", flush=True)
+        print(f"  after: {load()}", flush=True)
     finally:
+        for spec in settings.values():
+            if spec is not None:
+                spec.close()
         ctx.close()
         plain.close()
         model.close()

@@ -37,6 +37,11 @@ ids are a frequency ranking that ships with every GGUF (no download, no table): 
 regular ids plus every added token in use (<|im_end|>, <think>, </think>, <tool_call>, …: 33 in
 Qwen3.5's vocabulary, ids 248044..248076; the 243 unused padding ids after them are left out).
 Any other ranking can be given as an explicit list of ids.
+
+Measured (bench/bench_draft_cost.py, 2 threads, Intel Xeon, quiet): a draft costs 0.35x a token
+with the whole vocabulary at 0.8B dimensions and 0.04x with K = 32,768 (4B: 0.21x and 0.05x); on
+the trained demo model, drafting 3 went from 0.74x plain decoding's speed to 1.27x at K = 32,768,
+its acceptance from 0.88 to 0.73 (its world's country and capital names rank at ids 35k-93k).
 """
 
 from __future__ import annotations
