@@ -124,6 +124,7 @@ class Model:
             reason = (log.find("unknown model architecture", "error loading model", "failed to")
                       or "llama.cpp gave no reason")
             raise ChatError(f"llama.cpp could not load {path}: {reason}")
+        self.path = str(path)
         self.placement = _placement(log.buffer_lines)
         self.mapped = mapped
         self.vocab = L.llama_model_get_vocab(self._model)

@@ -71,7 +71,11 @@ class Speculator:
     """The MTP draft provider for one target context: `feed` after every target decode, then
     `step` (draft + verify) and `keep` (accept, roll back the rest)."""
 
-    def __init__(self, model: native.Model, target: native.Context, n_draft: int, threads: int) -> None:
+    def __init__(self, model: native.Model, target: native.Context, n_draft: int, threads: int,
+                 draft_vocab=None) -> None:
+        """`draft_vocab`: draft from a subset of the vocabulary (draft_head.py): an int K (the K
+        most frequent tokens, draft_head.frequency_ranked) or the ids themselves; None drafts from
+        the whole vocabulary. Verification always uses the whole vocabulary."""
         ext, reason = staging_api()
         if ext is None:
             raise ChatError(reason)
@@ -90,6 +94,18 @@ class Speculator:
         # the MTP context only for its output rows (the drafts).
         ext.llama_set_embeddings_nextn(target.ptr, True, False)
         ext.llama_set_embeddings_nextn(self._ctx.ptr, True, True)
+        self._head = None
+        if draft_vocab is not None:
+            from .draft_head import SubsetHead, frequency_ranked
+
+            ids = frequency_ranked(model, int(draft_vocab)) if np.ndim(draft_vocab) == 0 else draft_vocab
+            try:
+                self._head = SubsetHead(model.path, ids, threads)
+            except ChatError:
+                self._ctx.close()
+                raise
+            # A draft then asks for no logits: its hidden row is read for every token instead.
+            ext.llama_set_embeddings_nextn(self._ctx.ptr, True, False)
         self._batch = L.llama_batch_ext_init(self._ctx.ptr)
         self._pos = (L.llama_pos * 1)()
         self._pending = np.zeros(self._n_embd, np.float32)  # target hidden state of the last token held
@@ -171,6 +187,8 @@ class Speculator:
 
     def set_threads(self, threads: int) -> None:
         self._ctx.set_threads(threads)
+        if self._head is not None:
+            self._head.set_threads(threads)
 
     def get_state(self, flags: int) -> bytes:
         """What a checkpoint of the target keeps of the drafting side: the pending hidden state,
@@ -196,6 +214,8 @@ class Speculator:
 
     def draft(self, last: int, pos: int, n: int) -> list[int]:
         """Up to `n` tokens the MTP head expects after `last` (to be evaluated at `pos`)."""
+        if self._head is not None:
+            return self._draft_subset(last, pos, n)
         drafts: list[int] = []
         hidden = self._pending
         token = last
@@ -211,6 +231,26 @@ class Speculator:
                     raise ChatError("llama.cpp returned no hidden state from the MTP head")
                 hidden = np.ctypeslib.as_array(ptr, shape=(self._n_embd,)).copy()
         # The drafts are evaluated again by `feed` after the verify, with the target's hidden rows.
+        self._trim(pos)
+        return drafts
+
+    def _draft_subset(self, last: int, pos: int, n: int) -> list[int]:
+        """`draft` with the output layer over the draft vocabulary only (draft_head.py): the MTP
+        context evaluates the token without an output row (its graph's output layer multiplies no
+        row) and gives the normed hidden row its output layer would have multiplied."""
+        drafts: list[int] = []
+        hidden = self._pending
+        token = last
+        for i in range(n):
+            self._clear_batch()
+            self._add(token, pos + i, hidden, output=False)
+            self._process()
+            ptr = self._ext.llama_get_embeddings_nextn(self._ctx.ptr)
+            if not ptr:
+                raise ChatError("llama.cpp returned no hidden state from the MTP head")
+            hidden = np.ctypeslib.as_array(ptr, shape=(self._n_embd,)).copy()
+            token = self._head.argmax(hidden)
+            drafts.append(token)
         self._trim(pos)
         return drafts
 
@@ -264,14 +304,17 @@ class Speculator:
         if self._batch:
             L.llama_batch_ext_free(self._batch)
             self._batch = None
+        if self._head is not None:
+            self._head.close()
+            self._head = None
         self._ctx.close()
 
 
 def open_speculator(model: native.Model, target: native.Context, n_draft: int,
-                    threads: int) -> tuple[Speculator | None, str | None]:
+                    threads: int, draft_vocab=None) -> tuple[Speculator | None, str | None]:
     """A Speculator, or None and the notice that says why decoding stays plain."""
     try:
-        return Speculator(model, target, n_draft, threads), None
+        return Speculator(model, target, n_draft, threads, draft_vocab), None
     except ChatError as e:
         return None, f"speculative decoding off: {e}"
 
