@@ -130,6 +130,15 @@ def test_acceptance_estimate_on_hand_made_steps():
     assert a.rate > 0.75
 
 
+def test_a_step_costs_less_when_every_draft_is_kept():
+    """Nothing to roll back when all drafts are right: the cost is weighed by how often that is."""
+    costs = StepCosts(step=(2.0, 3.0), kept=(1.0, 2.0))
+    assert costs.cost(1, 0.5) == pytest.approx(0.5 * 1.0 + 0.5 * 2.0)
+    assert costs.cost(2, 0.5) == pytest.approx(0.25 * 2.0 + 0.75 * 3.0)
+    assert costs.speedup(2, 1.0) == pytest.approx(3 / 2.0) and costs.speedup(2, 0.0) == pytest.approx(1 / 3.0)
+    assert StepCosts(step=(2.0,)).cost(1, 0.9) == 2.0  # (measured before the kept steps were)
+
+
 def test_the_modes():
     assert DraftPolicy("mtp", 3).n_draft() == 3 and DraftPolicy("off", 3).n_draft() == 0
     with pytest.raises(ChatError, match="speculative must be one of"):

@@ -192,7 +192,7 @@ def test_step_costs_are_measured_once_per_machine_model_and_build(controlled, mo
     with _session(controlled, "auto", prefill=False) as s:
         costs = s.decoder.costs
         assert s.decoder.spec.drafted == 0 and s.decoder.cache.tokens == []  # the timing left no trace
-    assert len(timed) == 1 and costs.max_draft == 3 and costs.plain_s > 0
+    assert len(timed) == 1 and costs.max_draft == 3 and len(costs.kept) == 3 and costs.plain_s > 0
     # A step checks more tokens the more it drafts: never cheaper than one token.
     assert all(c > 0.9 for c in costs.step) and costs.step[2] >= 0.9 * costs.step[0]
     with _session(controlled, "auto", prefill=False) as s:

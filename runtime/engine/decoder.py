@@ -282,7 +282,7 @@ class Decoder:
         key = remembered.build_key(cpu.cpu_library(), str(path), str(stat.st_size), str(stat.st_mtime_ns),
                                    f"threads {self.threads}", f"drafts {self.spec.n_draft}",
                                    f"amx {cpu.amx_decision(path, probe=False).use_amx}",
-                                   f"calibration {_CALIBRATION_TOKENS}").hexdigest()[:32]
+                                   f"calibration {_CALIBRATION_TOKENS} v2").hexdigest()[:32]
         filler = self.model.tokenize(_CALIBRATION_TEXT)[:_CALIBRATION_TOKENS]
         # Timed on a thread of its own that then ends: llama.cpp's OpenMP keeps a pool of threads
         # for each thread that decodes, and while a long-lived thread (a server's main thread)

@@ -337,20 +337,29 @@ def emitted(acceptance: float, n_draft: int) -> float:
 class StepCosts:
     """What a drafting step costs here, in plain steps: `step[n - 1]` is a whole step with n drafts
     (the drafts, the verify of n + 1 tokens in one decode with logits for each, the MTP head fed
-    them, the rows sampled, the rest rolled back) against a plain step (one token decoded and
-    sampled), both timed as decoding runs them. Ratios, not seconds: a machine busier than when
-    they were measured slows both alike. `plain_s`: the plain step's seconds then (a record)."""
+    them, the rows sampled) whose first draft was wrong, so that the rest is rolled back;
+    `kept[n - 1]` the same step with every draft right (nothing rolled back: cheaper); both against
+    a plain step (one token decoded and sampled), timed as decoding runs them. Ratios, not seconds:
+    a machine busier than when they were measured slows both alike. `plain_s`: the plain step's
+    seconds then (a record)."""
 
     step: tuple[float, ...]
+    kept: tuple[float, ...] | None = None
     plain_s: float = 0.0
 
     @property
     def max_draft(self) -> int:
         return len(self.step)
 
+    def cost(self, n_draft: int, acceptance: float) -> float:
+        """A step of `n_draft` drafts, on average: all kept with probability a^n, else a roll-back."""
+        whole = acceptance ** n_draft
+        kept = self.kept[n_draft - 1] if self.kept else self.step[n_draft - 1]
+        return whole * kept + (1 - whole) * self.step[n_draft - 1]
+
     def speedup(self, n_draft: int, acceptance: float) -> float:
         """Decode speed with `n_draft` drafts a step over plain decoding (n_draft 0: plain)."""
-        return 1.0 if n_draft == 0 else emitted(acceptance, n_draft) / self.step[n_draft - 1]
+        return 1.0 if n_draft == 0 else emitted(acceptance, n_draft) / self.cost(n_draft, acceptance)
 
     def best(self, acceptance: float, limit: int | None = None) -> tuple[int, float]:
         """(n, speedup): the fastest number of drafts a step, at most `limit` (0: plain decoding;
@@ -360,39 +369,44 @@ class StepCosts:
 
 
 def step_costs(model: native.Model, spec: "Speculator", filler: list[int], reps: int = 2) -> StepCosts:
-    """Time, on this machine now, a plain step and a drafting step of 1 .. spec.n_draft drafts,
-    each as decoding runs it (sampled with the default settings), after `filler` (a short prompt):
-    the fastest of `reps` rounds after one warm-up round (its first graphs are built then) — what
-    the machine can do, not what a passing load left of it. Both contexts are left empty."""
+    """Time, on this machine now, a plain step and a drafting step of 1 .. spec.n_draft drafts —
+    rolled back to its first token and kept whole — each as decoding runs it (sampled with the
+    default settings), after `filler` (a short prompt): the fastest of `reps` rounds after one
+    warm-up round (its first graphs are built then) — what the machine can do, not what a passing
+    load left of it. Both contexts are left empty."""
     target = spec._target
     sampler = native.Sampler(native.Sampling(), model.n_vocab)
-    timings: list[list[float]] = [[] for _ in range(spec.n_draft + 1)]
+    shapes = [(0, False)] + [(n, whole) for n in range(1, spec.n_draft + 1) for whole in (False, True)]
+    timings: dict[tuple[int, bool], list[float]] = {shape: [] for shape in shapes}
     target.decode(filler, 0)
     spec.feed(filler, 0)
     pos = len(filler)
     drafted, accepted = spec.drafted, spec.accepted
     try:
         for round_ in range(reps + 1):
-            for n, seconds in enumerate(timings):
+            for n, whole in shapes:
                 token = filler[pos % len(filler)]
                 start = time.perf_counter()
                 if n == 0:  # as `auto` decodes plainly: the MTP head takes the hidden state only
                     target.decode([token], pos)
                     spec.note(1, pos)
                     sampler.sample(target)
+                    kept = 1
                 else:
                     spec.step(token, pos, sampler, n, model.is_eog)
-                    spec.keep(pos + 1)  # one token kept, as when no draft is right
+                    kept = n + 1 if whole else 1  # every draft right, or none
+                    spec.keep(pos + kept)
                 if round_:
-                    seconds.append(time.perf_counter() - start)
-                pos += 1
+                    timings[n, whole].append(time.perf_counter() - start)
+                pos += kept
     finally:
         sampler.close()
         spec.drafted, spec.accepted = drafted, accepted
         target.clear()
         spec.clear()
-    plain = min(timings[0])
-    return StepCosts(step=tuple(round(min(t) / plain, 4) for t in timings[1:]), plain_s=round(plain, 6))
+    plain = min(timings[0, False])
+    ratio = lambda whole: tuple(round(min(timings[n, whole]) / plain, 4) for n in range(1, spec.n_draft + 1))
+    return StepCosts(step=ratio(False), kept=ratio(True), plain_s=round(plain, 6))
 
 
 DRAFT_COSTS = "draft-costs.json"
@@ -404,11 +418,15 @@ def remembered_costs(key: str, measure: Callable[[], StepCosts]) -> StepCosts:
     known = remembered.recall(DRAFT_COSTS, key)
     if known is not None:
         try:
-            return StepCosts(step=tuple(float(x) for x in known["step"]), plain_s=float(known.get("plain_s", 0)))
+            kept = known.get("kept")
+            return StepCosts(step=tuple(float(x) for x in known["step"]),
+                             kept=None if kept is None else tuple(float(x) for x in kept),
+                             plain_s=float(known.get("plain_s", 0)))
         except (KeyError, TypeError, ValueError):
             pass  # a file from elsewhere: measure again
     costs = measure()
-    remembered.remember(DRAFT_COSTS, key, {"step": list(costs.step), "plain_s": costs.plain_s,
+    remembered.remember(DRAFT_COSTS, key, {"step": list(costs.step), "kept": list(costs.kept) if costs.kept else None,
+                                           "plain_s": costs.plain_s,
                                            "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return costs
 
