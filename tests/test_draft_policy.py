@@ -139,6 +139,20 @@ def test_a_step_costs_less_when_every_draft_is_kept():
     assert StepCosts(step=(2.0,)).cost(1, 0.9) == 2.0  # (measured before the kept steps were)
 
 
+def test_where_the_prior_alone_does_not_pay_the_first_step_probes():
+    """Steps of one draft at 1.7 plain steps' time (0.8B on the Xeon): at the prior's 60% one draft
+    would not pay (1.6 / 1.7), so `auto` would decode its first 32 tokens plainly even with a perfect
+    head. It probes at once instead: a good head drafts from the start, a bad one costs one step."""
+    costs = StepCosts(step=(1.72, 2.38, 2.86), kept=(1.69, 2.40, 2.82))
+    good = DraftPolicy("auto", 3, costs)
+    _, drafted_at = decode(good, costs, 1.0, 128)
+    assert drafted_at[:3] == [0, 2, 4] and good.n_draft() == 3
+    bad = DraftPolicy("auto", 3, costs)
+    first, drafted_at = decode(bad, costs, 0.0, 40)
+    assert drafted_at == [0, 33, 34]  # the first step, then a probe after 32 plain tokens
+    assert first >= 40 / (37 + 1.72 + 2 * 1.72) - 1e-9
+
+
 def test_the_modes():
     assert DraftPolicy("mtp", 3).n_draft() == 3 and DraftPolicy("off", 3).n_draft() == 0
     with pytest.raises(ChatError, match="speculative must be one of"):

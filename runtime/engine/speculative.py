@@ -572,8 +572,12 @@ class DraftPolicy:
         self.acceptance = Acceptance()
         self._interval = self.FIRST_INTERVAL
         self._since = 0  # plain tokens since the last drafting step
-        self._probe = 0  # single-draft steps left in a probe
         self._n = self._choose() if mode == AUTO else 0
+        # Single-draft steps left in a probe. When the prior alone does not make drafting pay here, the
+        # first step is a probe anyway: a good head then drafts from its first tokens instead of
+        # after FIRST_INTERVAL plain ones, and a bad one costs one single-draft step.
+        self._probe = 1 if mode == AUTO and self._n == 0 else 0
+        self._first_probe = bool(self._probe)
 
     def n_draft(self) -> int:
         """Drafts for the next step (0: a plain step)."""
@@ -598,7 +602,11 @@ class DraftPolicy:
             if self._probe:
                 return
             self._n = self._choose()
-            self._interval = min(2 * self._interval, self.MAX_INTERVAL) if self._n == 0 else self.FIRST_INTERVAL
+            if self._n or self._first_probe:
+                self._interval = self.FIRST_INTERVAL
+            else:
+                self._interval = min(2 * self._interval, self.MAX_INTERVAL)
+            self._first_probe = False
             return
         self._n = self._choose()
 
