@@ -213,44 +213,32 @@ class Speculator:
     # --- one speculative step -------------------------------------------------------------------
 
     def draft(self, last: int, pos: int, n: int) -> list[int]:
-        """Up to `n` tokens the MTP head expects after `last` (to be evaluated at `pos`)."""
-        if self._head is not None:
-            return self._draft_subset(last, pos, n)
+        """Up to `n` tokens the MTP head expects after `last` (to be evaluated at `pos`). With a
+        draft vocabulary (draft_head.py), the MTP context evaluates each token without an output row
+        (its graph's output layer multiplies no row) and gives the normed hidden row that layer would
+        have multiplied, which the subset's rows multiply instead."""
         drafts: list[int] = []
         hidden = self._pending
         token = last
+        subset = self._head is not None
         for i in range(n):
             self._clear_batch()
-            self._add(token, pos + i, hidden, output=True)
+            self._add(token, pos + i, hidden, output=not subset)
             self._process()
-            token = int(np.argmax(self._ctx.logits(0)))
-            drafts.append(token)
-            if i + 1 < n:
-                ptr = self._ext.llama_get_embeddings_nextn_ith(self._ctx.ptr, 0)
-                if not ptr:
-                    raise ChatError("llama.cpp returned no hidden state from the MTP head")
-                hidden = np.ctypeslib.as_array(ptr, shape=(self._n_embd,)).copy()
-        # The drafts are evaluated again by `feed` after the verify, with the target's hidden rows.
-        self._trim(pos)
-        return drafts
-
-    def _draft_subset(self, last: int, pos: int, n: int) -> list[int]:
-        """`draft` with the output layer over the draft vocabulary only (draft_head.py): the MTP
-        context evaluates the token without an output row (its graph's output layer multiplies no
-        row) and gives the normed hidden row its output layer would have multiplied."""
-        drafts: list[int] = []
-        hidden = self._pending
-        token = last
-        for i in range(n):
-            self._clear_batch()
-            self._add(token, pos + i, hidden, output=False)
-            self._process()
-            ptr = self._ext.llama_get_embeddings_nextn(self._ctx.ptr)
+            if not subset:
+                token = int(np.argmax(self._ctx.logits(0)))
+                drafts.append(token)
+                if i + 1 == n:
+                    break
+            ptr = (self._ext.llama_get_embeddings_nextn(self._ctx.ptr) if subset
+                   else self._ext.llama_get_embeddings_nextn_ith(self._ctx.ptr, 0))
             if not ptr:
                 raise ChatError("llama.cpp returned no hidden state from the MTP head")
             hidden = np.ctypeslib.as_array(ptr, shape=(self._n_embd,)).copy()
-            token = self._head.argmax(hidden)
-            drafts.append(token)
+            if subset:
+                token = self._head.argmax(hidden)
+                drafts.append(token)
+        # The drafts are evaluated again by `feed` after the verify, with the target's hidden rows.
         self._trim(pos)
         return drafts
 
