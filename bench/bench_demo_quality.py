@@ -45,7 +45,7 @@ def heldout_token_lists(gguf: Path, n: int) -> list[list[int]]:
     from qwen35.demo.training import corpus as C
     from qwen35.runtime.engine import native
 
-    _, held = C.build(0)
+    held = C.heldout(0)
     texts = [s for s in held if not s.images][:n]
     template = C.load_template()
     model = native.Model(str(gguf), vocab_only=True)

@@ -87,7 +87,7 @@ def _mentions_result(text: str, result: dict) -> bool:
 def evaluate(gguf: Path, limit: int | None = None, verbose: bool = False, threads: int = 2) -> dict:
     from qwen35.runtime import ChatSession
 
-    _, held = C.build(0)
+    held = C.heldout(0)
     if limit:
         by = defaultdict(list)
         for s in held:
@@ -164,14 +164,16 @@ def evaluate(gguf: Path, limit: int | None = None, verbose: bool = False, thread
             "scores": table, "failures": failures[:60]}
 
 
-def mtp_acceptance(gguf: Path, n: int = 30, threads: int = 2, draft_tokens: int = 2) -> dict:
+def mtp_acceptance(gguf: Path, n: int = 30, threads: int = 2, draft_tokens: int = 2, draft_vocab: int = 0) -> dict:
     """Natural acceptance of the trained MTP head: greedy replies to held-out prompts (facts, greetings,
-    tool calls) with speculative="mtp", checked identical to plain greedy decoding."""
+    tool calls) with speculative="mtp", checked identical to plain greedy decoding. `draft_vocab`: the
+    drafts' vocabulary (0: the whole, the head's own acceptance; 32768: the runtime's reduced default)."""
     from qwen35.runtime import ChatSession
 
-    _, held = C.build(0)
+    held = C.heldout(0)
     picks = [s for s in held if s.kind in ("fact", "greeting", "weather", "convert", "shop", "fact_json")][:n]
-    out = {"drafted": 0, "accepted": 0, "identical": 0, "prompts": len(picks), "draft_tokens": draft_tokens}
+    out = {"drafted": 0, "accepted": 0, "identical": 0, "prompts": len(picks), "draft_tokens": draft_tokens,
+           "draft_vocab": draft_vocab}
     replies = []
     opts = dict(n_ctx=2048, threads=threads, temp=0.0, prefill=False, adapt_threads=False, max_tokens=120)
     with ChatSession(str(gguf), **opts) as plain:
@@ -179,7 +181,7 @@ def mtp_acceptance(gguf: Path, n: int = 30, threads: int = 2, draft_tokens: int 
             plain.reset()
             r = plain.send(s.messages[0]["content"], tools=s.tools, think=s.think)
             replies.append((r.reasoning, r.content, _calls(r)))
-    with ChatSession(str(gguf), speculative="mtp", draft_tokens=draft_tokens, **opts) as spec:
+    with ChatSession(str(gguf), speculative="mtp", draft_tokens=draft_tokens, draft_vocab=draft_vocab, **opts) as spec:
         out["warnings"] = spec.warnings
         for s, want in zip(picks, replies):
             spec.reset()
@@ -204,7 +206,9 @@ def main(argv=None) -> None:
     res = {"scores": {}} if args.skip_tasks else evaluate(args.gguf, args.limit, args.verbose, args.threads)
     if args.mtp:
         res["mtp"] = mtp_acceptance(args.gguf, threads=args.threads)
-        print("MTP:", {k: v for k, v in res["mtp"].items() if k != "warnings"}, res["mtp"]["warnings"] or "")
+        res["mtp_reduced"] = mtp_acceptance(args.gguf, threads=args.threads, draft_vocab=32768)
+        for key in ("mtp", "mtp_reduced"):
+            print(f"{key}:", {k: v for k, v in res[key].items() if k != "warnings"}, res[key]["warnings"] or "")
     for k, v in res["scores"].items():
         if "(think" not in k:
             print(f"{k:28s} {v['correct']:4d}/{v['total']:<4d} {100 * v['accuracy']:.1f}%")

@@ -60,7 +60,7 @@ def main(argv=None) -> None:
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(args.checkpoint / "tokenizer.json"))
     template = C.load_template()
-    _, held = C.build(0)
+    held = C.heldout(0)
     kept = np.asarray(small.kept)
     picks = [next(s for s in held if s.kind == kind) for kind in ("fact", "image", "weather", "count", "follow")]
     picks = picks[: args.samples]
