@@ -38,6 +38,10 @@ def _speculative_options(fn):
     """--mtp/--no-mtp, --speculative MODE and --draft N: speculative decoding with the model's own MTP head."""
     fn = click.option("--draft", "draft_tokens", type=click.IntRange(1, 8), default=2, show_default=True,
                       help="Tokens the MTP head drafts per step.")(fn)
+    fn = click.option("--draft-vocab", type=click.IntRange(min=0), default=32768, show_default=True,
+                      help="Drafts choose among this many most frequent tokens (a fraction of the cost of the "
+                           "whole vocabulary; the model still checks every token against all of it). "
+                           "0: the whole vocabulary.")(fn)
     fn = click.option("--speculative", type=click.Choice(["auto", "mtp", "off"]), default=None,
                       help="auto: draft only where it measures faster than plain decoding (checked at load, "
                            "then watched as it goes); mtp: always (= --mtp); off: never (= --no-mtp, the "
@@ -200,7 +204,7 @@ def demo(workdir):
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log, its CPU features and where the weights went.")
 def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p, min_p, repeat_penalty,
         presence_penalty, seed, max_tokens, ctx_size, threads, force, adapt_threads, resume, images, video, mmproj,
-        image_max_tokens, mtp, speculative, draft_tokens, yes, verbose):
+        image_max_tokens, mtp, speculative, draft_tokens, draft_vocab, yes, verbose):
     """Chat with MODEL: interactive on a terminal, one answer with -p or stdin. MODEL is a GGUF file or a
     model name: qwen3.5:4b, a Hugging Face repo (Qwen/Qwen3.5-4B[@rev][:profile]) or a repo of GGUF files
     (owner/repo-GGUF:Q4_K_M); a name missing from the model store is pulled first (`qwen35 pull`)."""
@@ -212,7 +216,7 @@ def run(model, prompt, as_json, think, hide_thinking, system, temp, top_k, top_p
                    adapt_threads=adapt_threads,
                    verbose=verbose, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                    presence_penalty=presence_penalty, max_tokens=max_tokens, mmproj=mmproj,
-                   speculative=_speculative(mtp, speculative), draft_tokens=draft_tokens)
+                   speculative=_speculative(mtp, speculative), draft_tokens=draft_tokens, draft_vocab=draft_vocab)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     sys.exit(run_chat(model, prompt=prompt, as_json=as_json, hide_thinking=hide_thinking, session_options=options,
@@ -254,7 +258,7 @@ def _thread_counts(value: str | None) -> list[int] | None:
 @_yes_option
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, adapt_threads, force, mmproj,
-          image_max_tokens, no_ui, mtp, speculative, draft_tokens, yes, verbose):
+          image_max_tokens, no_ui, mtp, speculative, draft_tokens, draft_vocab, yes, verbose):
     """Serve MODEL (a GGUF file or a model name, as `qwen35 run` takes it) over an OpenAI-compatible HTTP
     API, with a chat page at / (needs `pip install 'qwen35[serve]'`)."""
     try:
@@ -268,7 +272,7 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
     mmproj = mmproj or found_mmproj
     options = dict(n_ctx=ctx_size, threads=threads, adapt_threads=adapt_threads, cache_ram=cache_ram << 20,
                    force=force, verbose=verbose, mmproj=mmproj, speculative=_speculative(mtp, speculative),
-                   draft_tokens=draft_tokens)
+                   draft_tokens=draft_tokens, draft_vocab=draft_vocab)
     if image_max_tokens is not None:
         options["image_max_tokens"] = image_max_tokens
     run_server(model, host=host, port=port, api_key=api_key, session_options=options, queue_size=queue_size,
@@ -289,7 +293,8 @@ def serve(model, host, port, api_key, ctx_size, cache_ram, queue_size, threads, 
 @click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 @_speculative_options
 @_yes_option
-def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, speculative, draft_tokens, yes):
+def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, speculative, draft_tokens, draft_vocab,
+          yes):
     """Prompt-processing and generation speed of the chat runtime on MODEL (a GGUF file or a model name),
     and its peak memory; with an MTP head (unless --no-mtp), generation with and without speculative
     decoding, and its acceptance."""
@@ -298,7 +303,8 @@ def bench(model, n_prompt, n_gen, repetitions, threads, as_json, force, mtp, spe
     model, _ = _model_path(model, 4096, yes)
     # (Neither flag: runtime.bench measures both ways when the GGUF has an MTP head.)
     result = run_bench(model, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads, force=force,
-                       speculative=_speculative(mtp, speculative, default=None), draft_tokens=draft_tokens)
+                       speculative=_speculative(mtp, speculative, default=None), draft_tokens=draft_tokens,
+                       draft_vocab=draft_vocab)
     click.echo(format_json(result) if as_json else format_markdown(result))
 
 

@@ -9,7 +9,12 @@ untied output maps each token to a fixed successor. Zeros cost as much compute a
 value, so the time per token is that of a real model of these dimensions (with an untied output:
 0.8B's release ties it, the compute is the same). Q4_K_M, built once and cached in the work
 directory. Per-draft acceptance at N drafts is Σ rate^i / N (a draft counts when all before it
-were right), printed as llama-server measures it.
+were right), printed as llama-server measures it. The successors walk the first --span ids
+(default 32,735: those qwen35's reduced draft chooses among, with the 33 added tokens; a model of
+real text mostly predicts frequent tokens), so both drafts, whole and reduced vocabulary, see the
+acceptance built in; --span 0 spreads them over the whole vocabulary, where the reduced draft
+accepts ~13 % of that. `--draft-vocab K` is passed to qwen35 (0: it drafts from the whole
+vocabulary, as llama-server does).
 
 Servers, one at a time, on 127.0.0.1, same GGUF, threads and context:
   qwen35     `qwen35 serve`: --no-mtp (plain), --mtp --draft N, and `--speculative auto` at --draft N;
@@ -66,7 +71,7 @@ N_CTX = 2048
 SCRATCH_GB = {"tiny": 1, "0.8b": 6, "4b": 20, "9b": 42}  # free disk a build needs (checkpoint, its rewrite, the GGUF)
 
 
-def controlled_gguf(size: str, rate: float, workdir: Path) -> Path:
+def controlled_gguf(size: str, rate: float, workdir: Path, span: int = 0) -> Path:
     """The `size` model whose MTP head is right for a share `rate` of tokens (built once)."""
     os.environ["QWEN35_TEST_CACHE"] = str(workdir / "models")
     sys.path.insert(0, str(REPO))  # the repository's tests package
@@ -81,7 +86,7 @@ def controlled_gguf(size: str, rate: float, workdir: Path) -> Path:
     print(f"model {size} at acceptance {rate} (building it if absent; {free:.0f} GiB free) …", flush=True)
     if free < SCRATCH_GB[size]:
         raise SystemExit(f"{size} needs ~{SCRATCH_GB[size]} GiB of free disk to build; {free:.0f} GiB free")
-    return build_gguf(config, "q4_k_m", acceptance=rate)
+    return build_gguf(config, "q4_k_m", acceptance=rate, span=span or None)
 
 
 # The demo model's questions whose answers are text (its tools are not offered): with thinking on,
@@ -217,7 +222,7 @@ def summarize(runs: list[dict], tokens: int) -> dict:
 
 def ours(model: Path, args, flags: list[str]):
     return lambda port: [sys.executable, "-m", "qwen35.cli", "serve", str(model), "--port", str(port),
-                         "-t", str(args.threads), "-c", str(N_CTX), *flags]
+                         "-t", str(args.threads), "-c", str(N_CTX), "--draft-vocab", str(args.draft_vocab), *flags]
 
 
 def llama_server(binary: Path, model: Path, args, flags: list[str]):
@@ -245,7 +250,7 @@ def bench_file(size: str, rate: float | None, args, env: dict, peers: list[str],
     behind the same one (our plain server always started right after the example's last MTP server
     had exited; at 9B it measured 0.88× the peers' plain there and level in a run of its own: a suspect,
     not a finding)."""
-    model = demo_gguf(args.workdir) if size == "demo" else controlled_gguf(size, rate, args.workdir)
+    model = demo_gguf(args.workdir) if size == "demo" else controlled_gguf(size, rate, args.workdir, args.span)
     decode = natural_decode if size == "demo" else decode_gaps
     if size == "demo":
         python = None  # (the example's stream carries no count of tokens)
@@ -367,6 +372,9 @@ def main() -> None:
     ap.add_argument("--peers", default="llama.cpp,example", help="comma-separated: llama.cpp, example (or none)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen35-bench/mtp"))
     ap.add_argument("--json", type=Path, help="also write the raw measurements here")
+    ap.add_argument("--span", type=int, default=32735,
+                    help="the controlled models' successors walk the first SPAN ids (0: the whole vocabulary)")
+    ap.add_argument("--draft-vocab", type=int, default=32768, help="qwen35's --draft-vocab (0: the whole vocabulary)")
     ap.add_argument("--load", action="store_true",
                     help="only the time to open a session: off, auto measuring its step costs, auto remembering them")
     args = ap.parse_args()
@@ -380,7 +388,8 @@ def main() -> None:
     env = dict(os.environ)
     if args.load:
         for size in args.sizes.split(","):
-            load_times(demo_gguf(args.workdir) if size == "demo" else controlled_gguf(size, 0.8, args.workdir), args)
+            load_times(demo_gguf(args.workdir) if size == "demo" else controlled_gguf(size, 0.8, args.workdir, args.span),
+                       args)
         return
     rows = []
     for size in args.sizes.split(","):
@@ -389,7 +398,8 @@ def main() -> None:
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
     print(f"\n{args.threads} threads, {args.reps} reps of {args.tokens} decoded tokens, Q4_K_M (demo: Q8_0, its "
-          f"own replies), context {N_CTX}")
+          f"own replies), context {N_CTX}; successors in the first {args.span or 'all'} ids; qwen35 --draft-vocab "
+          f"{args.draft_vocab}")
     report(rows, peers)
 
 

@@ -9,7 +9,10 @@ any other value):
   current token;
 - the untied output maps that embedding to a fixed successor: row succ(t) is t's unit embedding,
   where succ walks all regular tokens in one random cycle (rows of control tokens are zero, so
-  they never win), and the target's greedy reply follows the cycle;
+  they never win), and the target's greedy reply follows the cycle; with `span`, the cycle walks
+  only the first `span` regular ids (the most frequent, as a model of real text mostly predicts
+  them: what a reduced-vocabulary draft, draft_head.py, is made for), every other row is zero, and
+  a reply enters the cycle at its first token;
 - the MTP block passes the embedding of the token it is given through to the shared output (its
   fusion projection is [I + σG, 0], its layer's outputs are zero), so it predicts the same
   successor; with σ = 0 every draft is right, and σ is chosen (by bisection over a sample of
@@ -55,7 +58,7 @@ def variant_config(*, moe: bool = False, tied: bool = True, text: dict | None = 
 
 
 def gguf_key(config: dict, qtype: str, *, acceptance: float | None = None, seed: int = 0,
-             vision: bool = False) -> str:
+             vision: bool = False, span: int | None = None) -> str:
     """build_gguf's cache key (tests.cache_key): the converter, the modules that write the
     checkpoint (wherever they live), this file, tests/tiny.py, and the variant."""
     from qwen35.demo.real_vocab import write_tokenizer_files
@@ -66,20 +69,21 @@ def gguf_key(config: dict, qtype: str, *, acceptance: float | None = None, seed:
 
     return fixture_key(modules=[inspect.getmodule(f) for f in (write_checkpoint, write_tokenizer_files)]
                        + [__name__, tiny.__name__],
-                       data=[config, acceptance, seed, qtype] + ([True] if vision else []))
+                       data=[config, acceptance, seed, qtype] + ([True] if vision else []) + ([span] if span else []))
 
 
 def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, seed: int = 0,
-               vision: bool = False) -> Path:
-    """`config` converted to `qtype`; with `acceptance`, rewritten first by acceptance_transform;
-    with `vision`, with a random vision tower, whose mmproj is written beside it."""
+               vision: bool = False, span: int | None = None) -> Path:
+    """`config` converted to `qtype`; with `acceptance`, rewritten first by acceptance_transform
+    (its successors within the first `span` ids, if given); with `vision`, with a random vision
+    tower, whose mmproj is written beside it."""
     from qwen35.convert import convert
     from qwen35.demo.real_vocab import write_chat_template, write_tokenizer_files
     from qwen35.demo.synthetic import write_checkpoint
 
     from .tiny import rewrite_checkpoint
 
-    key = gguf_key(config, qtype, acceptance=acceptance, seed=seed, vision=vision)
+    key = gguf_key(config, qtype, acceptance=acceptance, seed=seed, vision=vision, **({"span": span} if span else {}))
     name = f"mtp-{'acc' + str(acceptance) if acceptance is not None else 'random'}-{qtype.upper()}.gguf"
     target = _cache_root() / f"mtp-{key}" / name
     if target.is_file():
@@ -90,7 +94,7 @@ def build_gguf(config: dict, qtype: str, *, acceptance: float | None = None, see
         write_tokenizer_files(ckpt)
         write_chat_template(ckpt)
         if acceptance is not None:
-            ckpt = rewrite_checkpoint(ckpt, Path(tmp) / "controlled", acceptance_transform(ckpt, acceptance, seed))
+            ckpt = rewrite_checkpoint(ckpt, Path(tmp) / "controlled", acceptance_transform(ckpt, acceptance, seed, span))
         outputs = convert(ckpt, [qtype], Path(tmp) / name, force=True, mmproj="f16" if vision else None)
         target.parent.mkdir(exist_ok=True)
         for output in outputs:  # the text GGUF last: it is what says the build is complete
@@ -119,15 +123,17 @@ _NEUTRAL_NORMS = ("language_model.norm.weight", "mtp.pre_fc_norm_embedding.weigh
                   "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight")
 
 
-def successor_cycle(seed: int) -> np.ndarray:
-    """succ[t] for every regular token: one random cycle through all of them."""
-    order = np.random.default_rng(seed).permutation(N_REGULAR)
-    succ = np.empty(N_REGULAR, np.int64)
+def successor_cycle(seed: int, span: int | None = None) -> np.ndarray:
+    """succ[t] for every regular token: one random cycle through all of them (through the first
+    `span` of them; -1 for the others, which are no token's successor)."""
+    n = span or N_REGULAR
+    order = np.random.default_rng(seed).permutation(n)
+    succ = np.full(N_REGULAR, -1, np.int64)
     succ[order] = np.roll(order, -1)
     return succ
 
 
-def acceptance_transform(ckpt_dir: Path, rate: float, seed: int):
+def acceptance_transform(ckpt_dir: Path, rate: float, seed: int, span: int | None = None):
     """The rewrite (for tests.tiny.rewrite_checkpoint) described in the module docstring."""
     from qwen35.convert.checkpoint import Checkpoint
 
@@ -139,13 +145,14 @@ def acceptance_transform(ckpt_dir: Path, rate: float, seed: int):
     blocks = [slice(start, start + 16384) for start in range(0, N_REGULAR, 16384)]
     for rows in blocks:
         unit[rows] /= np.sqrt(np.add.reduce(unit[rows] * unit[rows], axis=1))[:, None]
-    succ = successor_cycle(seed)
+    succ = successor_cycle(seed, span)
     # Logit of the successor ~ 12·|unit·rmsnorm(e)|: a decided greedy choice at any quantization.
     output = np.zeros((vocab, hidden), np.uint16)  # BF16 bits; 0 is 0.0
     for rows in blocks:
-        output[succ[rows]] = _to_bf16(unit[rows] * np.float32(12.0 / np.sqrt(hidden)))
+        inside = succ[rows] >= 0
+        output[succ[rows][inside]] = _to_bf16(unit[rows][inside] * np.float32(12.0 / np.sqrt(hidden)))
     noise = np.random.default_rng(seed + 1).standard_normal((hidden, hidden)).astype(np.float32) / np.sqrt(hidden)
-    sigma = noise_for_rate(unit, noise, rate, seed)
+    sigma = noise_for_rate(unit[:span] if span else unit, noise, rate, seed)
     fc = np.zeros((hidden, 2 * hidden), np.float32)  # [embedding part | hidden-state part]
     fc[:, :hidden] = np.eye(hidden, dtype=np.float32) + sigma * noise
 

@@ -234,3 +234,48 @@ def test_sampling_with_a_seed_gives_the_tokens_of_plain_decoding_with_a_reduced_
     _, got, accepted, drafted = _greedy(path, 3, 64, subset, sampling)
     assert got == expected
     assert 0 < accepted < drafted  # some drafts taken, some rejected by the sampled target
+
+
+def test_the_output_rows_the_reduced_draft_copies_are_counted_in_the_memory_estimate():
+    """Hand-made: a Q8_0 output weight of 1,000 rows of 256 (8 blocks of 34 bytes: 272 bytes a row);
+    100 drafted-from tokens copy 100 rows and keep 100 float logits; the whole vocabulary copies none."""
+    from types import SimpleNamespace
+
+    from qwen35.gguf_header import GGMLQuantizationType, TensorInfo
+    from qwen35.runtime.engine.memory import draft_head_bytes
+
+    mf = SimpleNamespace(tensors=[TensorInfo("token_embd.weight", (1000, 256), GGMLQuantizationType.Q8_0, 0)])
+    assert draft_head_bytes(mf, 100) == 100 * (272 + 4)
+    assert draft_head_bytes(mf, 0) == 0
+    untied = SimpleNamespace(tensors=mf.tensors + [TensorInfo("output.weight", (1000, 256), GGMLQuantizationType.F32, 0)])
+    assert draft_head_bytes(untied, 100) == 100 * (1024 + 4)  # the output weight, not the embedding
+
+
+def test_a_session_drafts_from_the_frequent_tokens_unless_told_the_whole_vocabulary(tmp_path):
+    """ChatSession, `qwen35 run/serve/bench`: the reduced draft by default (32,768 tokens), the whole
+    vocabulary with draft_vocab=0 (--draft-vocab 0), and the same tokens either way."""
+    from click.testing import CliRunner
+
+    from qwen35 import cli
+    from qwen35.runtime import ChatSession
+    from qwen35.runtime.engine.speculative import DRAFT_VOCAB
+
+    for command in ("run", "serve", "bench"):
+        option = next(p for p in cli.main.commands[command].params if p.name == "draft_vocab")
+        assert option.default == DRAFT_VOCAB
+    path = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.8)
+    replies = {}
+    for draft_vocab in (DRAFT_VOCAB, 0):
+        options = {} if draft_vocab == DRAFT_VOCAB else {"draft_vocab": 0}
+        with ChatSession(str(path), n_ctx=1024, threads=GEN_THREADS, speculative="mtp", draft_tokens=2, temp=0.0,
+                         prefill=False, adapt_threads=False, max_tokens=24, **options) as chat:
+            head = chat.decoder.spec._head
+            if draft_vocab:
+                assert head is not None and len(head.ids) == DRAFT_VOCAB
+                assert chat.decoder.memory.drafting >= DRAFT_VOCAB * head.weight_bytes // len(head.ids)
+            else:
+                assert head is None
+            replies[draft_vocab] = chat.send("Hello there").content
+    assert replies[DRAFT_VOCAB] == replies[0]
+    result = CliRunner().invoke(cli.main, ["run", str(path), "-p", "Hello there", "--mtp", "--draft-vocab", "-1"])
+    assert result.exit_code == 2 and "--draft-vocab" in result.output

@@ -31,7 +31,7 @@ from ..engine.decoder import Decoder
 from ..engine.errors import ChatError, ContextFull
 from ..engine.modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from ..engine.native import FULL, Sampling
-from ..engine.speculative import OFF, split_state
+from ..engine.speculative import DRAFT_VOCAB, OFF, split_state
 from ..engine.state_cache import PREFIX, PROMPT, TURN, Checkpoint
 from ..engine.vision import DEFAULT_IMAGE_MAX_TOKENS, find_mmproj
 from . import constraints
@@ -102,7 +102,9 @@ class ChatSession:
     same tokens). "auto" uses it when the GGUF has an MTP block and this machine's step costs
     (measured once, remembered) say it can pay (speculative.drafting_verdict), drafting as many a
     step as pay at the acceptance it sees (speculative.DraftPolicy); "mtp" always drafts
-    `draft_tokens` (an error for a GGUF without one).
+    `draft_tokens` (an error for a GGUF without one). Drafts choose among the `draft_vocab` most
+    frequent tokens (draft_head.py: a draft then costs a fraction of its whole-vocabulary cost; 0: the
+    whole vocabulary); the model's check uses the whole vocabulary, so the tokens are unchanged.
     Either way, a llama-cpp-python without the hidden-state functions it needs gives a warning
     and plain decoding.
     """
@@ -111,7 +113,8 @@ class ChatSession:
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
                  adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
-                 speculative: str = OFF, draft_tokens: int = 2, **sampling) -> None:
+                 speculative: str = OFF, draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB,
+                 **sampling) -> None:
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -126,7 +129,7 @@ class ChatSession:
         # The engine under the conversation: the model, its context, checkpoints and drafts.
         self.decoder = Decoder(mf, n_ctx, threads, cache_ram=cache_ram, force=force, adapt_threads=adapt_threads,
                                mmproj=vision, image_max_tokens=image_max_tokens, speculative=speculative,
-                               draft_tokens=draft_tokens)
+                               draft_tokens=draft_tokens, draft_vocab=draft_vocab)
         self.warnings += self.decoder.warnings
         if not constraints.FAST:
             self.warnings.append(constraints.FALLBACK_NOTICE)

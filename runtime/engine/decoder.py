@@ -27,7 +27,7 @@ from .memory import check_fits, estimate, recurrent_state_bytes
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .repack import AMX_IN_USE, cpu_features
 from . import remembered
-from .speculative import (AUTO, MTP, OFF, DraftedState, DraftPolicy, Speculator, StepCosts, check_mode,
+from .speculative import (AUTO, DRAFT_VOCAB, MTP, OFF, DraftedState, DraftPolicy, Speculator, StepCosts, check_mode,
                           drafting_verdict, mtp_block_count, open_speculator, remembered_costs, staging_api,
                           step_costs)
 from .state_cache import READ_BACK, StateCache, position
@@ -75,7 +75,8 @@ class Decoder:
 
     def __init__(self, mf: ModelFile, n_ctx: int, threads: int | None = None, *, cache_ram: int | None = None,
                  force: bool = False, adapt_threads: bool = True, mmproj: Path | None = None,
-                 image_max_tokens: int | None = None, speculative: str = OFF, draft_tokens: int = 2) -> None:
+                 image_max_tokens: int | None = None, speculative: str = OFF, draft_tokens: int = 2,
+                 draft_vocab: int = DRAFT_VOCAB) -> None:
         self.model_file = mf
         self.warnings: list[str] = []
         self.threads = threads or performance_cores()
@@ -95,8 +96,10 @@ class Decoder:
         # the budget) must be there then: it is counted now.
         sizes.update(mmproj=read_model_file(mmproj) if mmproj is not None else None)
         budget = image_max_tokens or LLAMA_IMAGE_MAX_TOKENS
-        self.memory = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, draft_tokens=draft_tokens if drafting else 0)
-        problem = check_fits(mf, self.memory, **sizes, draft_tokens=draft_tokens if drafting else 0)
+        self.draft_vocab = draft_vocab if 0 < draft_vocab < mf.n_tokens else 0  # 0: the whole vocabulary
+        drafts = dict(draft_tokens=draft_tokens, draft_vocab=self.draft_vocab) if drafting else {}
+        self.memory = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, **drafts)
+        problem = check_fits(mf, self.memory, **sizes, **drafts)
         if problem and drafting and speculative == AUTO:
             plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget)
             if not check_fits(mf, plain, **sizes):  # it fits without the MTP head: leave it out
@@ -128,7 +131,8 @@ class Decoder:
                                       n_outputs=draft_tokens + 1 if drafting else 1,
                                       n_rollback=draft_tokens if drafting else self.read_back)
             if drafting:
-                self.spec, notice = open_speculator(self.model, self.ctx, draft_tokens, self.threads)
+                self.spec, notice = open_speculator(self.model, self.ctx, draft_tokens, self.threads,
+                                                    self.draft_vocab, header=mf)
                 if notice:
                     self.warnings.append(notice)
             if self.spec and speculative == AUTO:
@@ -281,6 +285,7 @@ class Decoder:
         stat = path.stat()
         key = remembered.build_key(cpu.cpu_library(), str(path), str(stat.st_size), str(stat.st_mtime_ns),
                                    f"threads {self.threads}", f"drafts {self.spec.n_draft}",
+                                   f"draft vocabulary {self.draft_vocab}",
                                    f"amx {cpu.amx_decision(path, probe=False).use_amx}",
                                    f"calibration {_CALIBRATION_TOKENS} v2").hexdigest()[:32]
         filler = self.model.tokenize(_CALIBRATION_TEXT)[:_CALIBRATION_TOKENS]

@@ -22,7 +22,8 @@ The parts, as llama.cpp allocates them on the CPU (sizes checked against its own
   weights), a second context
   over them (a KV cache of one attention layer, its compute buffer, one row of logits), N more
   recurrent states in the model's context (the snapshots a rejected draft is rolled back to),
-  logits for the N+1 rows of a verify, and the hidden state of every token of a batch;
+  logits for the N+1 rows of a verify, the hidden state of every token of a batch, and the
+  reduced draft's copy of the output rows of its `draft_vocab` tokens (draft_head.py);
 - with an mmproj (the vision tower, loaded at the first image): its weights, which mtmd reads into
   memory rather than mapping, the compute buffer of encoding the largest image the budget
   (`image_max_tokens`) allows, and that image's embeddings (see `vision_bytes`);
@@ -184,11 +185,12 @@ def vision_bytes(mmproj: ModelFile, image_max_tokens: int) -> int:
 def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, threads: int,
              features: frozenset[str] | None = None, process: int | None = None,
              mmproj: ModelFile | None = None, image_max_tokens: int = 0, draft_tokens: int = 0,
-             read_back: int = READ_BACK) -> MemoryEstimate:
+             draft_vocab: int = 0, read_back: int = READ_BACK) -> MemoryEstimate:
     """`features`: the CPU features llama.cpp reports (default: this machine's); `process`: what
     the process holds before loading (default: this one's resident memory now); `mmproj`: the
     vision tower's header, when images may be shown, each at most `image_max_tokens` tokens;
-    `draft_tokens`: speculative decoding's drafts per step (0: off); `read_back`: the recurrent-state
+    `draft_tokens`: speculative decoding's drafts per step (0: off), `draft_vocab` the tokens its drafts
+    choose from (0: the whole vocabulary, no copy); `read_back`: the recurrent-state
     snapshots a plain context keeps (0 where memory is too short for them: see ChatSession)."""
     features = cpu_features() if features is None else features
     n_layer = mf.arch_key("block_count", 0)
@@ -230,7 +232,7 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
         drafting = (mtp_kv + draft_tokens * recurrent
                     + draft_tokens * mf.n_tokens * F32  # the verify's further rows of logits
                     + n_batch * n_embd * F32  # the model's hidden state of each token of a batch
-                    + mtp_compute + mf.n_tokens * F32 + overhead)
+                    + mtp_compute + mf.n_tokens * F32 + overhead + draft_head_bytes(mf, draft_vocab))
     return MemoryEstimate(
         weights=weights, repacked=copies, weights_idle=idle, vocab=mf.n_tokens * VOCAB_BYTES_PER_TOKEN,
         kv_cache=kv_cache, recurrent=recurrent + snapshots,
@@ -238,6 +240,18 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
         process=current_rss() if process is None else process, n_ctx=n_ctx, drafting=drafting,
         vision=vision_bytes(mmproj, image_max_tokens) if mmproj else 0, image_max_tokens=image_max_tokens,
         mapped=mapped)
+
+
+def draft_head_bytes(mf: ModelFile, draft_vocab: int) -> int:
+    """The reduced draft's own copy of `draft_vocab` rows of the output weight (in the file's type, as
+    draft_head.SubsetHead gathers them) and its logits; 0 for a draft from the whole vocabulary."""
+    if not draft_vocab:
+        return 0
+    by_name = {t.name: t for t in mf.tensors}
+    head = by_name.get("output.weight") or by_name.get("token_embd.weight")
+    if head is None or not head.shape[0]:
+        return 0
+    return draft_vocab * (head.nbytes // head.shape[0] + F32)
 
 
 def maps_weights(weights: int, idle: int) -> bool:
@@ -262,7 +276,7 @@ SMALLER_IMAGE_BUDGETS = (512, 256, 128, 64)
 
 def check_fits(mf: ModelFile, est: MemoryEstimate, available: int | None = None, *, n_batch: int, n_checkpoints: int,
                threads: int, features: frozenset[str] | None = None, mmproj: ModelFile | None = None,
-               draft_tokens: int = 0) -> str | None:
+               draft_tokens: int = 0, draft_vocab: int = 0) -> str | None:
     """None if the model fits in available RAM, else the reason and what would fit: a smaller
     image-token budget (with an mmproj), the largest context that fits, or the best-quality profile
     of this model that fits at this context. `mmproj`, `draft_tokens`: as given to `estimate`."""
@@ -273,7 +287,7 @@ def check_fits(mf: ModelFile, est: MemoryEstimate, available: int | None = None,
     # What would fit, at the least a session needs (it does without the read-back snapshots if it must).
     again = dict(n_batch=n_batch, n_checkpoints=n_checkpoints, threads=threads, features=features,
                  process=est.process, mmproj=mmproj, image_max_tokens=est.image_max_tokens,
-                 draft_tokens=draft_tokens, read_back=0)
+                 draft_tokens=draft_tokens, draft_vocab=draft_vocab, read_back=0)
     advice = []
     if mmproj is not None:
         for budget in SMALLER_IMAGE_BUDGETS:

@@ -22,12 +22,12 @@ from ..conversation.session import ChatSession
 from ..engine import cpu, native
 from ..engine.decoder import drafting_possible
 from ..engine.modelfile import read_model_file
-from ..engine.speculative import AUTO, MTP, OFF, staging_api
+from ..engine.speculative import AUTO, DRAFT_VOCAB, MTP, OFF, staging_api
 
 
 def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
           threads: list[int] | None = None, n_ctx: int = 4096, force: bool = False, speculative: str | None = None,
-          draft_tokens: int = 2) -> dict:
+          draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB) -> dict:
     """One result per thread count (default: the session's own choice), and the fastest at generating.
     `speculative` None: both ways when the GGUF has an MTP head and this llama.cpp can run it."""
     if speculative is None:
@@ -35,7 +35,8 @@ def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             and staging_api()[0] is not None
         speculative = MTP if can_draft else OFF
     with ChatSession(model, n_ctx=max(n_ctx, n_prompt + n_gen + 64), threads=threads[0] if threads else None,
-                     seed=1, force=force, prefill=False, speculative=speculative, draft_tokens=draft_tokens) as s:
+                     seed=1, force=force, prefill=False, speculative=speculative, draft_tokens=draft_tokens,
+                     draft_vocab=draft_vocab) as s:
         drafting = s.speculative != "off"
         rng = random.Random(0)
         # Ordinary tokens only (the special tokens sit at the end of the vocabulary).
