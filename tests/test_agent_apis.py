@@ -447,11 +447,14 @@ def test_messages_and_their_events_validate_against_the_sdk_types(server):
         assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
 
 
-def test_the_key_goes_in_x_api_key_or_as_a_bearer_token(server):
+def test_the_key_goes_in_x_api_key_or_as_a_bearer_token():
     """Claude Code sends ANTHROPIC_API_KEY as x-api-key; the anthropic package, a bearer token. (A
-    server made with a key, as serve(api_key=...) makes it, over the module's session.)"""
+    server made with a key, as serve(api_key=...) makes it, over a session of its own: one session has
+    one server's worker, which evaluates ahead while idle — the module's server and a second one over
+    its session once decoded at once, and llama.cpp refused the batch.)"""
     body = {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-    with running(server.session, model_name="tiny", api_key="secret", queue_size=4) as keyed:
+    with ChatSession(build_tiny_gguf(), n_ctx=1024, threads=2, cache_ram=64 << 20) as session, \
+            running(session, model_name="tiny", api_key="secret", queue_size=4) as keyed:
         with pytest.raises(anthropic.AuthenticationError):
             anthropic.Anthropic(base_url=keyed.base_url, api_key="wrong", max_retries=0).messages.create(
                 model="tiny", **body)

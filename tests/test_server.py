@@ -4,6 +4,8 @@ reuse, the constraints, the errors, and behaviour under load and disconnects).""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import threading
 import time
@@ -307,9 +309,19 @@ def test_unknown_route_body_too_large_and_api_key(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = _post(server, b"x" * (17 << 20))
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
-    # A server made with a key (as serve(api_key=...) makes it), over the same session.
-    with running(server.session, model_name="tiny", api_key="secret", queue_size=4) as keyed:
+    # A server made with a key (as serve(api_key=...) makes it).
+    with server_of_its_own(api_key="secret", queue_size=4) as keyed:
         check_api_key(keyed.base_url)
+
+
+@contextlib.contextmanager
+def server_of_its_own(**options):
+    """A second server over a session of its own: one session serves one server, whose worker
+    evaluates ahead while idle (a second server over the module's session once decoded beside that
+    worker, and llama.cpp refused the batch: test_agent_apis saw it)."""
+    with ChatSession(build_tiny_gguf(), n_ctx=1024, threads=2, cache_ram=64 << 20) as session, \
+            running(session, model_name="tiny", **options) as srv:
+        yield srv
 
 
 def check_api_key(base: str, key: str = "secret") -> None:
@@ -345,8 +357,7 @@ def test_a_full_queue_answers_429_and_the_server_keeps_serving(server):
     Retry-After, which the openai client raises as RateLimitError (with retries off)."""
     long = dict(model="tiny", messages=user("Write forever."), stream=True, temperature=1.0, seed=5, max_tokens=3000,
                 reasoning_effort="none")
-    # (the module's server is idle meanwhile)
-    with running(server.session, model_name="tiny", queue_size=1) as small:
+    with server_of_its_own(queue_size=1) as small:
         c = openai.OpenAI(base_url=small.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
         generating = c.chat.completions.create(**long)
         end = time.monotonic() + 30
