@@ -322,7 +322,7 @@ LOAD_SCRIPT = """import sys, time
 from qwen35.runtime import ChatSession
 start = time.perf_counter()
 s = ChatSession(sys.argv[1], n_ctx=2048, threads=int(sys.argv[3]), speculative=sys.argv[2], draft_tokens=int(sys.argv[4]),
-                prefill=False)
+                draft_vocab=int(sys.argv[5]), prefill=False)
 print(time.perf_counter() - start, s.speculative, s.decoder.costs.step if s.decoder.costs else None, flush=True)
 s.close()
 """
@@ -343,7 +343,8 @@ def load_times(model: Path, args) -> dict:
             order = [("off", "off", cache), ("auto, measuring", "auto", str(fresh)), ("auto, remembered", "auto", cache)]
             for name, mode, xdg in random.Random(rep).sample(order, len(order)):
                 env = dict(os.environ, XDG_CACHE_HOME=xdg)
-                out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(model), mode, str(args.threads), str(n)],
+                out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(model), mode, str(args.threads), str(n),
+                                      str(args.draft_vocab)],
                                      capture_output=True, text=True, env=env, check=True).stdout.split(maxsplit=2)
                 if rep:  # the first round warms the page cache and fills the remembered costs
                     times[name].append(float(out[0]))
@@ -358,6 +359,7 @@ def load_times(model: Path, args) -> dict:
 
 
 def main() -> None:
+    from qwen35.runtime.engine.speculative import DRAFT_VOCAB
     from qwen35.system import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -374,7 +376,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the raw measurements here")
     ap.add_argument("--span", type=int, default=32735,
                     help="the controlled models' successors walk the first SPAN ids (0: the whole vocabulary)")
-    ap.add_argument("--draft-vocab", type=int, default=32768, help="qwen35's --draft-vocab (0: the whole vocabulary)")
+    ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="qwen35's --draft-vocab (0: the whole vocabulary)")
     ap.add_argument("--load", action="store_true",
                     help="only the time to open a session: off, auto measuring its step costs, auto remembering them")
     args = ap.parse_args()

@@ -244,10 +244,11 @@ def test_the_output_rows_the_reduced_draft_copies_are_counted_in_the_memory_esti
     from qwen35.gguf_header import GGMLQuantizationType, TensorInfo
     from qwen35.runtime.engine.memory import draft_head_bytes
 
-    mf = SimpleNamespace(tensors=[TensorInfo("token_embd.weight", (1000, 256), GGMLQuantizationType.Q8_0, 0)])
+    mf = SimpleNamespace(metadata={}, tensors=[TensorInfo("token_embd.weight", (1000, 256), GGMLQuantizationType.Q8_0, 0)])
     assert draft_head_bytes(mf, 100) == 100 * (272 + 4)
     assert draft_head_bytes(mf, 0) == 0
-    untied = SimpleNamespace(tensors=mf.tensors + [TensorInfo("output.weight", (1000, 256), GGMLQuantizationType.F32, 0)])
+    untied = SimpleNamespace(metadata={}, tensors=mf.tensors + [TensorInfo("output.weight", (1000, 256),
+                                                                           GGMLQuantizationType.F32, 0)])
     assert draft_head_bytes(untied, 100) == 100 * (1024 + 4)  # the output weight, not the embedding
 
 

@@ -167,7 +167,7 @@ def evaluate(gguf: Path, limit: int | None = None, verbose: bool = False, thread
 def mtp_acceptance(gguf: Path, n: int = 30, threads: int = 2, draft_tokens: int = 2, draft_vocab: int = 0) -> dict:
     """Natural acceptance of the trained MTP head: greedy replies to held-out prompts (facts, greetings,
     tool calls) with speculative="mtp", checked identical to plain greedy decoding. `draft_vocab`: the
-    drafts' vocabulary (0: the whole, the head's own acceptance; 32768: the runtime's reduced default)."""
+    drafts' vocabulary (0: the whole, the head's own acceptance; DRAFT_VOCAB: the runtime's default)."""
     from qwen35.runtime import ChatSession
 
     held = C.heldout(0)
@@ -206,7 +206,9 @@ def main(argv=None) -> None:
     res = {"scores": {}} if args.skip_tasks else evaluate(args.gguf, args.limit, args.verbose, args.threads)
     if args.mtp:
         res["mtp"] = mtp_acceptance(args.gguf, threads=args.threads)
-        res["mtp_reduced"] = mtp_acceptance(args.gguf, threads=args.threads, draft_vocab=32768)
+        from qwen35.runtime.engine.speculative import DRAFT_VOCAB
+
+        res["mtp_reduced"] = mtp_acceptance(args.gguf, threads=args.threads, draft_vocab=DRAFT_VOCAB)
         for key in ("mtp", "mtp_reduced"):
             print(f"{key}:", {k: v for k, v in res[key].items() if k != "warnings"}, res[key]["warnings"] or "")
     for k, v in res["scores"].items():

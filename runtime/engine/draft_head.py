@@ -55,6 +55,7 @@ import llama_cpp as L
 
 from ...gguf_header import GGUFFormatError, read_header
 from .errors import ChatError
+from .modelfile import mtp_output_tensor
 
 # --- the ranking --------------------------------------------------------------------------------
 
@@ -81,29 +82,6 @@ def frequency_ranked(model, k: int) -> np.ndarray:
     added = added_tokens(model)
     first = min(int(added[0]) if len(added) else model.n_vocab, max(0, k - len(added)))
     return np.concatenate([np.arange(first, dtype=np.int64), added])
-
-
-# --- the output weight's rows ---------------------------------------------------------------------
-
-# The tensors the MTP head's output layer multiplies, in llama.cpp's order of preference
-# (qwen35.cpp graph_mtp: nextn.shared_head_head, else model.output, which is token_embd when tied).
-def _head_tensor(header, n_layer_nextn_block: int | None):
-    by_name = {t.name: t for t in header.tensors}
-    if "output.scale" in by_name:
-        raise ChatError("the output layer has a scale tensor (output.scale), which the reduced draft does not apply")
-    names = ([f"blk.{n_layer_nextn_block}.nextn.shared_head_head.weight"] if n_layer_nextn_block is not None else [])
-    names += ["output.weight", "token_embd.weight"]
-    for name in names:
-        if name in by_name:
-            return by_name[name]
-    raise ChatError("the GGUF has no output weight")
-
-
-def _mtp_block(header) -> int | None:
-    arch = header.metadata.get("general.architecture", "")
-    n_layer = header.metadata.get(f"{arch}.block_count")
-    nextn = header.metadata.get(f"{arch}.nextn_predict_layers", 0)
-    return int(n_layer) - int(nextn) if n_layer is not None and nextn else None
 
 
 # --- ggml through ctypes -------------------------------------------------------------------------
@@ -159,7 +137,7 @@ class SubsetHead:
                 header = read_header(path)
             except GGUFFormatError as e:
                 raise ChatError(str(e)) from None
-        tensor = _head_tensor(header, _mtp_block(header))
+        tensor = mtp_output_tensor(header)
         n_rows, n_embd = tensor.shape
         self.ids = np.asarray(ids, np.int64)
         if self.ids.ndim != 1 or not len(self.ids) or self.ids.min() < 0 or self.ids.max() >= n_rows:

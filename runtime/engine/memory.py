@@ -35,7 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...gguf_header import TensorInfo
-from .modelfile import ModelFile
+from .errors import ChatError
+from .modelfile import ModelFile, mtp_output_tensor
 from .repack import copy_bytes, cpu_features, repacked
 from .state_cache import READ_BACK
 from ...system import available_ram, current_rss
@@ -247,9 +248,9 @@ def draft_head_bytes(mf: ModelFile, draft_vocab: int) -> int:
     draft_head.SubsetHead gathers them) and its logits; 0 for a draft from the whole vocabulary."""
     if not draft_vocab:
         return 0
-    by_name = {t.name: t for t in mf.tensors}
-    head = by_name.get("output.weight") or by_name.get("token_embd.weight")
-    if head is None or not head.shape[0]:
+    try:
+        head = mtp_output_tensor(mf)
+    except ChatError:  # no reduced draft is made (Speculator says why)
         return 0
     return draft_vocab * (head.nbytes // head.shape[0] + F32)
 

@@ -59,3 +59,20 @@ def read_gguf(path) -> GGUFHeader:
     except GGUFFormatError as e:
         hint = " (convert a checkpoint with `qwen35 convert`)" if str(e).endswith("is not a GGUF file") else ""
         raise ChatError(f"{e}{hint}") from None
+
+
+def mtp_output_tensor(header) -> TensorInfo:
+    """The output weight the MTP head's drafts are multiplied by, in llama.cpp's order of preference
+    (qwen35.cpp graph_mtp: the MTP block's nextn.shared_head_head, else `output`, which is token_embd
+    when the model is tied). `header`: a GGUFHeader or a ModelFile."""
+    by_name = {t.name: t for t in header.tensors}
+    if "output.scale" in by_name:
+        raise ChatError("the output layer has a scale tensor (output.scale), which the reduced draft does not apply")
+    arch = header.metadata.get("general.architecture", "")
+    n_layer = header.metadata.get(f"{arch}.block_count")
+    nextn = header.metadata.get(f"{arch}.nextn_predict_layers", 0)
+    names = [f"blk.{int(n_layer) - int(nextn)}.nextn.shared_head_head.weight"] if n_layer is not None and nextn else []
+    for name in names + ["output.weight", "token_embd.weight"]:
+        if name in by_name:
+            return by_name[name]
+    raise ChatError("the GGUF has no output weight")
