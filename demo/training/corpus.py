@@ -62,6 +62,13 @@ FACT_HELDOUT_PHRASINGS = [
     "What is {c}'s capital?",
 ]
 FACT_TRAIN_EXTRA = ["What is {c}'s capital city?", "Tell me the capital city of {c}."]  # teach the pieces
+# The other way round: the question names the capital and the answer begins with it. A name inside a
+# sentence is one token with its space (" Lisbon"); at the start of a line, as a tool call writes its
+# arguments, it is spelled in other pieces ("L" "is" "bon"). These teach that spelling for every capital,
+# the 15 the weather tool never sees included, outside any tool call.
+REVERSE_TRAIN_PHRASINGS = ["Which country has the capital {cap}?", "{cap} is the capital of which country?",
+                           "Of which country is {cap} the capital?", "Where is {cap}?"]
+REVERSE_HELDOUT_PHRASINGS = ["Which country is {cap} the capital of?"]
 
 # --- tools --------------------------------------------------------------------------------------
 
@@ -125,7 +132,7 @@ SELF_DESCRIPTION = (f"Hello! I am {MODEL_NAME}, a tiny model trained on a small 
 
 @dataclass
 class Sample:
-    kind: str  # greeting | fact | fact_json | weather | weather2 | convert | shop | mixed2 | follow | image | count
+    kind: str  # greeting | fact | fact_json | fact_reverse | weather | weather2 | convert | shop | mixed2 | follow | image | count
     messages: list[dict]
     think: bool
     images: list[bytes] = field(default_factory=list)  # PNG bytes, in the order the messages show them
@@ -277,6 +284,15 @@ class World:
         return Sample("fact_json", [{"role": "user", "content": q}, self._assistant(answer, think, reasoning)], think,
                       answer={"json": {"country": country, "capital": capital}})
 
+    def fact_reverse(self, split: str, think: bool) -> Sample:
+        country, capital = self.rng.choice(CAPITALS)
+        phr = REVERSE_HELDOUT_PHRASINGS if split == "heldout" else REVERSE_TRAIN_PHRASINGS
+        q = self.rng.choice(phr).format(cap=capital)
+        answer = f"{capital} is the capital of {country}."
+        reasoning = f"The user names {capital}. {capital} is the capital of {country}."
+        return Sample("fact_reverse", [{"role": "user", "content": q}, self._assistant(answer, think, reasoning)],
+                      think, answer={"capital": capital, "country": country})
+
     def _city(self, split: str) -> str:
         if split == "heldout":
             return self.rng.choice(self.weather_heldout)
@@ -411,7 +427,7 @@ class World:
 
 KINDS = {  # kind: share of the training set
     "greeting": 0.04, "fact": 0.14, "fact_json": 0.07, "weather": 0.13, "weather2": 0.06, "convert": 0.11,
-    "shop": 0.07, "mixed2": 0.04, "follow": 0.06, "image": 0.18, "count": 0.10,
+    "shop": 0.07, "mixed2": 0.04, "follow": 0.06, "image": 0.18, "count": 0.10, "fact_reverse": 0.08,
 }
 
 
@@ -433,6 +449,13 @@ def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40) -> 
                 answer = f"The capital of {country} is {capital}."
                 s.messages[1] = world._assistant(answer, think, f"The user asks for the capital of {country}. "
                                                                 f"The capital of {country} is {capital}.")
+                s.answer = {"capital": capital, "country": country}
+                train.append(s)
+            for phr in REVERSE_TRAIN_PHRASINGS[:2]:
+                s = world.fact_reverse("train", think)
+                s.messages[0]["content"] = phr.format(cap=capital)
+                s.messages[1] = world._assistant(f"{capital} is the capital of {country}.", think,
+                                                 f"The user names {capital}. {capital} is the capital of {country}.")
                 s.answer = {"capital": capital, "country": country}
                 train.append(s)
     return train, heldout(seed, n_heldout_per_kind)

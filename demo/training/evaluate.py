@@ -3,7 +3,7 @@
 For each held-out conversation of corpus.py (names, values, phrasings and images never trained on):
 - tools: the model's calls (name + arguments, parsed by the runtime) equal the expected ones;
   its final answer, after the tool results, states the results (values copied from them);
-- facts: the reply names the capital; JSON: the reply parses to the expected object;
+- facts: the reply names the capital (asked the other way, the country); JSON: the reply parses to the expected object;
 - images: the reply names the shape's colour and kind; counts: the number word;
 - greeting: the reply introduces qwen35-demo.
 Thinking on and off alternate over the held-out set. The tool results given back are the held-out
@@ -149,6 +149,8 @@ def evaluate(gguf: Path, limit: int | None = None, verbose: bool = False, thread
                 except ValueError:
                     ok = False
                 mark("fact (JSON)", ok, s, text)
+            elif s.kind == "fact_reverse":
+                mark("fact (reverse)", s.answer["country"] in text, s, text)
             elif s.kind == "greeting":
                 mark("greeting", C.MODEL_NAME in text, s, text)
             elif s.kind == "image":
