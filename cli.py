@@ -43,8 +43,8 @@ def _speculative_options(fn):
                            "whole vocabulary; the model still checks every token against all of it). "
                            "0: the whole vocabulary.")(fn)
     fn = click.option("--speculative", type=click.Choice(["auto", "mtp", "off"]), default=None,
-                      help="auto: draft only where it measures faster than plain decoding (checked at load, "
-                           "then watched as it goes); mtp: always (= --mtp); off: never (= --no-mtp, the "
+                      help="auto: draft only where it measures faster than plain decoding (timing its own "
+                           "steps, remembered for the next load); mtp: always (= --mtp); off: never (= --no-mtp, the "
                            "default: on this project's 2-core bench machine drafting was slower; see docs/benchmarks.md).")(fn)
     return click.option("--mtp/--no-mtp", "mtp", default=None,
                         help="Always draft with the model's MTP head, or never (the default).")(fn)

@@ -17,7 +17,9 @@ accepts ~13 % of that. `--draft-vocab K` is passed to qwen35 (0: it drafts from 
 vocabulary, as llama-server does).
 
 Servers, one at a time, on 127.0.0.1, same GGUF, threads and context:
-  qwen35     `qwen35 serve`: --no-mtp (plain), --mtp --draft N, and `--speculative auto` at --draft N;
+  qwen35     `qwen35 serve`: --no-mtp (plain), --mtp --draft N, and `--speculative auto` at --draft N
+             twice: on a first load (a fresh cache: step costs learnt from its own steps) and with the
+             costs its first start remembered;
   llama.cpp  llama-server built from the pinned sdist (bench_runtime.llama_cpp_tool: one cached
              build): plain, and --spec-type draft-mtp --spec-draft-n-max N;
   example    the sdist's examples/server/server.py (bench_server.py's peers venv and config): plain,
@@ -57,6 +59,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -266,8 +269,12 @@ def bench_file(size: str, rate: float | None, args, env: dict, peers: list[str],
     for n in args.draft:
         settings[n, "qwen35"] = (f"qwen35 --mtp --draft {n}", ours(model, args, ["--mtp", "--draft", str(n)]), "/health")
         if n == args.auto_draft:
-            settings[n, "auto"] = (f"qwen35 auto --draft {n}",
-                                   ours(model, args, ["--speculative", "auto", "--draft", str(n)]), "/health")
+            # `auto` twice: on a first load here (a cache of its own each start: the step costs learnt
+            # from the reply's own steps) and with what the first repetition's start remembered.
+            auto = ours(model, args, ["--speculative", "auto", "--draft", str(n)])
+            settings[n, "auto"] = (f"qwen35 auto --draft {n} (first load)", auto, "/health", FRESH_CACHE)
+            settings[n, "auto, remembered"] = (f"qwen35 auto --draft {n} (remembered)", auto, "/health",
+                                               args.workdir / f"auto-cache-{model.stem}")
         if binary:
             settings[n, "llama.cpp"] = (f"llama-server draft-mtp n-max {n}", llama_server(
                 binary, model, args, ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(n)]), "/health")
@@ -275,18 +282,27 @@ def bench_file(size: str, rate: float | None, args, env: dict, peers: list[str],
             settings[n, "example"] = (f"example draft-mtp {n}", example(python, model, args, n), "/healthz")
     keys = list(settings)
     runs: dict = {key: [] for key in keys}
+    for key in keys:  # what `auto` remembers: learnt by one start, not measured, before the repetitions
+        name, command, health, *cache = settings[key]
+        if cache and cache[0] != FRESH_CACHE:
+            shutil.rmtree(cache[0], ignore_errors=True)
+            print(" (learning the step costs the remembered `auto` starts from)", flush=True)
+            measure(name, command, args, dict(env, XDG_CACHE_HOME=str(cache[0])), 0, health, decode)
     for rep in range(args.reps):
         print(f" repetition {rep + 1}/{args.reps}", flush=True)
         for key in random.Random(rep).sample(keys, len(keys)):
-            name, command, health = settings[key]
-            runs[key].append(measure(name, command, args, env, rep, health, decode))
+            name, command, health, *cache = settings[key]
+            with tempfile.TemporaryDirectory() as fresh:
+                own = dict(env, XDG_CACHE_HOME=str(fresh if cache[0] == FRESH_CACHE else cache[0])) if cache else env
+                runs[key].append(measure(name, command, args, own, rep, health, decode))
     result = {key: summarize(r, args.tokens) for key, r in runs.items()}
     plain = {server: result["plain", server] for server in ("qwen35", "llama.cpp", "example")
              if ("plain", server) in result}
     rows = []
     for n in args.draft:
         mtp = {server: result[n, server] for server in ("qwen35", "llama.cpp", "example") if (n, server) in result}
-        rows.append({"size": size, "rate": rate, "n": n, "plain": plain, "mtp": mtp, "auto": result.get((n, "auto"))})
+        rows.append({"size": size, "rate": rate, "n": n, "plain": plain, "mtp": mtp, "auto": result.get((n, "auto")),
+                     "auto, remembered": result.get((n, "auto, remembered"))})
     return rows
 
 
@@ -299,7 +315,8 @@ def _ratio(a: dict | None, b: dict | None) -> str:
 
 
 def report(rows: list[dict], peers: list[str]) -> None:
-    head = ["size", "accept/token", "N", "qwen35 plain", "qwen35 MTP", "MTP/plain", "auto/plain", "qwen35 accepted"]
+    head = ["size", "accept/token", "N", "qwen35 plain", "qwen35 MTP", "MTP/plain", "auto/plain (first load)",
+            "auto/plain (remembered)", "qwen35 accepted"]
     for peer in peers:
         head += [f"{peer} plain", f"{peer} MTP", f"{peer} MTP/plain", f"{peer} accepted", f"qwen35 MTP/{peer} MTP"]
     print("\n| " + " | ".join(head) + " |")
@@ -308,7 +325,7 @@ def report(rows: list[dict], peers: list[str]) -> None:
         mine, plain = r["mtp"]["qwen35"], r["plain"]["qwen35"]
         ours_acc = mine.get("acceptance") if mine else None
         cells = [r["size"], "natural" if r["rate"] is None else f"{r['rate']:g}", str(r["n"]), _tps(plain),
-                 _tps(mine), _ratio(mine, plain), _ratio(r["auto"], plain),
+                 _tps(mine), _ratio(mine, plain), _ratio(r["auto"], plain), _ratio(r["auto, remembered"], plain),
                  "—" if ours_acc is None else f"{ours_acc:.2f}"]
         for peer in peers:
             theirs = r["mtp"].get(peer)
@@ -323,37 +340,42 @@ from qwen35.runtime import ChatSession
 start = time.perf_counter()
 s = ChatSession(sys.argv[1], n_ctx=2048, threads=int(sys.argv[3]), speculative=sys.argv[2], draft_tokens=int(sys.argv[4]),
                 draft_vocab=int(sys.argv[5]), prefill=False)
-print(time.perf_counter() - start, s.speculative, s.decoder.costs.step if s.decoder.costs else None, flush=True)
+took = time.perf_counter() - start
+if int(sys.argv[6]):  # decode, so that `auto` learns its step costs and remembers them
+    s.send("Tell me about lighthouses.", max_tokens=int(sys.argv[6]))
+print(took, s.speculative, s.decoder.costs.step if s.decoder.costs else None, flush=True)
 s.close()
 """
+
+FRESH_CACHE = "fresh"
 
 
 def load_times(model: Path, args) -> dict:
     """Seconds to open a ChatSession on `model` (a fresh process each time, the file in the page
-    cache): plainly (`off`), with `auto` the first time on this machine (its step costs measured:
-    a fresh cache directory) and with `auto` again (remembered). Interleaved, medians of --reps."""
-    import tempfile
-
+    cache): plainly (`off`), with `auto` the first time on this machine (a fresh cache directory:
+    nothing known, its step costs to be learnt as it decodes) and with `auto` again (the costs a
+    first session's 96 tokens remembered). Interleaved, medians of --reps."""
     n = max(args.draft)
-    times: dict[str, list[float]] = {"off": [], "auto, measuring": [], "auto, remembered": []}
+    times: dict[str, list[float]] = {"off": [], "auto, first load": [], "auto, remembered": []}
     costs = None
     with tempfile.TemporaryDirectory() as cache:
         for rep in range(args.reps + 1):
             fresh = Path(cache) / f"fresh{rep}"
-            order = [("off", "off", cache), ("auto, measuring", "auto", str(fresh)), ("auto, remembered", "auto", cache)]
+            order = [("off", "off", cache), ("auto, first load", "auto", str(fresh)), ("auto, remembered", "auto", cache)]
             for name, mode, xdg in random.Random(rep).sample(order, len(order)):
                 env = dict(os.environ, XDG_CACHE_HOME=xdg)
+                learn = 96 if rep == 0 and name == "auto, remembered" else 0
                 out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(model), mode, str(args.threads), str(n),
-                                      str(args.draft_vocab)],
+                                      str(args.draft_vocab), str(learn)],
                                      capture_output=True, text=True, env=env, check=True).stdout.split(maxsplit=2)
-                if rep:  # the first round warms the page cache and fills the remembered costs
+                if rep:  # the first round warms the page cache and has the remembered costs learnt
                     times[name].append(float(out[0]))
-                if mode == "auto":
+                if name == "auto, remembered":
                     costs = out[2].strip()
     result = {name: statistics.median(t) for name, t in times.items()}
     print(f"\nopening {model.name} ({args.threads} threads, N = {n}, medians of {args.reps}): "
           + ", ".join(f"{name} {s:.2f} s" for name, s in result.items())
-          + f"; auto over off: +{result['auto, measuring'] - result['off']:.2f} s measuring, "
+          + f"; auto over off: +{result['auto, first load'] - result['off']:.2f} s on a first load, "
             f"+{result['auto, remembered'] - result['off']:.2f} s remembered; step costs {costs}", flush=True)
     return result
 
@@ -378,7 +400,7 @@ def main() -> None:
                     help="the controlled models' successors walk the first SPAN ids (0: the whole vocabulary)")
     ap.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, help="qwen35's --draft-vocab (0: the whole vocabulary)")
     ap.add_argument("--load", action="store_true",
-                    help="only the time to open a session: off, auto measuring its step costs, auto remembering them")
+                    help="only the time to open a session: off, auto on a first load, auto with its step costs remembered")
     args = ap.parse_args()
     args.draft = [int(n) for n in args.draft.split(",")]
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """`auto` speculative decoding's choices, on hand-made step costs and simulated acceptance: how many
-drafts a step makes (speculative.DraftPolicy), from the machine's step costs (speculative.StepCosts)
-and the acceptance it has seen (speculative.Acceptance). The clock is the costs' own (a plain step
-takes 1), so each figure is exact and the same on every machine; the engine's side — timing the
-steps, remembering them — is tested in test_speculative_chat.py on real files."""
+drafts a step makes (speculative.DraftPolicy), from the machine's step costs (speculative.StepCosts,
+given or learnt by a speculative.StepClock from the steps' timings) and the acceptance it has seen
+(speculative.Acceptance). The clock is the costs' own (a plain step takes 1), so each figure is exact
+and the same on every machine; the engine's side — timing real steps, remembering the costs — is
+tested in test_speculative_chat.py on real files."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from statistics import mean
 import pytest
 
 from qwen35.runtime.engine.errors import ChatError
-from qwen35.runtime.engine.speculative import Acceptance, DraftPolicy, StepCosts
+from qwen35.runtime.engine.speculative import Acceptance, DraftPolicy, StepClock, StepCosts
 
 
-def decode(policy: DraftPolicy, costs: StepCosts, accept: float | list[float], tokens: int, seed: int = 0):
+def decode(policy: DraftPolicy, costs: StepCosts, accept: float | list[float], tokens: int, seed: int = 0,
+           timed: bool = False):
     """Decode `tokens` tokens as generation.py does, each draft right with probability `accept`
-    (or accept[i] at token i); returns (speed over plain decoding, the tokens where a step drafted)."""
+    (or accept[i] at token i); returns (speed over plain decoding, the tokens where a step drafted).
+    `timed`: each step tells the policy its time, as generation.py does (a step of every draft
+    right takes costs.kept's time where the costs have it)."""
     rng = random.Random(seed)
     clock, made, drafted_at = 0.0, 0, []
     while made < tokens:
@@ -27,12 +31,13 @@ def decode(policy: DraftPolicy, costs: StepCosts, accept: float | list[float], t
             right = 0
             while right < n and rng.random() < p:
                 right += 1
-            policy.record(n, right)
+            took = costs.kept[n - 1] if right == n and costs.kept else costs.step[n - 1]
+            policy.record(n, right, took if timed else None)
             drafted_at.append(made)
-            clock += costs.step[n - 1]
+            clock += took
             made += right + 1
         else:
-            policy.plain_step()
+            policy.plain_step(1.0 if timed else None)
             clock += 1.0
             made += 1
     return made / clock, drafted_at
@@ -157,5 +162,110 @@ def test_the_modes():
     assert DraftPolicy("mtp", 3).n_draft() == 3 and DraftPolicy("off", 3).n_draft() == 0
     with pytest.raises(ChatError, match="speculative must be one of"):
         DraftPolicy("fast")
-    with pytest.raises(ChatError, match="step costs"):
-        DraftPolicy("auto", 2)
+    assert DraftPolicy("auto", 2).costs == StepClock(2).costs()  # nothing timed yet: the prior
+
+
+# --- learning the costs from the steps (StepClock) ---------------------------------------------------
+
+
+def test_the_clock_gives_ratios_of_medians_dropping_each_shapes_first_timing():
+    clock = StepClock(3)
+    assert clock.costs().step == (1.5, 2.0, 2.5)  # the prior, a step growing by what its last draft added
+    for seconds in (0.9, 0.2, 0.21, 0.19, 0.5):  # plain: 0.9 builds the graph; median of the rest 0.205
+        clock.add(0, False, seconds)
+    assert clock.count(0) == 4 and clock.costs().plain_s == pytest.approx(0.205)
+    clock.add(1, False, 5.0)  # first of its shape: dropped
+    assert clock.costs().step[0] == 1.5
+    for seconds in (0.246, 0.25, 0.3):
+        clock.add(1, False, seconds)
+    c = clock.costs()
+    assert c.step[0] == pytest.approx(round(0.25 / 0.205, 4))
+    # Kept whole not timed yet: taken as the rolled-back step; two and three drafts extrapolated.
+    assert c.kept[0] == c.step[0]
+    assert c.step[1] == pytest.approx(c.step[0] + (c.step[0] - 1.0), abs=1e-3)
+    assert c.step[2] == pytest.approx(c.step[1] + (c.step[1] - c.step[0]), abs=1e-3)
+    clock.add(1, True, 9.0)  # kept whole: a shape of its own, its first timing dropped
+    clock.add(1, True, 0.2255)
+    assert clock.costs().kept[0] == pytest.approx(1.1) and clock.costs().step[0] == c.step[0]
+    # A count never below the one before it, whatever the noise said.
+    for seconds in (1.0, 0.1, 0.1):
+        clock.add(2, False, seconds)
+    assert clock.costs().step[1] == pytest.approx(0.1 / 0.205, abs=1e-3)
+    assert clock.costs().step[2] == clock.costs().step[1]
+
+
+def test_a_count_not_timed_lies_between_the_timed_ones():
+    clock = StepClock(3)
+    for seconds in (1.0, 0.1, 0.1, 0.1):
+        clock.add(0, False, seconds)
+        clock.add(2, True, 2 * seconds)  # (a good head: it went to two drafts at once)
+    assert clock.costs().step == (1.5, 2.0, 2.5)  # one on the line from plain (1) to two (2); three beyond
+
+
+def test_the_clock_keeps_the_latest_timings_only():
+    clock = StepClock(1)
+    for seconds in [1.0] + [0.1] * 9 + [0.3] * 9:  # the machine became three times slower
+        clock.add(0, False, seconds)
+    assert clock.costs().plain_s == pytest.approx(0.3)
+
+
+def test_the_clock_hands_on_what_it_learnt_once_each_count_is_timed_enough():
+    learnt = []
+    clock = StepClock(3, learned=learnt.append)
+    for _ in range(1 + StepClock.ENOUGH):
+        clock.add(1, False, 0.3)
+    assert learnt == []  # the plain step is not timed yet
+    for _ in range(StepClock.ENOUGH):
+        clock.add(0, False, 0.2)
+    assert learnt == []  # the first plain timing was dropped
+    clock.add(0, False, 0.2)
+    assert learnt == [StepCosts(step=(1.5,), kept=(1.5,), plain_s=0.2)]
+    clock.add(0, False, 0.2)
+    assert len(learnt) == 1  # nothing new
+    for _ in range(StepClock.ENOUGH):
+        clock.add(3, False, 0.5)  # three drafts timed (all but the first kept), two not: not handed on
+    assert len(learnt) == 1
+    for _ in range(1 + StepClock.ENOUGH):
+        clock.add(2, True, 0.4)
+    assert learnt[-1] == StepCosts(step=(1.5, 2.0), kept=(1.5, 2.0), plain_s=0.2)
+    clock.add(3, False, 0.5)
+    assert learnt[-1] == StepCosts(step=(1.5, 2.0, 2.5), kept=(1.5, 2.0, 2.5), plain_s=0.2) and len(learnt) == 3
+    for _ in range(StepClock.WINDOW):  # once more when the plain step's window is full, then not again
+        clock.add(0, False, 0.25)
+    assert len(learnt) == 4 and learnt[-1].plain_s == 0.25 and learnt[-1].step == (1.2, 1.6, 2.0)
+
+
+def test_remembered_costs_stand_for_the_counts_they_cover():
+    known = StepCosts(step=(1.2,), kept=(1.1,), plain_s=0.1)
+    clock = StepClock(2, known=known)
+    for seconds in (1.0, 0.1, 0.1, 0.1):
+        clock.add(0, False, seconds)
+        clock.add(1, False, 10 * seconds)  # not what was remembered: the remembered stands
+    for seconds in (1.0, 0.15, 0.15):
+        clock.add(2, False, seconds)
+    assert clock.costs() == StepCosts(step=(1.2, 1.5), kept=(1.1, 1.5), plain_s=0.1)
+    assert not StepClock(1, known=known).needs_plain() and StepClock(2, known=known).needs_plain()
+
+
+@pytest.mark.parametrize("costs", [CHEAP, VERY_CHEAP, MIDDLING, StepCosts(step=(1.72, 2.38, 2.86)),
+                                   StepCosts(step=(2.7, 3.4, 4.1))])
+def test_auto_learning_its_costs_keeps_its_promise_from_the_first_reply(costs):
+    """No costs known (a first load): `auto` decodes by the prior and the timings of its own steps.
+    A head never right costs about one step, as with the costs known; over a long conversation it
+    keeps 97% of the better of plain decoding and always drafting at any acceptance."""
+    first, drafted_at = decode(DraftPolicy("auto", 3), costs, 0.0, 19, timed=True)
+    assert len(drafted_at) <= 2 and first >= 19 / (17 + 2 * costs.step[0]) - 1e-9, drafted_at
+    if costs.step[0] <= 1.5:
+        assert first >= 0.97
+    for accept in (0.0, 0.5, 0.8, 1.0):
+        always = speed("mtp", costs, accept, 1000)
+        learnt = mean(decode(DraftPolicy("auto", 3), costs, accept, 1000, seed, timed=True)[0] for seed in range(10))
+        assert learnt >= 0.97 * max(1.0, always), (accept, learnt, always)
+
+
+def test_a_head_right_from_the_start_still_times_the_plain_step():
+    policy = DraftPolicy("auto", 3)
+    _, drafted_at = decode(policy, VERY_CHEAP, 1.0, 200, timed=True)
+    assert policy.clock.count(0) >= StepClock.ENOUGH and policy.n_draft() == 3
+    assert policy.costs.step == pytest.approx(VERY_CHEAP.step)
+    assert len(drafted_at) < 70  # (200 tokens, 4 a step when drafting 3)

@@ -57,6 +57,17 @@ def generate(decoder: Decoder, sampler: native.Sampler, request: Request, splitt
     n = 0
     again: list[int] | None = None  # prompt tokens to evaluate again, once keep_prompt_state ran
     verified: Verified | None = None  # the last speculative step, while its tokens are looked at
+    # That step's (drafts, right, seconds): told to the policy once the step is over, its roll-back
+    # (in Decoder.keep) timed too, as a drafting step's cost includes it.
+    timed: tuple[int, int, float | None] | None = None
+
+    def step_over(keep_from: float) -> None:
+        nonlocal timed
+        if timed is not None:
+            n_draft, right, seconds = timed
+            decoder.policy.record(n_draft, right, None if seconds is None else
+                                  seconds + time.perf_counter() - keep_from)
+            timed = None
     drafted, accepted = (decoder.spec.drafted, decoder.spec.accepted) if decoder.spec else (0, 0)
     try:
         while True:
@@ -94,28 +105,35 @@ def generate(decoder: Decoder, sampler: native.Sampler, request: Request, splitt
             if verified and len(pending) == 1 and verified.more():
                 token = verified.next()  # sampled after the tokens before it, all evaluated
                 continue
+            step = time.perf_counter()
             verified = decoder.keep(verified)
+            step_over(step)
             if again is None:
                 again = keep_prompt_state()
             step = time.perf_counter()
             n_draft = min(decoder.policy.n_draft(), decoder.n_ctx - held - 1,
                           (max_tokens - n - 1) if max_tokens is not None else decoder.draft_tokens)
             if len(pending) == 1 and not again and n_draft > 0:
+                holds = decoder.timing_holds()
                 verified = decoder.draft_step(token, sampler, n_draft)
                 token = verified.next()
-                decoder.policy.record(n_draft, len(verified.sampled) - 1)
+                timed = (n_draft, len(verified.sampled) - 1, time.perf_counter() - step if holds else None)
             else:
                 decoder.evaluate(again + pending, logits=True)
                 token = sampler.sample(decoder.ctx)
                 if len(pending) == 1 and not again:
+                    seconds = time.perf_counter() - step
+                    holds = decoder.timing_holds()
                     if decoder.governor:
-                        decoder.governor.token_done(time.perf_counter() - step)
-                    decoder.policy.plain_step()
+                        decoder.governor.token_done(seconds)
+                    decoder.policy.plain_step(seconds if holds else None)
             again = []
             elapsed = time.perf_counter() - first
             stats["gen_tps"] = n / elapsed if elapsed > 0 else None
     finally:
+        step = time.perf_counter()
         decoder.keep(verified)
+        step_over(step)
         if again is None:  # the reply ended at its first token: the state still ends the prompt
             again = keep_prompt_state()
             if again:

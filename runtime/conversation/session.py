@@ -99,8 +99,8 @@ class ChatSession:
     `speculative` ("auto", "mtp" or "off") decodes with the model's own multi-token-prediction head
     (speculative.py): it drafts up to `draft_tokens` tokens and the model checks them in one pass,
     so a step can emit several tokens; the tokens are the model's own, as without it (greedy: the
-    same tokens). "auto" uses it when the GGUF has an MTP block and this machine's step costs
-    (measured once, remembered) say it can pay (speculative.drafting_verdict), drafting as many a
+    same tokens). "auto" uses it when the GGUF has an MTP block, unless this machine's step costs
+    (learnt from decoding, remembered) say it cannot pay (speculative.drafting_verdict), drafting as many a
     step as pay at the acceptance it sees (speculative.DraftPolicy); "mtp" always drafts
     `draft_tokens` (an error for a GGUF without one). Drafts choose among the `draft_vocab` most
     frequent tokens (draft_head.py: a draft then costs a fraction of its whole-vocabulary cost; 0: the

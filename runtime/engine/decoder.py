@@ -2,9 +2,9 @@
 
 Opening it decides everything that depends on the machine before a byte is loaded: the memory the
 model will take at this context (memory.py, with AMX's copy of the weights where AMX runs), whether
-it fits, whether the MTP head is loaded (and, with `auto`, kept when this machine's step costs —
-measured once and remembered — say drafting can pay: speculative.drafting_verdict), whether the
-read-back snapshots fit. Then it
+it fits, whether the MTP head is loaded (and, with `auto`, kept unless this machine's step costs —
+learnt from earlier decoding and remembered — say drafting cannot pay: speculative.drafting_verdict),
+whether the read-back snapshots fit. Then it
 evaluates cells — text tokens, and images' stand-ins, which it hands to whoever laid them out
 (`images`) — in batches, keeping the state cache (state_cache.py) and the MTP head in step.
 
@@ -27,9 +27,9 @@ from .memory import check_fits, estimate, recurrent_state_bytes
 from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .repack import AMX_IN_USE, cpu_features
 from . import remembered
-from .speculative import (AUTO, DRAFT_VOCAB, MTP, OFF, DraftedState, DraftPolicy, Speculator, StepCosts, check_mode,
-                          drafting_verdict, mtp_block_count, open_speculator, remembered_costs, staging_api,
-                          step_costs)
+from .speculative import (AUTO, DRAFT_VOCAB, MTP, OFF, DraftedState, DraftPolicy, Speculator, StepClock, StepCosts,
+                          check_mode, drafting_verdict, mtp_block_count, open_speculator, recall_costs,
+                          remember_costs, staging_api)
 from .state_cache import READ_BACK, StateCache, position
 from .vision import LLAMA_IMAGE_MAX_TOKENS
 
@@ -38,9 +38,6 @@ N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
 # state_cache.py), in units of one recurrent state.
 N_CHECKPOINTS = 4
 MAX_DRAFT_TOKENS = 8  # each draft token costs one more recurrent-state snapshot in the context
-# What `auto` times its steps after, at load (any ordinary text: only the shapes matter).
-_CALIBRATION_TEXT = "The lighthouse keeper climbed the stairs every evening to light the lamp for the ships. " * 3
-_CALIBRATION_TOKENS = 32
 
 # Evaluates the image whose stand-ins start at a cell: (first cell, context, cache) → cells it takes.
 ImageEvaluator = Callable[[int, native.Context, StateCache], int]
@@ -123,7 +120,7 @@ class Decoder:
             raise
         self.spec: Speculator | None = None
         self.ctx: native.Context | None = None
-        self.costs: StepCosts | None = None
+        self.clock: StepClock | None = None
         try:
             # Verifying a draft needs logits for each of its tokens and the recurrent-state
             # snapshots to roll back the rejected ones.
@@ -135,8 +132,10 @@ class Decoder:
                                                     self.draft_vocab, header=mf)
                 if notice:
                     self.warnings.append(notice)
+            if self.spec:
+                self.clock = self._step_clock()
             if self.spec and speculative == AUTO:
-                self._drop_drafting_unless_it_can_pay(n_ctx, draft_tokens)
+                self._drop_drafting_unless_it_can_pay(n_ctx)
         except ChatError:
             if self.ctx:
                 self.ctx.close()
@@ -149,7 +148,7 @@ class Decoder:
                                   weights_idle=self.memory.weights_idle)
         self.n_ctx = self.ctx.n_ctx
         self.draft_tokens = draft_tokens if self.spec else 0
-        self.policy = DraftPolicy(speculative if self.spec else OFF, self.draft_tokens, self.costs)
+        self.policy = DraftPolicy(speculative if self.spec else OFF, self.draft_tokens, clock=self.clock)
         # Between generated tokens, give cores back to other programs that take them (and take them
         # again when they are free): see adaptive_threads.py.
         self.governor = ThreadGovernor(self.threads, self._set_threads) if adapt_threads and self.threads > 1 \
@@ -245,9 +244,7 @@ class Decoder:
         check_mode(mode)
         if mode != OFF and self.spec is None:
             raise ChatError("this session decodes without an MTP head: open it with speculative='mtp'")
-        if mode == AUTO and self.costs is None:
-            self.costs = self._step_costs()
-        self.policy = DraftPolicy(mode, self.draft_tokens, self.costs)
+        self.policy = DraftPolicy(mode, self.draft_tokens, clock=self.clock)
 
     def close(self) -> None:
         if self.spec:
@@ -260,56 +257,48 @@ class Decoder:
             self.model.close()
             self.model = None
 
+    @property
+    def costs(self) -> StepCosts | None:
+        """What a drafting step costs here against a plain one, as far as it is known (StepClock)."""
+        return self.clock.costs() if self.clock else None
+
+    def timing_holds(self) -> bool:
+        """Whether a step timed now measures this decoder's costs: not while the thread governor has
+        given cores to other programs (a step on fewer threads is another machine)."""
+        return self.governor is None or self.governor.threads == self.governor.max_threads
+
     # --- drafting at load -----------------------------------------------------------------------
 
-    def _drop_drafting_unless_it_can_pay(self, n_ctx: int, draft_tokens: int) -> None:
-        """`auto`: take this machine's step costs (remembered, else measured now); when drafting
+    def _drop_drafting_unless_it_can_pay(self, n_ctx: int) -> None:
+        """`auto`: when this machine's step costs, remembered from an earlier session, say drafting
         would lose even with the best acceptance real weights reach, decode plainly from the start,
         on a context without the rollback snapshots and hidden-state rows that cost every plain step
-        time too (the MTP block stays loaded: loading the model again would cost more)."""
-        self.costs = self._step_costs()
-        notice = drafting_verdict(self.costs)
+        time too (the MTP block stays loaded: loading the model again would cost more). Costs not
+        known yet are learnt as decoding goes, at no cost to the load (StepClock)."""
+        if self.clock.known is None:
+            return
+        notice = drafting_verdict(self.clock.costs())
         if notice is None:
             return
         self.warnings.append(notice)
         self.spec.close()
         self.spec = None
+        self.clock = None
         self.ctx.close()
         self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH, n_rollback=self.read_back)
 
-    def _step_costs(self) -> StepCosts:
-        """What a drafting step costs here against a plain one: measured once for this CPU, llama.cpp
-        build, model file (its path, size and time), thread count, draft count and AMX use, then
-        remembered (speculative.remembered_costs)."""
+    def _step_clock(self) -> StepClock:
+        """The clock of this machine's step costs, with what was learnt before for this CPU, llama.cpp
+        build, model file (its path, size and time), thread count, draft count, draft vocabulary and
+        AMX use; what it learns is remembered under the same key (speculative.remember_costs)."""
         path = Path(self.model_file.path).resolve()
         stat = path.stat()
         key = remembered.build_key(cpu.cpu_library(), str(path), str(stat.st_size), str(stat.st_mtime_ns),
                                    f"threads {self.threads}", f"drafts {self.spec.n_draft}",
                                    f"draft vocabulary {self.draft_vocab}",
                                    f"amx {cpu.amx_decision(path, probe=False).use_amx}",
-                                   f"calibration {_CALIBRATION_TOKENS} v2").hexdigest()[:32]
-        filler = self.model.tokenize(_CALIBRATION_TEXT)[:_CALIBRATION_TOKENS]
-        # Timed on a thread of its own that then ends: llama.cpp's OpenMP keeps a pool of threads
-        # for each thread that decodes, and while a long-lived thread (a server's main thread)
-        # keeps an idle pool, libgomp counts more threads than cores and stops spin-waiting, which
-        # slowed every later token by a quarter (4B, 2 cores: 9.3 against 12.7 tokens/s).
-        outcome: list = []
-
-        def time_steps() -> None:
-            try:
-                outcome.append(step_costs(self.model, self.spec, filler))
-            except Exception as e:  # noqa: BLE001 - raised again on the caller's thread
-                outcome.append(e)
-
-        def measure() -> StepCosts:
-            timing = threading.Thread(target=time_steps, name="qwen35-draft-check")
-            timing.start()
-            timing.join()
-            if isinstance(outcome[0], Exception):
-                raise outcome[0]
-            return outcome[0]
-
-        return remembered_costs(key, measure)
+                                   "learnt from decoding v3").hexdigest()[:32]
+        return StepClock(self.spec.n_draft, known=recall_costs(key), learned=lambda c: remember_costs(key, c))
 
 
 def drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import struct
-import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from statistics import median
 from typing import Callable
 
 import numpy as np
@@ -366,67 +367,134 @@ class StepCosts:
         return max(((n, self.speedup(n, acceptance)) for n in range(top + 1)), key=lambda c: c[1])
 
 
-def step_costs(model: native.Model, spec: "Speculator", filler: list[int], reps: int = 2) -> StepCosts:
-    """Time, on this machine now, a plain step and a drafting step of 1 .. spec.n_draft drafts —
-    rolled back to its first token and kept whole — each as decoding runs it (sampled with the
-    default settings), after `filler` (a short prompt): the fastest of `reps` rounds after one
-    warm-up round (its first graphs are built then) — what the machine can do, not what a passing
-    load left of it. Both contexts are left empty."""
-    target = spec._target
-    sampler = native.Sampler(native.Sampling(), model.n_vocab)
-    shapes = [(0, False)] + [(n, whole) for n in range(1, spec.n_draft + 1) for whole in (False, True)]
-    timings: dict[tuple[int, bool], list[float]] = {shape: [] for shape in shapes}
-    target.decode(filler, 0)
-    spec.feed(filler, 0)
-    pos = len(filler)
-    drafted, accepted = spec.drafted, spec.accepted
-    try:
-        for round_ in range(reps + 1):
-            for n, whole in shapes:
-                token = filler[pos % len(filler)]
-                start = time.perf_counter()
-                if n == 0:  # as `auto` decodes plainly: the MTP head takes the hidden state only
-                    target.decode([token], pos)
-                    spec.note(1, pos)
-                    sampler.sample(target)
-                    kept = 1
-                else:
-                    spec.step(token, pos, sampler, n, model.is_eog)
-                    kept = n + 1 if whole else 1  # every draft right, or none
-                    spec.keep(pos + kept)
-                if round_:
-                    timings[n, whole].append(time.perf_counter() - start)
-                pos += kept
-    finally:
-        sampler.close()
-        spec.drafted, spec.accepted = drafted, accepted
-        target.clear()
-        spec.clear()
-    plain = min(timings[0, False])
-    ratio = lambda whole: tuple(round(min(timings[n, whole]) / plain, 4) for n in range(1, spec.n_draft + 1))
-    return StepCosts(step=ratio(False), kept=ratio(True), plain_s=round(plain, 6))
+class StepClock:
+    """The step costs `auto` decides by (StepCosts), learnt from the steps decoding makes.
+
+    They were once timed at load: rounds of a plain step and of steps of 1..N drafts, rolled back and
+    kept whole, after a short prompt — about 4 s on a first load of a 4B model on a 2-core machine,
+    where a second was the budget. Real steps measure the same thing for nothing: a plain step is a
+    plain step whether it was meant as a measurement or not, and a probe that drafts decodes too.
+    So the clock keeps the latest WINDOW timings of each step shape (plain; n drafts, rolled back or
+    kept whole) and gives the ratio of their medians to the plain step's; a shape's first timing is
+    dropped (its graph is built then). Draft counts not timed yet lie on the line between timed
+    ones, or beyond the last grow by what its last draft added; before any drafting step and the
+    plain step are timed, one draft counts PRIOR plain steps (the machines measured: 1.1-1.7 at 2
+    threads, 2.7 on the AMD EPYC at 0.8B with the whole vocabulary). Once the plain step and draft
+    count m have ENOUGH timings each, the costs of 1..m are handed to `learned` (to be remembered
+    for the next load), again each time m grows and once when the plain step's window is full.
+
+    `known` (costs remembered from an earlier session) stand for the draft counts they cover; the
+    clock learns only the others."""
+
+    WINDOW = 9
+    ENOUGH = 3
+    PRIOR = 1.5
+
+    def __init__(self, max_draft: int, known: StepCosts | None = None,
+                 learned: Callable[[StepCosts], None] | None = None) -> None:
+        self.max_draft = max_draft
+        self.known = known
+        self._learned = learned
+        self._times: dict[tuple[int, bool], deque] = {}
+        self._seen: set[tuple[int, bool]] = set()
+        self._handed = known.max_draft if known else 0
+        self._full = False
+        self._costs: StepCosts | None = None
+
+    def add(self, n_draft: int, whole: bool, seconds: float) -> None:
+        """A step of `n_draft` drafts (0: plain) took `seconds`; `whole`: every draft was kept."""
+        shape = (n_draft, bool(whole) and n_draft > 0)
+        if shape not in self._seen:
+            self._seen.add(shape)
+            return
+        self._times.setdefault(shape, deque(maxlen=self.WINDOW)).append(seconds)
+        self._costs = None
+        self._hand_on()
+
+    def count(self, n_draft: int) -> int:
+        """Timings kept of steps of `n_draft` drafts (either kind)."""
+        return sum(len(self._times.get((n_draft, whole), ())) for whole in (False, True))
+
+    def needs_plain(self) -> bool:
+        """Whether a plain step's timing is still wanted: the costs have draft counts to learn and
+        the plain step, what they are measured against, has fewer than ENOUGH timings."""
+        return (self.known is None or self.known.max_draft < self.max_draft) and self.count(0) < self.ENOUGH
+
+    def costs(self) -> StepCosts:
+        if self._costs is None:
+            self._costs = self._compute()
+        return self._costs
+
+    def _compute(self) -> StepCosts:
+        known = self.known
+        plain = self._times.get((0, False))
+        plain_s = median(plain) if plain else (known.plain_s if known else 0.0)
+        timed: dict[int, tuple[float, float]] = {}  # draft count: (rolled back, kept whole) in plain steps
+        for n in range(1, self.max_draft + 1):
+            if known and n <= known.max_draft:
+                timed[n] = (known.step[n - 1], known.kept[n - 1] if known.kept else known.step[n - 1])
+                continue
+            rolled, whole = self._times.get((n, False)), self._times.get((n, True))
+            if plain and (rolled or whole):
+                timed[n] = (median(rolled or whole) / plain_s, median(whole or rolled) / plain_s)
+        step: list[float] = []
+        kept: list[float] = []
+        for n in range(1, self.max_draft + 1):
+            if n in timed:
+                step.append(timed[n][0])
+                kept.append(timed[n][1])
+                continue
+            above = next((m for m in range(n + 1, self.max_draft + 1) if m in timed), None)
+            for i, row in enumerate((step, kept)):
+                last = row[-1] if row else 1.0  # (no draft: a plain step)
+                if above is not None:  # between two timed counts: on the line joining them
+                    row.append(last + (timed[above][i] - last) / (above - n + 1))
+                elif not row:
+                    row.append(self.PRIOR)
+                else:  # beyond them: a step grows by what its last draft added (never less than nothing)
+                    before = row[-2] if len(row) > 1 else 1.0
+                    row.append(last + max(last - before, 0.0))
+        return StepCosts(step=tuple(round(x, 4) for x in step), kept=tuple(round(x, 4) for x in kept),
+                         plain_s=round(plain_s, 6))
+
+    def _hand_on(self) -> None:
+        if self._learned is None or len(self._times.get((0, False), ())) < self.ENOUGH:
+            return
+        m = max((n for n in range(self._handed + 1, self.max_draft + 1) if self.count(n) >= self.ENOUGH), default=0)
+        # Again, once, when the plain step's window is full: its median is then the steadiest.
+        full = not self._full and len(self._times[0, False]) == self.WINDOW and self._handed > (
+            self.known.max_draft if self.known else 0)
+        if m > self._handed or full:
+            self._handed = max(m, self._handed)
+            self._full = self._full or full
+            c = self.costs()
+            self._learned(StepCosts(step=c.step[:self._handed], kept=c.kept[:self._handed], plain_s=c.plain_s))
 
 
 DRAFT_COSTS = "draft-costs.json"
 
 
-def remembered_costs(key: str, measure: Callable[[], StepCosts]) -> StepCosts:
-    """The step costs measured before for `key` (this CPU, llama.cpp build, model file, threads and
-    draft count: Decoder makes it), else `measure()`'s, then kept (remembered.py)."""
+def recall_costs(key: str) -> StepCosts | None:
+    """The step costs remembered for `key` (this CPU, llama.cpp build, model file, threads and draft
+    count: Decoder makes it), or None (never learnt here, or a file from elsewhere)."""
     known = remembered.recall(DRAFT_COSTS, key)
-    if known is not None:
-        try:
-            kept = known.get("kept")
-            return StepCosts(step=tuple(float(x) for x in known["step"]),
-                             kept=None if kept is None else tuple(float(x) for x in kept),
-                             plain_s=float(known.get("plain_s", 0)))
-        except (KeyError, TypeError, ValueError):
-            pass  # a file from elsewhere: measure again
-    costs = measure()
+    if known is None:
+        return None
+    try:
+        step = tuple(float(x) for x in known["step"])
+        kept = known.get("kept")
+        kept = None if kept is None else tuple(float(x) for x in kept)
+        if not step or (kept is not None and len(kept) != len(step)):
+            return None
+        return StepCosts(step=step, kept=kept, plain_s=float(known.get("plain_s", 0)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def remember_costs(key: str, costs: StepCosts) -> None:
     remembered.remember(DRAFT_COSTS, key, {"step": list(costs.step), "kept": list(costs.kept) if costs.kept else None,
                                            "plain_s": costs.plain_s,
                                            "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    return costs
 
 
 # Drafting is kept at load only if it would be this much faster at the best real acceptance.
@@ -544,8 +612,8 @@ class Acceptance:
 
 class DraftPolicy:
     """How many drafts the next step makes (0: decode plainly). `mtp`: always `max_draft`; `off`:
-    never; `auto`: as many as decode fastest by the machine's step costs (StepCosts, measured once
-    and remembered) at the acceptance seen so far (Acceptance) — and none when plain decoding is
+    never; `auto`: as many as decode fastest by the machine's step costs (StepCosts, learnt from the
+    steps themselves by a StepClock and remembered) at the acceptance seen so far (Acceptance) — and none when plain decoding is
     faster, as it is when the head is seldom right or a step costs too much here.
 
     Two rules keep `auto` from losing where drafting does not pay, from the first reply on. It
@@ -559,17 +627,22 @@ class DraftPolicy:
     FIRST_INTERVAL = 32
     MAX_INTERVAL = 4096
     PROBE_STEPS = 2  # single-draft steps a probe takes: one wrong draft of a good head is not the end
+    # While the plain step is not timed yet (StepClock.ENOUGH), one step in this many is plain, so that
+    # a head good from the start does not leave the costs a guess.
+    PLAIN_EVERY = 5
     MARGIN = 1.03  # drafting must beat plain decoding by this much: no switching on a hair
 
-    def __init__(self, mode: str, max_draft: int = 2, costs: StepCosts | None = None) -> None:
+    def __init__(self, mode: str, max_draft: int = 2, costs: StepCosts | None = None,
+                 clock: StepClock | None = None) -> None:
         self.mode = check_mode(mode)
-        if mode == AUTO and costs is None:
-            raise ChatError("speculative='auto' needs this machine's step costs")
         self.max_draft = max_draft
-        self.costs = costs
+        # `auto` decides by the clock's costs: given ones (remembered, or hand-made in the tests)
+        # stand for the draft counts they cover, the rest are learnt from the steps as they are timed.
+        self.clock = clock if clock is not None else (StepClock(max_draft, known=costs) if mode == AUTO else None)
         self.acceptance = Acceptance()
         self._interval = self.FIRST_INTERVAL
         self._since = 0  # plain tokens since the last drafting step
+        self._drafting = 0  # drafting steps since the last plain one
         self._n = self._choose() if mode == AUTO else 0
         # Single-draft steps left in a probe. When the prior alone does not make drafting pay here, the
         # first step is a probe anyway: a good head then drafts from its first tokens instead of
@@ -577,24 +650,35 @@ class DraftPolicy:
         self._probe = 1 if mode == AUTO and self._n == 0 else 0
         self._first_probe = bool(self._probe)
 
+    @property
+    def costs(self) -> StepCosts | None:
+        return self.clock.costs() if self.clock is not None else None
+
     def n_draft(self) -> int:
         """Drafts for the next step (0: a plain step)."""
         if self.mode != AUTO:
             return self.max_draft if self.mode == MTP else 0
         if self._n == 0 and not self._probe and self._since >= self._interval:
             self._probe = self.PROBE_STEPS
-        return 1 if self._probe else self._n
+        n = 1 if self._probe else self._n
+        if n and self._drafting >= self.PLAIN_EVERY - 1 and self.clock.needs_plain():
+            return 0  # a plain step, to be timed
+        return n
 
     def drafts(self) -> bool:
         """Whether the next step drafts (and so the MTP head must be kept in step)."""
         return self.n_draft() > 0
 
-    def record(self, drafted: int, right: int) -> None:
-        """A drafting step made `drafted` drafts, of which the first `right` were right."""
+    def record(self, drafted: int, right: int, seconds: float | None = None) -> None:
+        """A drafting step made `drafted` drafts, of which the first `right` were right, in `seconds`
+        (None: not timed, as when other programs had cores taken from it)."""
+        if seconds is not None and self.clock is not None:
+            self.clock.add(drafted, right == drafted, seconds)
         self.acceptance.observe(drafted, right)
         if self.mode != AUTO:
             return
         self._since = 0
+        self._drafting += 1
         if self._probe:
             self._probe -= 1
             if self._probe:
@@ -608,10 +692,13 @@ class DraftPolicy:
             return
         self._n = self._choose()
 
-    def plain_step(self) -> None:
+    def plain_step(self, seconds: float | None = None) -> None:
+        if seconds is not None and self.clock is not None:
+            self.clock.add(0, False, seconds)
         self._since += 1
+        self._drafting = 0
         self.acceptance.age()
 
     def _choose(self) -> int:
-        n, speedup = self.costs.best(self.acceptance.rate, min(self.max_draft, 1 + self.acceptance.ever_right))
+        n, speedup = self.clock.costs().best(self.acceptance.rate, min(self.max_draft, 1 + self.acceptance.ever_right))
         return n if speedup >= self.MARGIN else 0
