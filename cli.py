@@ -159,8 +159,9 @@ def demo(workdir):
     click.echo("\n" + describe(gguf))
     click.echo(f"\n$ qwen35 run {gguf}   # greedy, thinking off; the tools are the demo's own")
     converse(gguf, click.echo)
-    click.echo(f"\nA toy: it knows only its small world (50 capitals, three tools, coloured shapes), and even there it\n"
-               f"names colours better than shapes and calls tools right for the places it was trained on. Go on with:\n"
+    click.echo(f"\nA toy: it knows only its small world (50 capitals, three tools, coloured shapes). On questions it\n"
+               f"was not trained on it calls the right tool rightly 55 times in 60 and names a picture's colour and\n"
+               f"shape 8 times in 10 (demo/training/README.md). Go on with:\n"
                f"  qwen35 run {gguf}        # chat here (/image PATH to show a picture)\n"
                f"  qwen35 serve {gguf}      # the chat page and the OpenAI-compatible API on 127.0.0.1:8080")
 

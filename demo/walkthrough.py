@@ -1,7 +1,7 @@
 """`qwen35 demo`: the trained demo model, from its compact weights to a conversation, on this machine.
 
 What a user does with a release, end to end, on a model small enough to ship inside the package
-(13.8 MB of weights, trained here: training/README.md): the weights become a Hugging Face checkpoint
+(14.0 MB of weights, trained here: training/README.md): the weights become a Hugging Face checkpoint
 (materialize.py, the full 248,320-token vocabulary), the checkpoint becomes a GGUF and its mmproj
 (`qwen35 convert`), and the GGUF answers through ChatSession: a greeting, a fact, a tool loop whose
 tools this script runs, and a picture. The model knows only its small synthetic world (the capitals
