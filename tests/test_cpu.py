@@ -57,15 +57,19 @@ def test_auto_follows_the_verdict():
     assert "signal 11" in broken.reason and "QWEN35_AMX=on forces it" in broken.reason
 
 
-def test_a_broken_verdict_names_a_known_cause_of_the_build_and_only_then_asks_for_it():
-    broken = cpu.decide(amx_available=True, amx_weights=["Q8_0"], setting="auto",
-                        verdict=lambda: {"verdict": "broken", "detail": "signal 11"},
+def test_a_build_with_a_known_flaw_is_never_offered_amx_and_not_probed():
+    """The GCC 12.2 build's tile kernel loads stack garbage: a probe that passes there is luck (a Q6_K
+    probe model passed, and the demo model at Q6_K then crashed), so its verdict is not asked."""
+    flawed = cpu.decide(amx_available=True, amx_weights=["Q6_K"], setting="auto", verdict=_never,
                         build_flaw=lambda: "llama.cpp was compiled by GCC 12.2.0, whose AMX header …")
-    assert not broken.use_amx
-    assert "(signal 11); llama.cpp was compiled by GCC 12.2.0" in broken.reason
-    assert broken.reason.endswith("QWEN35_AMX=on forces it")
+    assert not flawed.use_amx
+    assert flawed.reason.startswith("llama.cpp was compiled by GCC 12.2.0")
+    assert flawed.reason.endswith("QWEN35_AMX=on forces it")
+    forced = cpu.decide(amx_available=True, amx_weights=["Q6_K"], setting="on", verdict=_never,
+                        build_flaw=lambda: "llama.cpp was compiled by GCC 12.2.0, whose AMX header …")
+    assert forced.use_amx
     ok = cpu.decide(amx_available=True, amx_weights=["Q8_0"], setting="auto",
-                    verdict=lambda: {"verdict": "ok", "detail": "logits agree"}, build_flaw=_never)
+                    verdict=lambda: {"verdict": "ok", "detail": "logits agree"}, build_flaw=lambda: None)
     assert ok.use_amx
 
 
@@ -140,6 +144,7 @@ def test_on_a_machine_where_amx_is_broken_only_amx_is_taken_away(tmp_path, monke
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("QWEN35_AMX", raising=False)
     monkeypatch.setattr(cpu, "probe_in_child", lambda path: {"verdict": "broken", "detail": "signal 11"})
+    monkeypatch.setattr(cpu, "amx_build_flaw", lambda library: None)  # (a build not known to be flawed)
     decision = cpu.place_weights(build_tiny_gguf())  # Q8_0: a type AMX would take
     assert not decision.use_amx and "signal 11" in decision.reason
     assert fake.offered == {"CPU_REPACK"}

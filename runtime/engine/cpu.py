@@ -9,7 +9,8 @@ header is wrong (GCC 12.2, Debian 12's: see `amx_build_flaw`), its AMX kernels c
 have faults of their own. A native crash gives the user no message and loses the chat, so AMX is used
 only where it has been seen to work:
 
-- `auto` (the default): the first time a model's weight types meet a CPU and a llama.cpp build, a
+- `auto` (the default): a build with the known flaw never gets AMX (a probe there can pass by luck);
+  elsewhere, the first time a model's weight types meet a CPU and a llama.cpp build, a
   child process decodes a few tokens of that model with AMX and without it and compares the logits;
   the verdict is cached (`$XDG_CACHE_HOME/qwen35/amx-verdicts.json`). A crash, a hang or different
   logits switch AMX off. Machines without AMX (every AMD, ARM, older Intel) never probe.
@@ -156,8 +157,10 @@ class Decision:
 def decide(*, amx_available: bool, amx_weights: list[str], setting: str, verdict: Callable[[], dict],
            build_flaw: Callable[[], str | None] = lambda: None) -> Decision:
     """Whether to offer AMX to the loader; `verdict()` is called (to read the cache or probe) only
-    when it would change the answer, `build_flaw()` (a known cause, for the reason) only when AMX
-    was found broken."""
+    when it would change the answer. A build with a known flaw (`build_flaw()`: its tile kernel
+    loads stack garbage as the tile shapes) is never offered AMX, and not probed: a probe that
+    passes there was lucky — on the GCC 12.2 build a Q6_K probe model decoded right, and the demo
+    model at Q6_K then crashed in `ggml_backend_amx_mul_mat` (2026-12-07)."""
     if not amx_available:
         return Decision(False, "this CPU or llama.cpp build has no AMX")
     if setting == "on":
@@ -166,12 +169,13 @@ def decide(*, amx_available: bool, amx_weights: list[str], setting: str, verdict
         return Decision(False, f"{SETTING_ENV}=off")
     if not amx_weights:
         return Decision(False, "no weights of a type AMX runs (it takes Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_XS)")
+    flaw = build_flaw()
+    if flaw:
+        return Decision(False, f"{flaw}; {SETTING_ENV}=on forces it")
     v = verdict()
     if v["verdict"] == "ok":
         return Decision(True, f"a probe on this CPU decoded {'/'.join(amx_weights)} with AMX correctly")
-    flaw = build_flaw()
-    cause = f"; {flaw}" if flaw else ""
-    return Decision(False, f"a probe on this CPU found AMX broken ({v['detail']}){cause}; {SETTING_ENV}=on forces it")
+    return Decision(False, f"a probe on this CPU found AMX broken ({v['detail']}); {SETTING_ENV}=on forces it")
 
 
 # GCC 12.2's amxtileintrin.h (Debian 12's compiler) gives ldtilecfg's 64-byte operand as 8 bytes,
@@ -261,7 +265,8 @@ def amx_would_run(ggml_types) -> bool:
         return False
     amx_weights = sorted({AMX_TYPES[t] for t in ggml_types if t in AMX_TYPES})
     return decide(amx_available=True, amx_weights=amx_weights, setting=setting_from_env(),
-                  verdict=lambda: cached_or_probed_verdict("", amx_weights, lambda _: NOT_PROBED_YET)).use_amx
+                  verdict=lambda: cached_or_probed_verdict("", amx_weights, lambda _: NOT_PROBED_YET),
+                  build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name))).use_amx
 
 
 def place_weights(model_path) -> Decision:
