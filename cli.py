@@ -149,7 +149,7 @@ def demo(workdir):
 
     from .convert.info import describe
     from .convert.pipeline import terminal_progress
-    from .demo.walkthrough import build, converse
+    from .demo.walkthrough import build, converse, heldout_accuracy
 
     ckpt, outputs = build(Path(workdir), progress=terminal_progress())
     click.echo(f"demo checkpoint: {ckpt} (qwen35-demo: Qwen3.5's structure and vocabulary, trained on a tiny world)")
@@ -159,9 +159,8 @@ def demo(workdir):
     click.echo("\n" + describe(gguf))
     click.echo(f"\n$ qwen35 run {gguf}   # greedy, thinking off; the tools are the demo's own")
     converse(gguf, click.echo)
-    click.echo(f"\nA toy: it knows only its small world (50 capitals, three tools, coloured shapes). On questions it\n"
-               f"was not trained on it calls the right tool rightly 55 times in 60 and names a picture's colour and\n"
-               f"shape 8 times in 10 (demo/training/README.md). Go on with:\n"
+    click.echo(f"\nA toy: it knows only its small world (50 capitals, three tools, coloured shapes). On questions\n"
+               f"it was not trained on {heldout_accuracy()}\n(demo/training/README.md). Go on with:\n"
                f"  qwen35 run {gguf}        # chat here (/image PATH to show a picture)\n"
                f"  qwen35 serve {gguf}      # the chat page and the OpenAI-compatible API on 127.0.0.1:8080")
 

@@ -24,6 +24,7 @@ weights llama.cpp would give it. `use_extra_bufts = false` would switch off both
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import re
@@ -187,6 +188,7 @@ def decide(*, amx_available: bool, amx_weights: list[str], setting: str, verdict
 _FLAWED_GCC = re.compile(rb"GCC: \([^)\n]{0,80}\) (12\.2\.\d+)")
 
 
+@functools.cache  # (read once per library: every AMX decision asks, and the library is megabytes)
 def amx_build_flaw(library: Path) -> str | None:
     """Why the AMX kernels of this ggml CPU library cannot work, when its ELF `.comment` (the
     compilers that built it) names a GCC with the flawed AMX header; else None."""
@@ -253,7 +255,7 @@ def amx_decision(model_path, *, probe: bool = True) -> Decision:
     return decide(amx_available=AMX in available, amx_weights=amx_weights, setting=setting_from_env(),
                   verdict=lambda: cached_or_probed_verdict(str(model_path), amx_weights,
                                                            None if probe else lambda _: NOT_PROBED_YET),
-                  build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name)))
+                  build_flaw=lambda: amx_build_flaw(cpu_library()))
 
 
 def amx_would_run(ggml_types) -> bool:
@@ -266,7 +268,7 @@ def amx_would_run(ggml_types) -> bool:
     amx_weights = sorted({AMX_TYPES[t] for t in ggml_types if t in AMX_TYPES})
     return decide(amx_available=True, amx_weights=amx_weights, setting=setting_from_env(),
                   verdict=lambda: cached_or_probed_verdict("", amx_weights, lambda _: NOT_PROBED_YET),
-                  build_flaw=lambda: amx_build_flaw(Path(_library("ggml-cpu")._name))).use_amx
+                  build_flaw=lambda: amx_build_flaw(cpu_library())).use_amx
 
 
 def place_weights(model_path) -> Decision:

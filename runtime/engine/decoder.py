@@ -132,9 +132,8 @@ class Decoder:
                                                     self.draft_vocab, header=mf)
                 if notice:
                     self.warnings.append(notice)
-            if self.spec:
-                self.clock = self._step_clock()
             if self.spec and speculative == AUTO:
+                self.clock = self._step_clock()
                 self._drop_drafting_unless_it_can_pay(n_ctx)
         except ChatError:
             if self.ctx:
@@ -244,6 +243,8 @@ class Decoder:
         check_mode(mode)
         if mode != OFF and self.spec is None:
             raise ChatError("this session decodes without an MTP head: open it with speculative='mtp'")
+        if mode == AUTO and self.clock is None:
+            self.clock = self._step_clock()
         self.policy = DraftPolicy(mode, self.draft_tokens, clock=self.clock)
 
     def close(self) -> None:
@@ -288,15 +289,16 @@ class Decoder:
         self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH, n_rollback=self.read_back)
 
     def _step_clock(self) -> StepClock:
-        """The clock of this machine's step costs, with what was learnt before for this CPU, llama.cpp
-        build, model file (its path, size and time), thread count, draft count, draft vocabulary and
-        AMX use; what it learns is remembered under the same key (speculative.remember_costs)."""
+        """`auto`'s clock of this machine's step costs, with what was learnt before for this CPU,
+        llama.cpp build, model file (its path, size and time), thread count, draft count, draft
+        vocabulary and AMX use (as the loader placed the weights); what it learns is remembered under
+        the same key (speculative.remember_costs)."""
         path = Path(self.model_file.path).resolve()
         stat = path.stat()
         key = remembered.build_key(cpu.cpu_library(), str(path), str(stat.st_size), str(stat.st_mtime_ns),
                                    f"threads {self.threads}", f"drafts {self.spec.n_draft}",
                                    f"draft vocabulary {self.draft_vocab}",
-                                   f"amx {cpu.amx_decision(path, probe=False).use_amx}",
+                                   f"amx {bool(self.model.amx and self.model.amx.use_amx)}",
                                    "learnt from decoding v3").hexdigest()[:32]
         return StepClock(self.spec.n_draft, known=recall_costs(key), learned=lambda c: remember_costs(key, c))
 

@@ -371,8 +371,8 @@ class StepClock:
     """The step costs `auto` decides by (StepCosts), learnt from the steps decoding makes.
 
     They were once timed at load: rounds of a plain step and of steps of 1..N drafts, rolled back and
-    kept whole, after a short prompt — about 4 s on a first load of a 4B model on a 2-core machine,
-    where a second was the budget. Real steps measure the same thing for nothing: a plain step is a
+    kept whole, after a short prompt — 8.9 s more than a plain load, on a first load of a 4B model on
+    a 2-core machine (docs/benchmarks.md), where a second was the budget. Real steps measure the same thing for nothing: a plain step is a
     plain step whether it was meant as a measurement or not, and a probe that drafts decodes too.
     So the clock keeps the latest WINDOW timings of each step shape (plain; n drafts, rolled back or
     kept whole) and gives the ratio of their medians to the plain step's; a shape's first timing is
