@@ -55,9 +55,10 @@ MIDDLING = StepCosts(step=(1.5, 1.75, 3.0))  # two drafts best at 80%
 
 def test_a_head_that_is_never_right_costs_under_3_percent_from_the_first_reply():
     for costs in (CHEAP, VERY_CHEAP, MIDDLING):
-        # A first reply of 19 tokens: at most two single-draft steps before plain decoding.
+        # A first reply of 19 tokens: a handful of single-draft steps at most before plain decoding
+        # (the cheaper a draft, the longer the prior's 60% keeps one paying: five at 1.1).
         first, drafted_at = decode(DraftPolicy("auto", 3, costs), costs, 0.0, 19)
-        assert first >= 0.97 and len(drafted_at) <= 4, (costs, first, drafted_at)
+        assert first >= 0.97 and len(drafted_at) <= 5, (costs, first, drafted_at)
     policy = DraftPolicy("auto", 3, CHEAP)
     overall, drafted_at = decode(policy, CHEAP, 0.0, 4000)
     assert overall >= 0.99
@@ -170,7 +171,7 @@ def test_the_modes():
 
 def test_the_clock_gives_ratios_of_medians_dropping_each_shapes_first_timing():
     clock = StepClock(3)
-    assert clock.costs().step == (1.5, 2.0, 2.5)  # the prior, a step growing by what its last draft added
+    assert clock.costs().step == (1.5, 1.75, 2.0)  # the prior: later drafts add half what the first did
     for seconds in (0.9, 0.2, 0.21, 0.19, 0.5):  # plain: 0.9 builds the graph; median of the rest 0.205
         clock.add(0, False, seconds)
     assert clock.count(0) == 4 and clock.costs().plain_s == pytest.approx(0.205)
@@ -180,10 +181,11 @@ def test_the_clock_gives_ratios_of_medians_dropping_each_shapes_first_timing():
         clock.add(1, False, seconds)
     c = clock.costs()
     assert c.step[0] == pytest.approx(round(0.25 / 0.205, 4))
-    # Kept whole not timed yet: taken as the rolled-back step; two and three drafts extrapolated.
+    # Kept whole not timed yet: taken as the rolled-back step; two and three drafts extrapolated, each
+    # further draft adding half what the one timed draft added (it also paid the step's fixed costs).
     assert c.kept[0] == c.step[0]
-    assert c.step[1] == pytest.approx(c.step[0] + (c.step[0] - 1.0), abs=1e-3)
-    assert c.step[2] == pytest.approx(c.step[1] + (c.step[1] - c.step[0]), abs=1e-3)
+    assert c.step[1] == pytest.approx(c.step[0] + (c.step[0] - 1.0) / 2, abs=1e-3)
+    assert c.step[2] == pytest.approx(c.step[1] + (c.step[0] - 1.0) / 2, abs=1e-3)
     clock.add(1, True, 9.0)  # kept whole: a shape of its own, its first timing dropped
     clock.add(1, True, 0.2255)
     assert clock.costs().kept[0] == pytest.approx(1.1) and clock.costs().step[0] == c.step[0]
@@ -199,7 +201,12 @@ def test_a_count_not_timed_lies_between_the_timed_ones():
     for seconds in (1.0, 0.1, 0.1, 0.1):
         clock.add(0, False, seconds)
         clock.add(2, True, 2 * seconds)  # (a good head: it went to two drafts at once)
-    assert clock.costs().step == (1.5, 2.0, 2.5)  # one on the line from plain (1) to two (2); three beyond
+    # One on the line from plain (1) to two (2); three beyond, by half what each of the two drafts added.
+    assert clock.costs().step == (1.5, 2.0, 2.25)
+    for seconds in (1.0, 0.13, 0.13, 0.13):
+        clock.add(1, False, seconds)
+    # Two counts timed: three grows as they do.
+    assert clock.costs().step == (1.3, 2.0, 2.7)
 
 
 def test_the_clock_keeps_the_latest_timings_only():
@@ -247,8 +254,13 @@ def test_remembered_costs_stand_for_the_counts_they_cover():
     assert not StepClock(1, known=known).needs_plain() and StepClock(2, known=known).needs_plain()
 
 
+# Measured: a first draft that pays the drafting step's fixed costs, later ones cheap (0.8B dimensions on
+# the Xeon, through the server: learnt 1.66 for one draft, 1.51/1.80/2.09 timed at three).
+FIXED_FIRST = StepCosts(step=(1.66, 1.95, 2.24))
+
+
 @pytest.mark.parametrize("costs", [CHEAP, VERY_CHEAP, MIDDLING, StepCosts(step=(1.72, 2.38, 2.86)),
-                                   StepCosts(step=(2.7, 3.4, 4.1))])
+                                   StepCosts(step=(2.7, 3.4, 4.1)), FIXED_FIRST])
 def test_auto_learning_its_costs_keeps_its_promise_from_the_first_reply(costs):
     """No costs known (a first load): `auto` decodes by the prior and the timings of its own steps.
     A head never right costs about one step, as with the costs known; over a long conversation it
@@ -269,3 +281,15 @@ def test_a_head_right_from_the_start_still_times_the_plain_step():
     assert policy.clock.count(0) >= StepClock.ENOUGH and policy.n_draft() == 3
     assert policy.costs.step == pytest.approx(VERY_CHEAP.step)
     assert len(drafted_at) < 70  # (200 tokens, 4 a step when drafting 3)
+
+
+def test_remembered_costs_of_one_draft_still_let_auto_find_more_drafts_pay():
+    """A first load remembered only one draft's cost (as the server's did at 0.8B): a later load at 75%
+    acceptance must still try two and three drafts, not take three as three times one (one draft:
+    1.05x; three: 1.22x)."""
+    known = StepCosts(step=FIXED_FIRST.step[:1], kept=FIXED_FIRST.step[:1], plain_s=0.05)
+    always = speed("mtp", FIXED_FIRST, 0.75, 1000)
+    policies = [DraftPolicy("auto", 3, clock=StepClock(3, known=known)) for _ in range(10)]
+    learnt = mean(decode(p, FIXED_FIRST, 0.75, 1000, seed, timed=True)[0] for seed, p in enumerate(policies))
+    assert always > 1.15 and learnt >= 0.97 * always, (learnt, always)
+    assert all(p.clock.count(3) >= StepClock.ENOUGH for p in policies)  # three drafts were tried and timed
