@@ -25,6 +25,7 @@ import ctypes
 import json
 import re
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -226,10 +227,18 @@ def tokenizer(model: Model):
         return _tokenizers.get(model) or _build_tokenizer(model)
 
 
+# The build is a Python loop over 248k tokens holding the GIL. Beside a decoding thread (a server
+# builds it at start) every return of that thread from llama.cpp waited for the interpreter's 5 ms
+# switch interval; so the build steps aside this often, for a moment.
+YIELD_EVERY = 2048
+
+
 def _build_tokenizer(model: Model):
     pieces, eog = [], []
     buf = ctypes.create_string_buffer(1024)
     for token in range(model.n_vocab):
+        if token % YIELD_EVERY == YIELD_EVERY - 1:
+            time.sleep(0.0002)
         n = L.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, True)
         piece = buf.raw[:max(n, 0)]
         attr = L.llama_vocab_get_attr(model.vocab, token)

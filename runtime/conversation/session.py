@@ -396,8 +396,10 @@ class ChatSession:
                 # first replies, whose decode then ran its two threads on the other (the demo model
                 # streamed at 105-126 tokens/s through a server just started, 220-250 once built).
                 lower_thread_priority()
+                self.decoder.shared.set()  # (auto's step clock takes no timings meanwhile)
                 constraints.tokenizer(self.decoder.model)
             finally:
+                self.decoder.shared.clear()
                 with self._build_lock:
                     self._constraints_build = None
                     close = self._close_after_build
