@@ -299,6 +299,21 @@ def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_keyword(client):
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}})
 
 
+def test_a_failure_of_llama_cpp_is_the_servers_error_and_the_server_keeps_serving(server, client, monkeypatch):
+    """llama_decode failing is not the request's fault: 500 server_error, not 400 invalid_request."""
+    from qwen35.runtime.engine.errors import EngineFailure
+
+    def failing(**kwargs):
+        monkeypatch.undo()  # once
+        raise EngineFailure("llama_decode failed (code -3): failed to initialize batch")
+    monkeypatch.setattr(server.session, "respond", failing)
+    r = _post(server, {"messages": user("hi"), "max_tokens": 4})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "llama_decode failed" in error["message"]
+    assert client.chat.completions.create(model="tiny", messages=user("still there?"), **GREEDY).choices
+
+
 def test_the_client_sees_a_bad_request_as_such(client):
     with pytest.raises(openai.BadRequestError, match="role must be one of"):
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])

@@ -11,3 +11,8 @@ class ContextFull(ChatError):
     """The conversation no longer fits the context window."""
 
     exit_code = 3
+
+
+class EngineFailure(ChatError):
+    """llama.cpp failed on input it should have taken (a decode that returned an error): not the user's
+    mistake — a server answers it 500, not 400."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import llama_cpp as L
 
-from .errors import ChatError, ContextFull
+from .errors import ChatError, ContextFull, EngineFailure
 
 SEQ = 0  # one conversation, one sequence
 TURN_START = "<|im_start|>"  # where Model.tokenize cuts a conversation into messages
@@ -360,7 +360,7 @@ class Context:
         if rc == 1:
             raise ContextFull(f"context full ({self.n_ctx} tokens)")
         if rc != 0:
-            raise ChatError(f"llama_decode failed (code {rc}): {log.find('error', 'failed') or 'no reason given'}")
+            raise EngineFailure(f"llama_decode failed (code {rc}): {log.find('error', 'failed') or 'no reason given'}")
 
     def logits(self, i: int):
         """Logits of output `i` of the last decode (-1: the last), as a numpy float32 copy."""

@@ -21,7 +21,7 @@ import threading
 import time
 
 from ...conversation.session import ChatSession
-from ...engine.errors import ChatError, ContextFull
+from ...engine.errors import ChatError, ContextFull, EngineFailure
 from .chat_completions import ChatCompletions
 from .http import BadRequest, Job, error
 from .messages import Messages
@@ -99,6 +99,8 @@ class Server:
                 outcome = "done", self.session.last_reply
             except ContextFull as e:
                 outcome = "error", BadRequest(str(e), code="context_length_exceeded")
+            except EngineFailure as e:  # llama.cpp's failure, not the request's
+                outcome = "error", BadRequest(str(e), 500, "server_error")
             except ChatError as e:
                 outcome = "error", BadRequest(str(e))
             except Exception as e:  # noqa: BLE001 - reported to the client, and the server goes on
