@@ -230,6 +230,35 @@ def test_interrupt_stops_the_reply_and_keeps_the_turn(fresh):
     assert held == _prompt_tokens(fresh, fresh.messages[:3])
 
 
+def test_a_second_thread_is_refused_while_a_turn_runs_and_served_after(fresh):
+    """Two threads decoding one context would crash natively or mix replies: the second gets one
+    clear ChatError, and the session serves it once the first turn is over."""
+    import threading
+
+    pieces = fresh.stream("hello", max_tokens=200)
+    next(pieces)  # the turn is under way, in this thread
+    errors = []
+
+    def other():
+        for call in (lambda: fresh.send("and me?"), fresh.idle, fresh.reset):
+            try:
+                call()
+            except ChatError as e:
+                errors.append(str(e))
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(60)
+    assert len(errors) == 3 and all("in use by another thread" in e for e in errors), errors
+    fresh.interrupt()
+    for _ in pieces:
+        pass
+    assert [m["role"] for m in fresh.messages] == ["user", "assistant"]  # nothing of the refused send
+    thread = threading.Thread(target=lambda: fresh.send("and me?", max_tokens=4))
+    thread.start()
+    thread.join(60)
+    assert [m["role"] for m in fresh.messages] == ["user", "assistant"] * 2
+
+
 def test_reasoning_that_goes_in_circles_is_closed_and_said_so(fresh):
     # Greedy decoding makes the random model repeat itself at once.
     held, notice_seen = None, False

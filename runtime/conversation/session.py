@@ -18,6 +18,7 @@ and cells part ways after it (M-RoPE), and the context-full checks count cells.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import threading
 import time
@@ -63,6 +64,15 @@ class Reply:
     notices: list[str] = field(default_factory=list)
     call_cut_off: bool = False  # the reply ended inside its last tool call (whose arguments hold what was written)
     stop_sequence: str | None = None  # the caller's stop string that ended the reply, if one did
+
+
+def _exclusive(method):
+    """A ChatSession method that uses the llama.cpp context: one thread at a time (ChatSession._in_use)."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with self._in_use():
+            return method(self, *args, **kwargs)
+    return wrapped
 
 
 class ChatSession:
@@ -115,6 +125,7 @@ class ChatSession:
                  adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
                  speculative: str = OFF, draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB,
                  **sampling) -> None:
+        self._user = threading.RLock()  # held by the thread using the context (_in_use)
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -195,7 +206,8 @@ class ChatSession:
                                else [message] if isinstance(message, dict) else message)
         tools = overrides.pop("tools", None)
         request = self._request(overrides, tools=self.tools if tools is None else check_tools(tools))
-        self.decoder.stop.clear()
+        with self._in_use():  # (another thread's turn keeps its interrupt)
+            self.decoder.stop.clear()
         return self._turn_generator(self._conversation(), new, request, record=True)
 
     def respond(self, messages: list[dict], *, images=(), tools: list[dict] | None = None,
@@ -213,7 +225,8 @@ class ChatSession:
         self._hold_images(conversation, images)
         request = self._request(overrides, tools=check_tools(tools), constraint=constraint,
                                 read_tool_calls=read_tool_calls)
-        self.decoder.stop.clear()
+        with self._in_use():  # (another thread's turn keeps its interrupt)
+            self.decoder.stop.clear()
         return self._turn_generator(conversation[:-1], conversation[-1:], request, record=False,
                                     reasoning_comes_back=reasoning_comes_back)
 
@@ -225,6 +238,7 @@ class ChatSession:
         self._hold_images(conversation, images)
         self.prefill.guess = (conversation, check_tools(tools))
 
+    @_exclusive
     def add_image(self, source) -> dict:
         """Check an image (a path or encoded bytes: it must decode, and fit the context) and keep it
         for the conversation; returns the content part that shows it in a message,
@@ -232,6 +246,7 @@ class ChatSession:
         self._settle()  # (the prefill may be using the projector)
         return self.media.add_image(source)
 
+    @_exclusive
     def add_video(self, source) -> dict:
         """Check a video and keep its frames for the conversation: a video file (sampled as Qwen3.5
         samples it, with ffmpeg), a directory of frame images or a list of frames (paths or bytes),
@@ -254,6 +269,7 @@ class ChatSession:
         """Stop the reply being generated (safe to call from a signal handler or another thread)."""
         self.decoder.stop.set()
 
+    @_exclusive
     def reset(self) -> None:
         """Forget the conversation (the system prompt and settings stay)."""
         self._settle()
@@ -303,6 +319,7 @@ class ChatSession:
     def tokenize(self, text: str) -> list[int]:
         return self.decoder.model.tokenize(nfc(text))
 
+    @_exclusive
     def set_threads(self, threads: int, *, adapt: bool = False) -> None:
         """Run the next decodes on `threads` CPU threads (the model and its state stay loaded); with
         `adapt`, at most that many, fewer while other programs take cores."""
@@ -315,12 +332,14 @@ class ChatSession:
         """How the session decodes: "auto", "mtp" or "off" (always "off" without an MTP head)."""
         return self.decoder.policy.mode
 
+    @_exclusive
     def set_speculative(self, mode: str) -> None:
         """Switch between "auto", "mtp" and "off" (e.g. to measure both ways on one loaded model);
         "auto" and "mtp" need the session to have been opened with its MTP head."""
         self._settle()
         self.decoder.set_speculative(mode)
 
+    @_exclusive
     def idle(self, busy: Callable[[], bool] = lambda: False) -> None:
         """Nothing waits (a server between requests): evaluate the known start of the next prompt
         of the conversation `respond` last answered (see _prefill), in small steps, stopping as soon
@@ -336,6 +355,7 @@ class ChatSession:
         if not busy():
             self.cache.secure_live()
 
+    @_exclusive
     def save(self, path) -> None:
         """Write the conversation and the model state, so `load` resumes without re-reading it."""
         self._settle()
@@ -351,6 +371,7 @@ class ChatSession:
         }
         write_session(path, header, state, ck.state if ck else b"", self.media.images)
 
+    @_exclusive
     def load(self, path) -> None:
         """Resume a conversation written by `save` (with the same model file), model state included."""
         header, state, checkpoint, images = read_session(Path(path))
@@ -438,6 +459,11 @@ class ChatSession:
 
     def _turn_generator(self, history: list[dict], new: list[dict], request: Request,
                         record: bool, reasoning_comes_back: bool = False) -> Iterator[Piece]:
+        with self._in_use():
+            yield from self._turn(history, new, request, record, reasoning_comes_back)
+
+    def _turn(self, history: list[dict], new: list[dict], request: Request,
+              record: bool, reasoning_comes_back: bool = False) -> Iterator[Piece]:
         start = time.perf_counter()
         self._settle()  # waiting for the prefill counts in the time to first token
         self.prefill.guess = None  # (about the reply before: this turn replaces it)
@@ -573,6 +599,20 @@ class ChatSession:
                     self.prefill.guess = (conversation + prepare_messages([reply]), tools)
 
     # --- the conversation's cells ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _in_use(self):
+        """One thread at a time: a second thread's turn (or idle prefill, save, load, ...) while one
+        runs would decode into the same llama.cpp context — a native crash, or a reply mixed with
+        another's (two servers' workers over one session did so in a test). It is refused with one
+        clear error instead; the same thread may nest (send -> stream)."""
+        if not self._user.acquire(blocking=False):
+            raise ChatError("this ChatSession is in use by another thread: one turn at a time (a server "
+                            "runs every request on one worker)")
+        try:
+            yield
+        finally:
+            self._user.release()
 
     def _settle(self) -> None:
         """Wait for the prefill: the llama.cpp context is used by one thread at a time."""
