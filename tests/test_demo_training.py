@@ -41,3 +41,15 @@ def test_layers_come_in_fours():
     assert train.text_config(layers=8)["full_attention_interval"] == 4
     with pytest.raises(SystemExit, match="multiple of 4"):
         train.main(["--layers", "6", "--out", "/nonexistent/never-written"])
+
+
+def test_a_resumed_last_pt_carries_the_record_of_its_runs(tmp_path):
+    """A run resumed from a trainer's last.pt records the runs before it from the file itself (run 8,
+    resumed from run 7's last.pt into a new weights directory, had lost them: added by hand)."""
+    meta = {"command": "python -m demo.training.train ...", "steps": 9193, "cpu_seconds": 2963.0,
+            "previous_runs": [{"command": "first", "cpu_seconds": 4222.1}]}
+    torch.save({"model": {}, "step": 9193, "kept": [0, 1], "meta": meta}, tmp_path / "last.pt")
+    state, manifest = train.load_resume(tmp_path / "last.pt", tmp_path / "elsewhere")
+    assert manifest == meta and "meta" not in state and state["kept"] == [0, 1]
+    torch.save({"model": {}, "step": 1, "kept": [0]}, tmp_path / "old.pt")  # saved before it carried them
+    assert train.load_resume(tmp_path / "old.pt", tmp_path / "elsewhere")[1] is None

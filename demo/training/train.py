@@ -491,8 +491,8 @@ def grow(model: DemoModel, saved: dict) -> int:
 
 
 def load_resume(path: Path, weights: Path) -> tuple[dict, dict | None]:
-    """What a run continues: a trainer's last.pt (model and optimizer; the manifest beside `weights`
-    names the runs before it), or a compact weights directory such as demo/weights itself (its bf16
+    """What a run continues: a trainer's last.pt (model, optimizer and the record of its run and
+    the runs before it), or a compact weights directory such as demo/weights itself (its bf16
     tensors as the model, the optimizer afresh, its manifest). Returns ({"model", "step", "kept"[,
     "optimizer"]}, that manifest or None)."""
     if path.is_dir():
@@ -505,9 +505,11 @@ def load_resume(path: Path, weights: Path) -> tuple[dict, dict | None]:
         sd["hf.lm_head.weight"] = sd["hf.model.language_model.embed_tokens.weight"]  # tied
         return {"model": sd, "step": manifest["steps"], "kept": manifest["kept_token_ids"]}, manifest
     state = torch.load(path, weights_only=False)
+    manifest = state.pop("meta", None)  # what the run that saved it records of itself and its runs before
     manifest_path = weights / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    state.setdefault("kept", manifest and manifest["kept_token_ids"])
+    if manifest is None and manifest_path.is_file():  # (a last.pt saved before it carried them)
+        manifest = json.loads(manifest_path.read_text())
+    state.setdefault("kept", manifest and manifest.get("kept_token_ids"))
     return state, manifest
 
 
@@ -674,7 +676,7 @@ def main(argv=None) -> None:
             print(f"save at step {step}: held-out loss {hl[0]:.4f} mtp {hl[1]:.4f}", flush=True)
             save_compact(model, args.weights, meta)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": start_step + step,
-                        "kept": kept},
+                        "kept": kept, "meta": meta},  # (its runs, for a run that resumes from it)
                        args.out / "last.pt")
         if done:
             break
