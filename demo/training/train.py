@@ -597,7 +597,8 @@ def main(argv=None) -> None:
             old = prev_manifest
             previous_runs = old.get("previous_runs", []) + [
                 {k: v for k, v in old.items() if k not in ("config", "kept_token_ids", "files", "previous_runs",
-                                                          "format", "embedding")}]
+                                                          "format", "embedding", "total_cpu_seconds",
+                                                          "total_wall_seconds")}]
     warmup = min(40, args.steps // 10)
     t_warm = 0.0
 
