@@ -372,17 +372,18 @@ class StepClock:
 
     They were once timed at load: rounds of a plain step and of steps of 1..N drafts, rolled back and
     kept whole, after a short prompt — 8.9 s more than a plain load, on a first load of a 4B model on
-    a 2-core machine (docs/benchmarks.md), where a second was the budget. Real steps measure the same thing for nothing: a plain step is a
-    plain step whether it was meant as a measurement or not, and a probe that drafts decodes too.
-    So the clock keeps the latest WINDOW timings of each step shape (plain; n drafts, rolled back or
-    kept whole) and gives the ratio of their medians to the plain step's; a shape's first timing is
-    dropped (its graph is built then). Draft counts not timed yet lie on the line between timed
-    ones, or beyond the last grow as the two highest timed counts do (beyond a single one, by
-    LATER_DRAFT of what its drafts added, as a first draft also pays the step's fixed costs); before any drafting step and the
-    plain step are timed, one draft counts PRIOR plain steps (the machines measured: 1.1-1.7 at 2
-    threads, 2.7 on the AMD EPYC at 0.8B with the whole vocabulary). Once the plain step and draft
-    count m have ENOUGH timings each, the costs of 1..m are handed to `learned` (to be remembered
-    for the next load), again each time m grows and once when the plain step's window is full.
+    a 2-core machine (docs/benchmarks.md), where a second was the budget. Real steps measure the
+    same thing for nothing: a plain step is a plain step whether it was meant as a measurement or
+    not, and a probe that drafts decodes too. So the clock keeps the latest WINDOW timings of each
+    step shape (plain; n drafts, rolled back or kept whole) and gives the ratio of their medians to
+    the plain step's; a shape's first timing is dropped (its graph is built then). Draft counts not
+    timed yet lie on the line between timed ones, or beyond the last grow as the two highest timed
+    counts do (beyond a single one, by LATER_DRAFT of what its drafts added: a first draft also pays
+    the step's fixed costs); before any drafting step and the plain step are timed, one draft counts
+    PRIOR plain steps (the machines measured: 1.1-1.7 at 2 threads, 2.7 on the AMD EPYC at 0.8B with
+    the whole vocabulary). Once the plain step and draft count m have ENOUGH timings each, the costs
+    of 1..m are handed to `learned` (to be remembered for the next load), again each time m grows and
+    once when the plain step's window is full.
 
     `known` (costs remembered from an earlier session) stand for the draft counts they cover; the
     clock learns only the others."""
