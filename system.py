@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import resource
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,13 +127,3 @@ def current_rss() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return peak_rss()
-
-
-def lower_thread_priority(niceness: int = 19) -> bool:
-    """Give the calling thread the lowest CPU priority (Linux: a thread's nice value is its own), for
-    background work that must not take a core from decoding. False where the system cannot."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-        return True
-    except (AttributeError, OSError):
-        return False

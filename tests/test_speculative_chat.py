@@ -213,11 +213,6 @@ def test_step_costs_are_learnt_from_decoding_and_remembered(controlled, monkeypa
     other = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.5)
     with _session(other, "auto", prefill=False, adapt_threads=False) as s:
         assert s.decoder.clock.known is None
-        # While the process works beside decoding (a server building its constraints' vocabulary at
-        # start), steps are not timed: they would measure a shared machine.
-        s.decoder.shared.set()
-        s.send("Tell me about lighthouses.", max_tokens=60)
-        assert s.stats["drafted_tokens"] > 0 and all(s.decoder.clock.count(n) == 0 for n in range(4))
 
 
 def test_remembered_costs_survive_a_broken_file(monkeypatch, tmp_path):

@@ -25,9 +25,9 @@ import ctypes
 import json
 import re
 import threading
-import time
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -216,45 +216,87 @@ def _tool_call_gbnf(chosen: list[dict], parallel: bool) -> str:
 
 
 _tokenizers: "weakref.WeakKeyDictionary[Model, object]" = weakref.WeakKeyDictionary()
-_tokenizers_lock = threading.Lock()  # a server builds it on a thread of its own at start
+_builds: "weakref.WeakKeyDictionary[Model, VocabularyBuild]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
 
 
 def tokenizer(model: Model):
     """llguidance's view of the model's vocabulary (every token's bytes, special tokens marked),
-    built once per model: 1-2 s for Qwen3.5's 248k tokens on two cores (ChatSession.
-    prepare_constraints builds it ahead of the first constrained reply)."""
-    with _tokenizers_lock:
-        return _tokenizers.get(model) or _build_tokenizer(model)
+    built once per model: ~1.5 s for Qwen3.5's 248k tokens on two cores (a server builds it while
+    idle: VocabularyBuild)."""
+    with _lock:
+        made = _tokenizers.get(model)
+    return made if made is not None else building(model).step()
 
 
-# The build is a Python loop over 248k tokens holding the GIL. Beside a decoding thread (a server
-# builds it at start) every return of that thread from llama.cpp waited for the interpreter's 5 ms
-# switch interval; so the build steps aside this often, for a moment.
-YIELD_EVERY = 2048
+def building(model: Model) -> "VocabularyBuild":
+    """The build of `model`'s vocabulary view, started or under way (one per model)."""
+    with _lock:
+        build = _builds.get(model)
+        if build is None:
+            build = _builds[model] = VocabularyBuild(model)
+        return build
 
 
-def _build_tokenizer(model: Model):
-    pieces, eog = [], []
-    buf = ctypes.create_string_buffer(1024)
-    for token in range(model.n_vocab):
-        if token % YIELD_EVERY == YIELD_EVERY - 1:
-            time.sleep(0.0002)
-        n = L.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, True)
-        piece = buf.raw[:max(n, 0)]
-        attr = L.llama_vocab_get_attr(model.vocab, token)
-        # llguidance's mark of a special token (never matched by text, named in grammars as
-        # <tool_call>): llama.cpp's control tokens, and added ones written like a tag.
-        if attr & L.LLAMA_TOKEN_ATTR_CONTROL or (attr & L.LLAMA_TOKEN_ATTR_USER_DEFINED
-                                                 and piece.startswith(b"<") and piece.endswith(b">")):
-            piece = b"\xff" + piece
-        if L.llama_vocab_is_eog(model.vocab, token):
-            eog.append(token)
-        pieces.append(piece)
-    tokenize = ctypes.cast(L.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
-    # (llguidance calls llama.cpp's tokenizer itself, for the text of grammars.)
-    made = _tokenizers[model] = llguidance.LLTokenizer.from_llamacpp(
-        tokens=pieces, vocab_ptr=model.vocab, tokenize_fptr=tokenize, eos_token=eog, slices=None)
-    return made
+class VocabularyBuild:
+    """llguidance's view of a vocabulary, built in steps that a waiting request stops.
+
+    A server once built it on a thread of its own at start, at the lowest priority; but the build is
+    a Python loop over 248k tokens and then ~0.9 s in llguidance's Rust holding the GIL, so the
+    first replies' decoding stalled behind it (up to 0.9 s between two tokens, for the first 5 s
+    of a server at 2 threads) and `auto` timed its steps on a shared machine; stopped within that
+    second, the session freed the model under it (SIGSEGV). Now the server's worker runs it while
+    idle (ChatSession.idle), a chunk of tokens at a time, stopping when a request waits, and the last
+    part (the Rust call) only when nothing waits: a request arriving just then waits for it, once. A
+    constrained reply before the build is done finishes it (`tokenizer`)."""
+
+    CHUNK = 8192  # tokens between two looks at `busy` (~20 ms)
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.pieces: list[bytes] = []
+        self.eog: list[int] = []
+        self._buf = ctypes.create_string_buffer(1024)
+        self._stepping = threading.Lock()  # (one thread builds at a time)
+
+    @property
+    def done(self) -> bool:
+        return self.model in _tokenizers
+
+    def step(self, busy: Callable[[], bool] = lambda: False):
+        """Build on until done (returns the view) or until `busy()` says a request waits (None)."""
+        with self._stepping:
+            return self._step(busy)
+
+    def _step(self, busy: Callable[[], bool]):
+        model, buf = self.model, self._buf
+        while len(self.pieces) < model.n_vocab:
+            if busy():
+                return None
+            for token in range(len(self.pieces), min(len(self.pieces) + self.CHUNK, model.n_vocab)):
+                n = L.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, True)
+                piece = buf.raw[:max(n, 0)]
+                attr = L.llama_vocab_get_attr(model.vocab, token)
+                # llguidance's mark of a special token (never matched by text, named in grammars as
+                # <tool_call>): llama.cpp's control tokens, and added ones written like a tag.
+                if attr & L.LLAMA_TOKEN_ATTR_CONTROL or (attr & L.LLAMA_TOKEN_ATTR_USER_DEFINED
+                                                         and piece.startswith(b"<") and piece.endswith(b">")):
+                    piece = b"\xff" + piece
+                if L.llama_vocab_is_eog(model.vocab, token):
+                    self.eog.append(token)
+                self.pieces.append(piece)
+        if busy():
+            return None
+        with _lock:
+            made = _tokenizers.get(model)
+            if made is None:
+                tokenize = ctypes.cast(L.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+                # (llguidance calls llama.cpp's tokenizer itself, for the text of grammars.)
+                made = _tokenizers[model] = llguidance.LLTokenizer.from_llamacpp(
+                    tokens=self.pieces, vocab_ptr=model.vocab, tokenize_fptr=tokenize, eos_token=self.eog,
+                    slices=None)
+                _builds.pop(model, None)
+        return made
 
 
 class GuidedGrammar:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ...system import lower_thread_priority
 from ..engine import native
 from ..engine.decoder import Decoder
 from ..engine.errors import ChatError, ContextFull
@@ -126,6 +125,7 @@ class ChatSession:
                  speculative: str = OFF, draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB,
                  **sampling) -> None:
         self._user = threading.RLock()  # held by the thread using the context (_in_use)
+        self._vocabulary: constraints.VocabularyBuild | None = None  # to build while idle
         native.init(verbose)
         self.model_file = mf = read_model_file(model_path)
         self.warnings: list[str] = []
@@ -346,7 +346,8 @@ class ChatSession:
         as `busy()` says a request waits; then read out the checkpoint that a prompt of another
         conversation would otherwise have to read first (StateCache.secure_live), so that switching
         conversations costs that prompt nothing. Done at idle, not at once after the reply: a client
-        that sends its next, unrelated, request at once never waits for a guess about it."""
+        that sends its next, unrelated, request at once never waits for a guess about it. Last, the
+        vocabulary view for constrained replies, if prepare_constraints(when_idle=True) asked for it."""
         self._settle()
         self.decoder.stop.clear()  # (an interrupt that came after its reply had ended is for no one now)
         guess, self.prefill.guess = self.prefill.guess, None
@@ -354,6 +355,8 @@ class ChatSession:
             self.prefill.run(*guess, guess=True, busy=busy)
         if not busy():
             self.cache.secure_live()
+        if self._vocabulary is not None and self._vocabulary.step(busy) is not None:
+            self._vocabulary = None  # (built: prepare_constraints)
 
     @_exclusive
     def save(self, path) -> None:
@@ -397,56 +400,23 @@ class ChatSession:
         self.tools = header.get("tools") or []
         self.media.images = images
 
-    def prepare_constraints(self, background: bool = False) -> None:
+    def prepare_constraints(self, when_idle: bool = False) -> None:
         """Build what constrained replies need of the model (llguidance's view of its vocabulary,
-        1-2 s once per model on two cores) ahead of the first one; a server does it at start, on a
-        thread (`background`). The build reads the model's vocabulary, which closing frees (a server
-        stopped in that second crashed with SIGSEGV): close() waits for it a little, and past that
-        leaves the build to free the model when it ends."""
+        ~1.5 s once per model on two cores) ahead of the first one: now, or (`when_idle`, as a server
+        does at start) in `idle()`, in steps that a waiting request stops (constraints.VocabularyBuild)."""
         if not constraints.FAST:
             return
-        if not background:
+        if when_idle:
+            self._vocabulary = constraints.building(self.decoder.model)
+        else:
             constraints.tokenizer(self.decoder.model)
-            return
-        self._build_lock = threading.Lock()
-        self._close_after_build = False
-
-        def build() -> None:
-            try:
-                # At the lowest priority: started with the server, it took one of two cores from the
-                # first replies, whose decode then ran its two threads on the other (the demo model
-                # streamed at 105-126 tokens/s through a server just started, 220-250 once built).
-                lower_thread_priority()
-                self.decoder.shared.set()  # (auto's step clock takes no timings meanwhile)
-                constraints.tokenizer(self.decoder.model)
-            finally:
-                self.decoder.shared.clear()
-                with self._build_lock:
-                    self._constraints_build = None
-                    close = self._close_after_build
-                if close:
-                    self.decoder.close()
-
-        self._constraints_build = threading.Thread(target=build, name="qwen35-constraints", daemon=True)
-        self._constraints_build.start()
-
-    # How long close() waits for the vocabulary build. At the lowest priority on a busy machine it can
-    # take minutes; a server asked to stop must not wait for it.
-    CLOSE_WAIT_S = 2.0
 
     def close(self) -> None:
-        build = getattr(self, "_constraints_build", None)
-        if build is not None:
-            build.join(self.CLOSE_WAIT_S)
         if getattr(self, "prefill", None):
             self._settle()
         if getattr(self, "media", None):
             self.media.close()
         if getattr(self, "decoder", None):
-            with getattr(self, "_build_lock", None) or contextlib.nullcontext():
-                if getattr(self, "_constraints_build", None) is not None:
-                    self._close_after_build = True  # the build frees the model when it ends
-                    return
             self.decoder.close()
 
     def __enter__(self) -> "ChatSession":

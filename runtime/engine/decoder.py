@@ -78,9 +78,6 @@ class Decoder:
         self.warnings: list[str] = []
         self.threads = threads or performance_cores()
         self.stop = threading.Event()
-        # Set while work of this process runs beside decoding (a server's constraint build at start):
-        # steps timed then measure a shared machine, not this decoder's costs.
-        self.shared = threading.Event()
         self.images: ImageEvaluator | None = None
         drafting = drafting_possible(mf, speculative, draft_tokens)
         if drafting and staging_api()[0] is None:  # checked before loading anything for it
@@ -268,9 +265,8 @@ class Decoder:
 
     def timing_holds(self) -> bool:
         """Whether a step timed now measures this decoder's costs: not while the thread governor has
-        given cores to other programs (a step on fewer threads is another machine), nor while this
-        process works beside it (`shared`)."""
-        return (self.governor is None or self.governor.threads == self.governor.max_threads) and not self.shared.is_set()
+        given cores to other programs (a step on fewer threads is another machine)."""
+        return self.governor is None or self.governor.threads == self.governor.max_threads
 
     # --- drafting at load -----------------------------------------------------------------------
 

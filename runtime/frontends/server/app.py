@@ -59,9 +59,9 @@ class Server:
         self._lock = threading.Lock()  # guards _current against a cancel racing the worker
         self._worker = threading.Thread(target=self._work, name="qwen35-generation", daemon=True)
         self._worker.start()
-        # Agents ask for JSON and forced calls: their grammars' view of the vocabulary is built now,
-        # beside the worker, not in the first such request.
-        session.prepare_constraints(background=True)
+        # Agents ask for JSON and forced calls: their grammars' view of the vocabulary is built while
+        # the worker is idle (from IDLE_S after start), not in the first such request.
+        session.prepare_constraints(when_idle=True)
         self.app = self._make_app()
 
     # --- the worker -----------------------------------------------------------------------------
