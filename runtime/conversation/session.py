@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 import threading
 import time
 from dataclasses import dataclass, field
