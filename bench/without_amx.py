@@ -8,21 +8,26 @@ other extra buffer types, CPU_REPACK among them, stay on offer), so the bench co
     PEER_PYTHON bench/without_amx.py path/to/server.py ARGS…
 
 It runs in the peers' venv, which has llama-cpp-python but not qwen35: runtime/engine/cpu.py is loaded by
-its path (it needs nothing of qwen35 for this).
+its path, as a module of a stand-in package over runtime/engine/ (it needs only remembered.py beside it).
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import runpy
 import sys
 from pathlib import Path
 
-CPU_PY = Path(__file__).resolve().parent.parent / "runtime" / "engine" / "cpu.py"
+ENGINE = Path(__file__).resolve().parent.parent / "runtime" / "engine"
+PACKAGE = "qwen35_engine"  # (a stand-in: the engine's own __init__ would import all of qwen35)
 
 
 def withhold_amx() -> None:
-    spec = importlib.util.spec_from_file_location("qwen35_cpu", CPU_PY)
+    package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True))
+    package.__path__ = [str(ENGINE)]
+    sys.modules[PACKAGE] = package
+    spec = importlib.util.spec_from_file_location(f"{PACKAGE}.cpu", ENGINE / "cpu.py")
     cpu = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = cpu  # (its dataclasses look their module up)
     spec.loader.exec_module(cpu)

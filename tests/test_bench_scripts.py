@@ -27,3 +27,18 @@ def test_a_bench_script_starts_and_explains_its_options(script):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout, done.stdout[:500]
+
+
+def test_the_amx_withholding_wrapper_loads_the_engine_cpu_module_on_its_own():
+    """The Python peers run under bench/without_amx.py, which loads runtime/engine/cpu.py by its path in
+    a venv without qwen35; once cpu.py imported a module beside it, every peer start died at that
+    import and the agent-loop bench could not run (found on 2026-12-07)."""
+    script = ("import runpy, sys\n"
+              "sys.argv = ['without_amx.py', '-c']\n"
+              "import without_amx\n"
+              "without_amx.withhold_amx()\n"
+              "assert 'qwen35' not in sys.modules\n"  # (it needs nothing of the package)
+              "print('withheld')\n")
+    done = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r})\n" + script],
+                          cwd=BENCH, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "withheld", done.stderr[-2000:]
