@@ -254,3 +254,13 @@ def test_a_server_builds_the_vocabulary_view_while_idle_in_steps_a_request_stops
         assert constraints.tokenizer(s.decoder.model) is constraints._tokenizers[s.decoder.model]
         s.idle()
         assert s._vocabulary is None
+    # A session closed half-way through the build leaves nothing behind (the build holds its model weakly).
+    import gc
+
+    with ChatSession(str(build_tiny_gguf()), n_ctx=256, threads=1, prefill=False) as s:
+        s.prepare_constraints(when_idle=True)
+        assert constraints.building(s.decoder.model).step(busy_after(1)) is None
+        pending = len(constraints._builds)
+    del s
+    gc.collect()
+    assert len(constraints._builds) == pending - 1

@@ -253,7 +253,9 @@ class VocabularyBuild:
     CHUNK = 8192  # tokens between two looks at `busy` (~20 ms)
 
     def __init__(self, model: Model) -> None:
-        self.model = model
+        # (weakly: the registry's key is the model, which a value holding it would keep alive for
+        # good when a session closes before its build ends)
+        self._model = weakref.ref(model)
         self.pieces: list[bytes] = []
         self.eog: list[int] = []
         self._buf = ctypes.create_string_buffer(1024)
@@ -261,7 +263,8 @@ class VocabularyBuild:
 
     @property
     def done(self) -> bool:
-        return self.model in _tokenizers
+        model = self._model()
+        return model is not None and model in _tokenizers
 
     def step(self, busy: Callable[[], bool] = lambda: False):
         """Build on until done (returns the view) or until `busy()` says a request waits (None)."""
@@ -269,7 +272,9 @@ class VocabularyBuild:
             return self._step(busy)
 
     def _step(self, busy: Callable[[], bool]):
-        model, buf = self.model, self._buf
+        model, buf = self._model(), self._buf
+        if model is None:  # (its session closed)
+            return None
         while len(self.pieces) < model.n_vocab:
             if busy():
                 return None
