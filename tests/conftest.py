@@ -16,6 +16,10 @@ if os.environ.get("CI") and os.environ.get("QWEN35_UPDATE_SNAPSHOTS"):
 # The interactive chat keeps its conversations under $XDG_STATE_HOME: never the user's own in tests.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="qwen35-test-state-")
 atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], ignore_errors=True)
+# Nor what the engine remembers of this machine and its models (AMX verdicts, step costs, a head's
+# acceptance): a test must not read what another test, or the user, left there.
+os.environ["QWEN35_REMEMBERED_DIR"] = tempfile.mkdtemp(prefix="qwen35-test-remembered-")
+atexit.register(shutil.rmtree, os.environ["QWEN35_REMEMBERED_DIR"], ignore_errors=True)
 
 
 def _fixture_cache_root() -> Path:

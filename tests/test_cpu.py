@@ -102,6 +102,7 @@ def test_setting_from_the_environment(value, setting):
 
 def test_the_estimate_asks_without_probing_and_assumes_amx_until_a_probe_has_spoken(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("QWEN35_REMEMBERED_DIR")
     monkeypatch.setattr(cpu, "probe_in_child", lambda path: pytest.fail("the estimate must not probe"))
     stand_in = lambda path: cpu.NOT_PROBED_YET  # noqa: E731 - what amx_decision(probe=False) passes
     assert cpu.cached_or_probed_verdict("m.gguf", ["Q8_0"], stand_in) is cpu.NOT_PROBED_YET
@@ -112,6 +113,7 @@ def test_the_estimate_asks_without_probing_and_assumes_amx_until_a_probe_has_spo
 
 def test_a_verdict_is_probed_once_then_read_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("QWEN35_REMEMBERED_DIR")
     calls = []
 
     def probe(path):
@@ -142,6 +144,7 @@ def test_on_a_machine_where_amx_is_broken_only_amx_is_taken_away(tmp_path, monke
     fake = FakeExtraBuffers()
     monkeypatch.setattr(cpu, "_extra", fake)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("QWEN35_REMEMBERED_DIR")
     monkeypatch.delenv("QWEN35_AMX", raising=False)
     monkeypatch.setattr(cpu, "probe_in_child", lambda path: {"verdict": "broken", "detail": "signal 11"})
     monkeypatch.setattr(cpu, "amx_build_flaw", lambda library: None)  # (a build not known to be flawed)

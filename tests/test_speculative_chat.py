@@ -23,7 +23,8 @@ from qwen35.runtime.engine import decoder as decoder_module  # noqa: E402
 from qwen35.runtime.engine.state_cache import READ_BACK  # noqa: E402
 from qwen35.runtime.engine import remembered  # noqa: E402
 from qwen35.runtime.engine.speculative import (StepClock, StepCosts, drafting_verdict, emitted, join_state,  # noqa: E402
-                                               recall_costs, remember_costs, split_state, staging_api)
+                                               recall_acceptance, recall_costs, remember_costs, split_state,
+                                               staging_api)
 from tests.mtp_fixtures import build_gguf, variant_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(staging_api()[0] is None, reason="llama.cpp's MTP functions are not exported")
@@ -166,6 +167,9 @@ def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlle
     """The verdict at load on hand-made costs: steps of 1-3 drafts at 2.5-3.5x a plain step (as on a
     2-core CPU where a decode's cost grows with its tokens) cannot pay even at 85% acceptance; at
     1.2-1.4x they can."""
+    # (the head as on a first load: with the reduced draft vocabulary this file's head is right ~10% of
+    # the time, and a session remembering that would not draft)
+    monkeypatch.setattr(decoder_module, "recall_acceptance", lambda key: None)
     for step in ((2.5, 3.0, 3.5), (1.2, 1.3, 1.4)):
         monkeypatch.setattr(decoder_module, "recall_costs", lambda key, step=step: _costs(*step))
         with _session(controlled, "auto", prefill=False) as s:
@@ -213,6 +217,21 @@ def test_step_costs_are_learnt_from_decoding_and_remembered(controlled, monkeypa
     other = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.5)
     with _session(other, "auto", prefill=False, adapt_threads=False) as s:
         assert s.decoder.clock.known is None
+
+
+def test_a_heads_acceptance_is_remembered_for_the_next_load(controlled, monkeypatch, tmp_path):
+    """What a session saw of the head (here with `mtp`: any mode that drafts) is remembered under the
+    model file and draft vocabulary, whatever the machine; the next load with `auto` starts from it."""
+    monkeypatch.setattr(remembered, "cache_dir", lambda: tmp_path)
+    with _session(controlled, "mtp", prefill=False) as s:
+        assert s.decoder.policy.acceptance.known is None
+        s.send("Tell me about lighthouses.", max_tokens=120)
+        accepted = s.stats["accepted_tokens"]
+    (entry,) = json.loads((tmp_path / "draft-acceptance.json").read_text()).values()
+    assert entry["tries"] >= 32 and 0 < entry["right"] <= min(entry["tries"], accepted)
+    with _session(controlled, "auto", prefill=False) as s:
+        assert s.decoder.policy.acceptance.known == (entry["right"], entry["tries"])
+    assert recall_acceptance("another file") is None
 
 
 def test_remembered_costs_survive_a_broken_file(monkeypatch, tmp_path):

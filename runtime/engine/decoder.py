@@ -14,6 +14,7 @@ evaluate and where its checkpoints go.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -28,8 +29,8 @@ from .modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from .repack import AMX_IN_USE, cpu_features
 from . import remembered
 from .speculative import (AUTO, DRAFT_VOCAB, MTP, OFF, DraftedState, DraftPolicy, Speculator, StepClock, StepCosts,
-                          check_mode, drafting_verdict, mtp_block_count, open_speculator, recall_costs,
-                          remember_costs, staging_api)
+                          check_mode, drafting_verdict, mtp_block_count, open_speculator, recall_acceptance,
+                          recall_costs, remember_acceptance, remember_costs, staging_api)
 from .state_cache import READ_BACK, StateCache, position
 from .vision import LLAMA_IMAGE_MAX_TOKENS
 
@@ -147,7 +148,7 @@ class Decoder:
                                   weights_idle=self.memory.weights_idle)
         self.n_ctx = self.ctx.n_ctx
         self.draft_tokens = draft_tokens if self.spec else 0
-        self.policy = DraftPolicy(speculative if self.spec else OFF, self.draft_tokens, clock=self.clock)
+        self.policy = self._policy(speculative if self.spec else OFF)
         # Between generated tokens, give cores back to other programs that take them (and take them
         # again when they are free): see adaptive_threads.py.
         self.governor = ThreadGovernor(self.threads, self._set_threads) if adapt_threads and self.threads > 1 \
@@ -245,7 +246,24 @@ class Decoder:
             raise ChatError("this session decodes without an MTP head: open it with speculative='mtp'")
         if mode == AUTO and self.clock is None:
             self.clock = self._step_clock()
-        self.policy = DraftPolicy(mode, self.draft_tokens, clock=self.clock)
+        self.policy = self._policy(mode)
+
+    def _policy(self, mode: str) -> DraftPolicy:
+        """The drafting policy, with what earlier sessions saw of this head's acceptance (recalled and
+        handed on under a key of the model file and the draft vocabulary: it is the head's, whatever
+        the machine)."""
+        if self.spec is None:
+            return DraftPolicy(mode, self.draft_tokens, clock=self.clock)
+        key = self._file_key(f"draft vocabulary {self.draft_vocab}", "acceptance v1")
+        return DraftPolicy(mode, self.draft_tokens, clock=self.clock, known_acceptance=recall_acceptance(key),
+                           remember_acceptance=lambda right, tries: remember_acceptance(key, right, tries))
+
+    def _file_key(self, *parts: str) -> str:
+        """A key of the model file (its path, size and time) and `parts`, whatever the machine."""
+        path = Path(self.model_file.path).resolve()
+        stat = path.stat()
+        return hashlib.sha256("\0".join((str(path), str(stat.st_size), str(stat.st_mtime_ns)) + parts).encode()
+                              ).hexdigest()[:32]
 
     def close(self) -> None:
         if self.spec:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35"
+    """`$XDG_CACHE_HOME/qwen35`, or $QWEN35_REMEMBERED_DIR (the tests keep theirs apart from the user's)."""
+    override = os.environ.get("QWEN35_REMEMBERED_DIR")
+    return Path(override) if override else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen35"
 
 
 def build_key(library: Path, *parts: str) -> hashlib._Hash:
