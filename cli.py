@@ -36,7 +36,7 @@ def main():
 
 def _speculative_options(fn):
     """--mtp/--no-mtp, --speculative MODE and --draft N: speculative decoding with the model's own MTP head."""
-    fn = click.option("--draft", "draft_tokens", type=click.IntRange(1, 8), default=2, show_default=True,
+    fn = click.option("--draft", "draft_tokens", type=click.IntRange(1, 8), default=3, show_default=True,
                       help="Tokens the MTP head drafts per step.")(fn)
     fn = click.option("--draft-vocab", type=click.IntRange(min=0), default=32768, show_default=True,
                       help="Drafts choose among this many most frequent tokens (a fraction of the cost of the "

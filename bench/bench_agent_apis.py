@@ -131,7 +131,7 @@ def main() -> None:
     loops = {"chat": chat_loop, "responses": responses_loop}
     # Fixed threads: a thread count that adapts to a busy machine changes the sums' order, and with
     # random weights the replies (whose re-rendering is evaluated) would part ways between the loops.
-    options = dict(n_ctx=8192, threads=args.threads, cache_ram=2048 << 20, adapt_threads=False)
+    options = dict(n_ctx=8192, threads=args.threads, cache_ram=2048 << 20, adapt_threads=False, speculative="off")
     with ChatSession(model, **options) as chat_session, ChatSession(model, **options) as responses_session:
         servers = {api: Server(session, model_name="qwen35")
                    for api, session in (("chat", chat_session), ("responses", responses_session))}

@@ -47,7 +47,8 @@ def main() -> None:
     model = args.model or model_0_8b(args.workdir)
     read_back = Decoder.can_read_back
     results: dict[str, dict[str, list[float]]] = {}
-    with ChatSession(model, n_ctx=8192, threads=args.threads, prefill=False, adapt_threads=False) as chat:
+    with ChatSession(model, n_ctx=8192, threads=args.threads, prefill=False, adapt_threads=False,
+                     speculative="off") as chat:
         for r in range(args.rounds):
             for way in ("read back", "ending a decode")[::1 if r % 2 else -1]:
                 chat.decoder.can_read_back = read_back.__get__(chat.decoder) if way == "read back" else (lambda *_: False)

@@ -55,7 +55,8 @@ def main() -> None:
     model = args.model or converted_0_8b(args.workdir, "q4_k_m")
     print(f"model {model}, up to {args.threads} threads, {args.rounds} rounds of {args.tokens} tokens\n")
 
-    with ChatSession(model, n_ctx=2048, threads=args.threads, seed=1, temp=0, think=False, prefill=False) as chat:
+    with ChatSession(model, n_ctx=2048, threads=args.threads, seed=1, temp=0, think=False, prefill=False,
+                     speculative="off") as chat:
         chat.send("warm-up", max_tokens=8)
         quiet = measure(chat, args.threads, args.rounds, args.tokens)
         hogs = [subprocess.Popen(["sh", "-c", "exec yes > /dev/null"]) for _ in range(args.busy)]

@@ -169,7 +169,8 @@ def main() -> None:
         return
     engines = {"llguidance": cases(True, **world)} | ({} if args.no_gbnf else {"gbnf": cases(False, **world)})
     totals: dict[tuple[str, str], list[float]] = {}  # (case, engine) -> [tokens, seconds, refused, mask s, grammar s]
-    with ChatSession(model, n_ctx=4096, threads=args.threads, prefill=False, adapt_threads=False) as chat:
+    with ChatSession(model, n_ctx=4096, threads=args.threads, prefill=False, adapt_threads=False,
+                     speculative="off") as chat:
         start = time.perf_counter()
         chat.prepare_constraints()
         print(f"{model.name}: llguidance's vocabulary built in {time.perf_counter() - start:.1f} s", flush=True)

@@ -36,7 +36,7 @@ from qwen35.runtime.engine import memory
 if sys.argv[2] == "mapped":
     memory.maps_weights = lambda weights, idle: True
 t = time.perf_counter()
-s = ChatSession(sys.argv[1], n_ctx=int(sys.argv[3]), threads=int(sys.argv[4]), seed=1)
+s = ChatSession(sys.argv[1], n_ctx=int(sys.argv[3]), threads=int(sys.argv[4]), seed=1, speculative="off")
 loaded = time.perf_counter() - t
 s.send(sys.argv[5], max_tokens=16, temp=0)
 print(json.dumps({"load_s": loaded, "total_s": time.perf_counter() - t, "mapped": s.memory.mapped,

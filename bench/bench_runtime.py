@@ -77,7 +77,7 @@ def multi_turn(model: Path, threads: int, turns: int, chats: int, pause: float) 
     from qwen35.runtime import ChatSession
 
     rows = [{"turn": t + 1, "ttft_s": []} for t in range(turns)]
-    with ChatSession(model, n_ctx=8192, threads=threads, think=False, seed=1, max_tokens=40) as chat:
+    with ChatSession(model, n_ctx=8192, threads=threads, think=False, seed=1, max_tokens=40, speculative="off") as chat:
         chat.send("warm-up", max_tokens=2)
         for _ in range(chats):
             chat.reset()

@@ -1,7 +1,7 @@
 """`qwen35 serve` against two peer OpenAI servers, driven by the official `openai` client.
 
 Three servers on the same GGUF with the same threads, side by side in one run, on 127.0.0.1:
-  ours    `qwen35 serve` (this checkout);
+  ours    `qwen35 serve --no-mtp` (this checkout; plain decoding as the peers do: drafting is bench_mtp.py's);
   lcpp    llama-cpp-python 0.3.36's installed server, `python -m llama_cpp.server` (its server extra);
   example the sdist's `examples/server/server.py`, with its own Qwen3.5-0.8B config (chat template,
           response schema) pointed at the local GGUF.
@@ -342,7 +342,7 @@ def make_servers(args, model: Path, env: dict) -> list[Server]:
     python = peers_venv(args.workdir)
     peer = peer_python(python, model)
     ours = Ours([sys.executable, "-m", "qwen35.cli", "serve", str(model), "--port", "{port}", "-t",
-                 str(args.threads), "-c", str(N_CTX)], args.workdir / "ours.log", env)
+                 str(args.threads), "-c", str(N_CTX), "--no-mtp"], args.workdir / "ours.log", env)
     installed = Installed([*peer, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
                            "--port", "{port}", "--n_threads", str(args.threads), "--n_threads_batch",
                            str(args.threads), "--n_ctx", str(N_CTX), "--chat_template_kwargs",

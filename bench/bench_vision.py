@@ -119,7 +119,7 @@ def encode_comparison(model: Path, mmproj: Path, image: Path, args) -> None:
 
     data = image.read_bytes()
     with ChatSession(model, n_ctx=args.image_tokens + 512, threads=args.threads, think=False, seed=1, prefill=False,
-                     mmproj=mmproj, image_max_tokens=args.image_tokens) as chat:
+                     mmproj=mmproj, image_max_tokens=args.image_tokens, speculative="off") as chat:
         helper = HelperEncoder(chat, mmproj, args.image_tokens)
         ours, theirs = [], []
         try:
@@ -155,7 +155,8 @@ def later_turns(model: Path, mmproj: Path, image: Path, args) -> None:
     from qwen35.runtime import ChatSession
 
     options = dict(n_ctx=args.image_tokens + 4096, threads=args.threads, think=False, seed=1, prefill=False,
-                   max_tokens=args.answer_tokens, temp=0, mmproj=mmproj, image_max_tokens=args.image_tokens)
+                   max_tokens=args.answer_tokens, temp=0, mmproj=mmproj, image_max_tokens=args.image_tokens,
+                   speculative="off")
     rows = [{"turn": t + 1, "image": [], "text": [], "image_prompt": 0, "text_prompt": 0, "image_tokens": 0}
             for t in range(args.turns)]
     with ChatSession(model, **options) as with_image, ChatSession(model, **options) as text_only:

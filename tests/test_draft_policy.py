@@ -187,11 +187,16 @@ def test_a_good_heads_first_wrong_draft_is_bad_luck_when_it_is_known():
     known = DraftPolicy("auto", 3, XEON_4B, known_acceptance=(160.0, 200.0))
     assert known.acceptance.rate == pytest.approx(0.8) and known.n_draft() == 3
     known.record(3, 0)
-    assert known.acceptance.rate == pytest.approx(0.8 * 8 / 9) and known.n_draft() == 3
+    weight = Acceptance.KNOWN_TRIES * Acceptance.KNOWN_FADE  # (the remembered rate weighs less with each try)
+    assert known.acceptance.rate == pytest.approx(0.8 * weight / (1 + weight)) and known.n_draft() == 3
     # A head remembered as never right waits a probe interval instead of probing at once.
     never = DraftPolicy("auto", 3, XEON_4B, known_acceptance=(0.0, 500.0))
     _, drafted_at = decode(never, XEON_4B, 0.0, 100)
     assert drafted_at == [32, 33, 98], drafted_at  # (then after 64: nothing right)
+    # Remembered as never right, but right now (other text, another use): its probes find it again.
+    now_right = DraftPolicy("auto", 3, XEON_4B, known_acceptance=(0.0, 500.0))
+    _, drafted_at = decode(now_right, XEON_4B, 0.9, 800)
+    assert len([t for t in drafted_at if t >= 400]) > 60, drafted_at
     # Fewer tries than KNOWN_ENOUGH do not stand for the head: the prior does.
     assert DraftPolicy("auto", 3, known_acceptance=(10.0, 10.0)).acceptance.rate == pytest.approx(Acceptance.PRIOR)
 

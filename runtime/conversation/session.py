@@ -121,7 +121,7 @@ class ChatSession:
                  seed: int | None = None, *, system: str | None = None, tools: list[dict] | None = None,
                  cache_ram: int | None = None, force: bool = False, prefill: bool = True, verbose: bool = False,
                  adapt_threads: bool = True, mmproj=None, image_max_tokens: int | None = DEFAULT_IMAGE_MAX_TOKENS,
-                 speculative: str = AUTO, draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB,
+                 speculative: str = AUTO, draft_tokens: int = 3, draft_vocab: int = DRAFT_VOCAB,
                  **sampling) -> None:
         self._user = threading.RLock()  # held by the thread using the context (_in_use)
         self._vocabulary: constraints.VocabularyBuild | None = None  # to build while idle

@@ -73,7 +73,7 @@ class Decoder:
 
     def __init__(self, mf: ModelFile, n_ctx: int, threads: int | None = None, *, cache_ram: int | None = None,
                  force: bool = False, adapt_threads: bool = True, mmproj: Path | None = None,
-                 image_max_tokens: int | None = None, speculative: str = OFF, draft_tokens: int = 2,
+                 image_max_tokens: int | None = None, speculative: str = OFF, draft_tokens: int = 3,
                  draft_vocab: int = DRAFT_VOCAB) -> None:
         self.model_file = mf
         self.warnings: list[str] = []
@@ -124,10 +124,11 @@ class Decoder:
         self.clock: StepClock | None = None
         try:
             # Verifying a draft needs logits for each of its tokens and the recurrent-state
-            # snapshots to roll back the rejected ones.
+            # snapshots to roll back the rejected ones; a turn boundary near a prompt's end is read
+            # back from them too (state_cache.py).
             self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH,
                                       n_outputs=draft_tokens + 1 if drafting else 1,
-                                      n_rollback=draft_tokens if drafting else self.read_back)
+                                      n_rollback=max(draft_tokens, self.read_back) if drafting else self.read_back)
             if drafting:
                 self.spec, notice = open_speculator(self.model, self.ctx, draft_tokens, self.threads,
                                                     self.draft_vocab, header=mf)
@@ -200,9 +201,8 @@ class Decoder:
     def can_read_back(self, prompt: list[int], boundary: int) -> bool:
         """Whether the state at `boundary` can be read back from the snapshots of the decode that
         ends `prompt` (StateCache.snapshot_back): near enough the end, text from the token before
-        it on, and a context that keeps them (a drafting one keeps its own for the drafts)."""
-        return (self.spec is None and len(prompt) - boundary <= self.ctx.n_rollback
-                and min(prompt[boundary - 1:]) >= 0)
+        it on, and a context that keeps them."""
+        return len(prompt) - boundary <= min(self.ctx.n_rollback, self.read_back) and min(prompt[boundary - 1:]) >= 0
 
     def draft_step(self, token: int, sampler: native.Sampler, n_draft: int) -> Verified:
         """Evaluate `token` and the MTP head's `n_draft` drafts in one pass, sampling every row

@@ -212,8 +212,9 @@ def estimate(mf: ModelFile, n_ctx: int, *, n_batch: int, n_checkpoints: int, thr
     kv_cache = n_ctx_cells * n_full * kv_width * F16
 
     recurrent = recurrent_state_bytes(mf)
-    # A drafting context keeps draft_tokens snapshots (counted with the drafting), a plain one read_back.
-    snapshots = 0 if draft_tokens else read_back * recurrent
+    # A context keeps read_back snapshots; a drafting one at least draft_tokens (those counted with the
+    # drafting).
+    snapshots = max(read_back - draft_tokens, 0) * recurrent
     # Peak activations of a prompt batch: the widest per-token tensors of a layer (the q/k/v conv
     # channels, the FFN) plus the f16 attention mask; fitted to llama.cpp's reported compute buffer.
     n_embd = mf.arch_key("embedding_length", 0)

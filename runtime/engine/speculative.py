@@ -194,7 +194,11 @@ class Speculator:
         self.restore(0, None)
 
     def trim(self, n_tokens: int) -> None:
-        self.restore(n_tokens, self._pending)
+        """The target was trimmed to `n_tokens` (a turn boundary read back after the prompt's last
+        decode): the pending hidden state is that decode's row of the token before, while it has it."""
+        row = n_tokens - self._rows_pos - 1
+        hidden = self._rows[row] if 0 <= row < len(self._rows) else self._pending
+        self.restore(n_tokens, hidden)
 
     def set_threads(self, threads: int) -> None:
         self._ctx.set_threads(threads)
@@ -629,7 +633,7 @@ class Acceptance:
     are right 60-85% of the time (MTP.md); a head that is never right shows it in a try or two; and
     after a long stretch of plain decoding a single try speaks for the text of now. A head seen
     before (`known`: right and tries of earlier sessions with this model file, remembered as the step
-    costs are) starts from its own rate instead, weighed as KNOWN_TRIES tries: one wrong first draft
+    costs are) starts from its own rate instead, weighed as KNOWN_TRIES tries at first: one wrong first draft
     of a head right 80% of the time is bad luck, not news, and it no longer sends decoding plain for
     a probe interval (the largest loss `auto` had on a head that pays: measured, at 4B and 80%,
     0.88-0.94x always drafting over a reply of 128 tokens)."""
@@ -639,6 +643,7 @@ class Acceptance:
     DECAY = 0.97
     KNOWN_TRIES = 8.0
     KNOWN_ENOUGH = 32  # tries behind a remembered rate before it stands for the head
+    KNOWN_FADE = 0.95  # its weight, a try: 1 of the 8 left after 40 tries
 
     def __init__(self, known: tuple[float, float] | None = None) -> None:
         self.right = 0.0
@@ -652,7 +657,12 @@ class Acceptance:
 
     @property
     def rate(self) -> float:
-        return (self.right + self.prior * self.prior_tries) / (self.tries + self.prior_tries)
+        # A remembered rate weighs less with every try this session sees (down to PRIOR_TRIES): the
+        # text of now may not be the text it was learnt on, and a head remembered as seldom right
+        # must still be found right again by its probes.
+        weight = self.prior_tries if self.known is None else max(self.prior_tries * self.KNOWN_FADE ** self.total_tries,
+                                                                 self.PRIOR_TRIES)
+        return (self.right + self.prior * weight) / (self.tries + weight)
 
     @property
     def known_right(self) -> bool:
@@ -684,11 +694,13 @@ class DraftPolicy:
     starts small: no more drafts a step than one plus the drafts ever found right, so a head that is
     never right costs one single-draft step or two, not a reply of wide ones. And while it decodes
     plainly it cannot see the head's acceptance, so it probes with PROBE_STEPS single-draft
-    steps after FIRST_INTERVAL plain tokens, then after twice as many each time plain decoding stays
+    steps after FIRST_INTERVAL plain tokens (REPROBE when a stretch of drafting with a head that has
+    been right just ended), then after twice as many each time plain decoding stays
     the better way (up to MAX_INTERVAL): its probes cost a small and shrinking share. Everything carries over from
-    reply to reply."""
+    reply to reply; what it saw of the head is remembered for the next load (Acceptance)."""
 
     FIRST_INTERVAL = 32
+    REPROBE = 8  # plain tokens before the probe after a stretch of drafting ends
     MAX_INTERVAL = 4096
     PROBE_STEPS = 2  # single-draft steps a probe takes: one wrong draft of a good head is not the end
     # While the plain step is not timed yet (StepClock.ENOUGH), one step in this many is plain, so that
@@ -774,7 +786,11 @@ class DraftPolicy:
                 self._interval = min(2 * self._interval, self.MAX_INTERVAL)
             self._first_probe = False
             return
-        self._n = self._choose(drafting=self._n > 0)
+        drafting, self._n = self._n > 0, self._choose(drafting=self._n > 0)
+        if drafting and self._n == 0 and (self.acceptance.ever_right or self.acceptance.known_right):
+            # A head that has been right leaves drafting on a bad patch of text more often than for
+            # good (two wrong drafts in a row happen at 70%): the first probe comes soon.
+            self._interval = self.REPROBE
 
     def plain_step(self, seconds: float | None = None) -> None:
         if seconds is not None and self.clock is not None:

@@ -27,7 +27,7 @@ from ..engine.speculative import AUTO, DRAFT_VOCAB, MTP, OFF, staging_api
 
 def bench(model: str, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
           threads: list[int] | None = None, n_ctx: int = 4096, force: bool = False, speculative: str | None = None,
-          draft_tokens: int = 2, draft_vocab: int = DRAFT_VOCAB) -> dict:
+          draft_tokens: int = 3, draft_vocab: int = DRAFT_VOCAB) -> dict:
     """One result per thread count (default: the session's own choice), and the fastest at generating.
     `speculative` None: both ways when the GGUF has an MTP head and this llama.cpp can run it."""
     if speculative is None:
