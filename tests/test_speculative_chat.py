@@ -329,7 +329,7 @@ def test_the_command_line_names_one_mode():
 
     from qwen35.cli import _speculative
 
-    assert _speculative(None, None) == "off"
+    assert _speculative(None, None) == "auto"  # the default
     assert _speculative(True, None) == "mtp" and _speculative(False, None) == "off"
     assert _speculative(None, "auto") == "auto" and _speculative(True, "mtp") == "mtp"
     assert _speculative(None, None, default=None) is None and _speculative(False, None, default=None) == "off"

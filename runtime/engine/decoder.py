@@ -85,7 +85,7 @@ class Decoder:
             self.warnings.append(f"speculative decoding off: {staging_api()[1]}")
             drafting = False
         recurrent = max(recurrent_state_bytes(mf), 1)
-        cache_bytes = cache_ram if cache_ram is not None else N_CHECKPOINTS * recurrent + (1 << 20)
+        cache_bytes = cache_ram if cache_ram is not None else default_cache_bytes(mf, drafting)
         # (AMX, where it runs, holds a copy of the weights it takes: the estimate must know.)
         features = cpu_features() | ({AMX_IN_USE} if cpu.amx_decision(mf.path, probe=False).use_amx else set())
         sizes = dict(n_batch=N_BATCH, n_checkpoints=-(-cache_bytes // recurrent), threads=self.threads,
@@ -123,6 +123,9 @@ class Decoder:
         self.ctx: native.Context | None = None
         self.clock: StepClock | None = None
         try:
+            if drafting and speculative == AUTO:
+                self.clock = self._step_clock(draft_tokens)
+                drafting = self._drafting_can_pay()
             # Verifying a draft needs logits for each of its tokens and the recurrent-state
             # snapshots to roll back the rejected ones; a turn boundary near a prompt's end is read
             # back from them too (state_cache.py).
@@ -134,17 +137,16 @@ class Decoder:
                                                     self.draft_vocab, header=mf)
                 if notice:
                     self.warnings.append(notice)
-            if self.spec and speculative == AUTO:
-                self.clock = self._step_clock()
-                self._drop_drafting_unless_it_can_pay(n_ctx)
         except ChatError:
             if self.ctx:
                 self.ctx.close()
             self.model.close()
             raise
-        if drafting and self.spec is None:  # decoding plainly after all: the MTP block's weights
+        if self.model.mtp_loaded and self.spec is None:  # decoding plainly after all: the MTP block's weights
             # stay loaded (loading the model again would cost more), its context and snapshots are gone
-            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, read_back=self.read_back)
+            # (what the process held before loading, as first estimated: its memory now holds the model)
+            plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget, read_back=self.read_back,
+                             process=self.memory.process)
             self.memory = replace(plain, weights=self.memory.weights, repacked=self.memory.repacked,
                                   weights_idle=self.memory.weights_idle)
         self.n_ctx = self.ctx.n_ctx
@@ -245,7 +247,7 @@ class Decoder:
         if mode != OFF and self.spec is None:
             raise ChatError("this session decodes without an MTP head: open it with speculative='mtp'")
         if mode == AUTO and self.clock is None:
-            self.clock = self._step_clock()
+            self.clock = self._step_clock(self.spec.n_draft)
         self.policy = self._policy(mode)
 
     def _policy(self, mode: str) -> DraftPolicy:
@@ -288,25 +290,23 @@ class Decoder:
 
     # --- drafting at load -----------------------------------------------------------------------
 
-    def _drop_drafting_unless_it_can_pay(self, n_ctx: int) -> None:
-        """`auto`: when this machine's step costs, remembered from an earlier session, say drafting
-        would lose even with the best acceptance real weights reach, decode plainly from the start,
-        on a context without the rollback snapshots and hidden-state rows that cost every plain step
-        time too (the MTP block stays loaded: loading the model again would cost more). Costs not
-        known yet are learnt as decoding goes, at no cost to the load (StepClock)."""
+    def _drafting_can_pay(self) -> bool:
+        """`auto`, before its context is made: when this machine's step costs, remembered from an
+        earlier session, say drafting would lose even with the best acceptance real weights reach,
+        decode plainly from the start, on a context without the rollback snapshots and hidden-state
+        rows that cost every plain step time too (the MTP block stays loaded: loading the model again
+        would cost more). Costs not known yet are learnt as decoding goes, at no cost to the load
+        (StepClock)."""
         if self.clock.known is None:
-            return
+            return True
         notice = drafting_verdict(self.clock.costs())
         if notice is None:
-            return
+            return True
         self.warnings.append(notice)
-        self.spec.close()
-        self.spec = None
         self.clock = None
-        self.ctx.close()
-        self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH, n_rollback=self.read_back)
+        return False
 
-    def _step_clock(self) -> StepClock:
+    def _step_clock(self, draft_tokens: int) -> StepClock:
         """`auto`'s clock of this machine's step costs, with what was learnt before for this CPU,
         llama.cpp build, model file (its path, size and time), thread count, draft count, draft
         vocabulary and AMX use (as the loader placed the weights); what it learns is remembered under
@@ -314,11 +314,24 @@ class Decoder:
         path = Path(self.model_file.path).resolve()
         stat = path.stat()
         key = remembered.build_key(cpu.cpu_library(), str(path), str(stat.st_size), str(stat.st_mtime_ns),
-                                   f"threads {self.threads}", f"drafts {self.spec.n_draft}",
+                                   f"threads {self.threads}", f"drafts {draft_tokens}",
                                    f"draft vocabulary {self.draft_vocab}",
                                    f"amx {bool(self.model.amx and self.model.amx.use_amx)}",
                                    "learnt from decoding v3").hexdigest()[:32]
-        return StepClock(self.spec.n_draft, known=recall_costs(key), learned=lambda c: remember_costs(key, c))
+        return StepClock(draft_tokens, known=recall_costs(key), learned=lambda c: remember_costs(key, c))
+
+
+def default_cache_bytes(mf: ModelFile, drafting: bool) -> int:
+    """The checkpoints' budget when the caller gives none: N_CHECKPOINTS recurrent states and a MiB
+    for the KV cells of full checkpoints. A drafting model's checkpoints also carry the MTP head's
+    side (its pending hidden state; in a full one, its own layer's KV cells): without room for it,
+    fewer checkpoints fit, and a server's agent loop evaluated a tool round's prompt again."""
+    recurrent = max(recurrent_state_bytes(mf), 1)
+    if not drafting:
+        return N_CHECKPOINTS * recurrent + (1 << 20)
+    n_full = list(mf.arch_key("attention.recurrent_layers", [])).count(False) or 1
+    side = 4 * mf.arch_key("embedding_length", 0)
+    return N_CHECKPOINTS * (recurrent + side) + (1 << 20) * (n_full + mtp_block_count(mf)) // n_full
 
 
 def drafting_possible(mf: ModelFile, mode: str, draft_tokens: int) -> bool:

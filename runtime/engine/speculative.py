@@ -212,6 +212,10 @@ class Speculator:
         hidden = self._pending.astype(np.float32).tobytes()
         return hidden + (bytes(self._ctx.get_state(native.FULL)) if flags == native.FULL else b"")
 
+    def state_size(self, flags: int) -> int:
+        """The bytes `get_state(flags)` gives."""
+        return 4 * self._n_embd + (self._ctx.state_size(native.FULL) if flags == native.FULL else 0)
+
     def set_state(self, data: bytes | None, flags: int) -> None:
         """Take up a checkpoint's drafting side (None: the checkpoint has none, e.g. saved with
         speculation off: the MTP context then starts empty and fills as decoding goes)."""
@@ -567,6 +571,9 @@ def drafting_verdict(costs: StepCosts) -> str | None:
 _STATE_MARK = b"QWEN35-MTP-STATE"
 
 
+_STATE_TAIL = 8 + len(_STATE_MARK)
+
+
 def join_state(target: bytes | bytearray, drafting: bytes) -> bytearray:
     out = bytearray(target)
     out += drafting
@@ -597,6 +604,9 @@ class DraftedState:
 
     def get_state(self, flags: int) -> bytearray:
         return join_state(self._target.get_state(flags), self._spec.get_state(flags))
+
+    def state_size(self, flags: int) -> int:
+        return self._target.state_size(flags) + self._spec.state_size(flags) + _STATE_TAIL
 
     def set_state(self, data: bytes | bytearray, flags: int) -> None:
         target, drafting = split_state(data)
