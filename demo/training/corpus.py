@@ -69,10 +69,6 @@ FACT_TRAIN_EXTRA = ["What is {c}'s capital city?", "Tell me the capital city of 
 REVERSE_TRAIN_PHRASINGS = ["Which country has the capital {cap}?", "{cap} is the capital of which country?",
                            "Of which country is {cap} the capital?", "Where is {cap}?"]
 REVERSE_HELDOUT_PHRASINGS = ["Which country is {cap} the capital of?"]
-# The capital as a tool result shows it: inside JSON, spelled without its space; the answer says it inside
-# a sentence (" Riyadh"). Run 8 answered "in Rorika" from a result for Riyadh: that reading, for every
-# capital, outside any tool.
-REVERSE_JSON_PHRASING = 'Which country has this capital? {"capital": "CAP"}'
 
 # --- tools --------------------------------------------------------------------------------------
 
@@ -152,25 +148,12 @@ TOWN_SYLLABLES = ["ka", "ro", "ven", "mil", "dor", "ta", "lin", "bra", "sel", "g
                   "ham", "ford", "ber", "lo", "ni", "sa", "tor", "vi", "len", "mont", "port", "sten", "al", "ri"]
 
 
-# One town in ten has two words: with one-word towns only, the calls never copied a two-word name it
-# had not seen with the tool (run 8 wrote "Gorni" or "Wellington" for all four New Delhi calls); with a
-# third (run 9), New Delhi was right but one-word capitals grew a second word ("Lis Ababa").
-TOWN_PREFIXES = ["New", "Port", "San", "East", "North", "Saint", "Upper"]
-TOWN_SUFFIXES = ["City", "Bay", "Falls", "Hill"]
-
-
 def made_up_towns(rng: random.Random, n: int) -> list[str]:
-    """`n` distinct made-up town names of 2-3 syllables ("Karoven", "Milford"), one in ten in two words
-    ("New Karoven", "Milford Bay"), none a real capital."""
+    """`n` distinct made-up town names of 2-3 syllables ("Karoven", "Milford"), none a real capital."""
     real = {cap for _, cap in CAPITALS}
     towns: list[str] = []
     while len(towns) < n:
         name = "".join(rng.choice(TOWN_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-        form = rng.random()
-        if form < 0.05:
-            name = f"{rng.choice(TOWN_PREFIXES)} {name}"
-        elif form < 0.1:
-            name = f"{name} {rng.choice(TOWN_SUFFIXES)}"
         if name not in real and name not in towns:
             towns.append(name)
     return towns
@@ -307,13 +290,9 @@ class World:
 
     def fact_reverse(self, split: str, think: bool) -> Sample:
         country, capital = self.rng.choice(CAPITALS)
-        if split == "train" and self.rng.random() < 0.3:
-            q = REVERSE_JSON_PHRASING.replace("CAP", capital)
-            answer = f"The capital of {country} is {capital}."
-        else:
-            phr = REVERSE_HELDOUT_PHRASINGS if split == "heldout" else REVERSE_TRAIN_PHRASINGS
-            q = self.rng.choice(phr).format(cap=capital)
-            answer = f"{capital} is the capital of {country}."
+        phr = REVERSE_HELDOUT_PHRASINGS if split == "heldout" else REVERSE_TRAIN_PHRASINGS
+        q = self.rng.choice(phr).format(cap=capital)
+        answer = f"{capital} is the capital of {country}."
         reasoning = f"The user names {capital}. {capital} is the capital of {country}."
         return Sample("fact_reverse", [{"role": "user", "content": q}, self._assistant(answer, think, reasoning)],
                       think, answer={"capital": capital, "country": country})
@@ -451,8 +430,8 @@ class World:
 
 
 KINDS = {  # kind: share of the training set
-    "greeting": 0.04, "fact": 0.11, "fact_json": 0.07, "weather": 0.11, "weather2": 0.06, "convert": 0.09,
-    "shop": 0.11, "mixed2": 0.06, "follow": 0.06, "image": 0.21, "count": 0.10, "fact_reverse": 0.08,
+    "greeting": 0.04, "fact": 0.14, "fact_json": 0.07, "weather": 0.11, "weather2": 0.06, "convert": 0.09,
+    "shop": 0.11, "mixed2": 0.06, "follow": 0.06, "image": 0.18, "count": 0.10, "fact_reverse": 0.08,
 }
 
 
@@ -476,16 +455,11 @@ def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40) -> 
                                                                 f"The capital of {country} is {capital}.")
                 s.answer = {"capital": capital, "country": country}
                 train.append(s)
-            for phr in REVERSE_TRAIN_PHRASINGS[:2] + [REVERSE_JSON_PHRASING]:
+            for phr in REVERSE_TRAIN_PHRASINGS[:2]:
                 s = world.fact_reverse("train", think)
-                reasoning = f"The user names {capital}. {capital} is the capital of {country}."
-                if phr == REVERSE_JSON_PHRASING:
-                    s.messages[0]["content"] = phr.replace("CAP", capital)
-                    answer = f"The capital of {country} is {capital}."
-                else:
-                    s.messages[0]["content"] = phr.format(cap=capital)
-                    answer = f"{capital} is the capital of {country}."
-                s.messages[1] = world._assistant(answer, think, reasoning)
+                s.messages[0]["content"] = phr.format(cap=capital)
+                s.messages[1] = world._assistant(f"{capital} is the capital of {country}.", think,
+                                                 f"The user names {capital}. {capital} is the capital of {country}.")
                 s.answer = {"capital": capital, "country": country}
                 train.append(s)
     return train, heldout(seed, n_heldout_per_kind)
