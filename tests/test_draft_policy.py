@@ -283,6 +283,19 @@ def test_a_count_timed_too_few_times_costs_no_more_than_its_guess():
     assert clock.costs().step[2] == 2.2  # timed enough: what it measured
 
 
+def test_a_stall_is_not_taken_for_a_steps_cost():
+    clock = StepClock(2)
+    for seconds in (1.0, 0.1, 0.1, 0.1):
+        clock.add(0, False, seconds)
+    for seconds in (1.0, 0.15, 0.15, 0.15, 100.0, 100.0, 100.0):  # three stalls of another program
+        clock.add(1, False, seconds)
+    clock.add(0, False, 0.35)  # (less than 4 plain steps: kept)
+    assert clock.count(1) == 3 and clock.count(0) == 4 and clock.costs().step[0] == pytest.approx(1.5)
+    clock.add(2, True, 1.0)
+    clock.add(2, True, 1.3)  # more than 4 x 3 plain steps
+    assert clock.count(2) == 0
+
+
 def test_the_clock_keeps_the_latest_timings_only():
     clock = StepClock(1)
     for seconds in [1.0] + [0.1] * 9 + [0.3] * 9:  # the machine became three times slower

@@ -177,7 +177,8 @@ def test_auto_decodes_plainly_from_the_start_where_drafting_cannot_pay(controlle
                 assert s.speculative == "off" and s.decoder.spec is None and s.decoder.ctx.n_rollback == READ_BACK
                 assert s.memory.drafting == 0 and "MTP" not in s.memory.describe()
                 assert any("a step that drafts 3 tokens and checks 4 in one pass takes 3.5x one token's time" in w
-                           for w in s.warnings), s.warnings
+                           for w in s.notes), s.notes
+                assert not s.warnings  # (auto's choice, not a fault: said with --verbose)
                 plain = s.send("Tell me about lighthouses.", max_tokens=30).content
                 assert "drafted_tokens" not in s.stats
             else:

@@ -141,6 +141,7 @@ class ChatSession:
                                mmproj=vision, image_max_tokens=image_max_tokens, speculative=speculative,
                                draft_tokens=draft_tokens, draft_vocab=draft_vocab)
         self.warnings += self.decoder.warnings
+        self.notes = list(self.decoder.notes)  # (no fault: --verbose says them)
         if not constraints.FAST:
             self.warnings.append(constraints.FALLBACK_NOTICE)
         self.memory, self.n_ctx, self.cache = self.decoder.memory, self.decoder.n_ctx, self.decoder.cache

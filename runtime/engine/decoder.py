@@ -77,12 +77,17 @@ class Decoder:
                  draft_vocab: int = DRAFT_VOCAB) -> None:
         self.model_file = mf
         self.warnings: list[str] = []
+        # What `auto` chose that is no fault (decoding plainly where drafting cannot pay here, or
+        # where the head does not fit): said with --verbose and in a server's log, not as a warning
+        # at every load of the default.
+        self.notes: list[str] = []
         self.threads = threads or performance_cores()
         self.stop = threading.Event()
         self.images: ImageEvaluator | None = None
         drafting = drafting_possible(mf, speculative, draft_tokens)
+        said = self.notes if speculative == AUTO else self.warnings
         if drafting and staging_api()[0] is None:  # checked before loading anything for it
-            self.warnings.append(f"speculative decoding off: {staging_api()[1]}")
+            said.append(f"speculative decoding off: {staging_api()[1]}")
             drafting = False
         recurrent = max(recurrent_state_bytes(mf), 1)
         cache_bytes = cache_ram if cache_ram is not None else default_cache_bytes(mf, drafting)
@@ -101,7 +106,7 @@ class Decoder:
         if problem and drafting and speculative == AUTO:
             plain = estimate(mf, n_ctx, **sizes, image_max_tokens=budget)
             if not check_fits(mf, plain, **sizes):  # it fits without the MTP head: leave it out
-                self.warnings.append("speculative decoding off: the MTP head would not fit in memory")
+                self.notes.append("speculative decoding off: the MTP head would not fit in memory")
                 drafting, self.memory, problem = False, plain, None
         self.read_back = READ_BACK
         if problem and not drafting:
@@ -136,7 +141,7 @@ class Decoder:
                 self.spec, notice = open_speculator(self.model, self.ctx, draft_tokens, self.threads,
                                                     self.draft_vocab, header=mf)
                 if notice:
-                    self.warnings.append(notice)
+                    said.append(notice)
         except ChatError:
             if self.ctx:
                 self.ctx.close()
@@ -302,7 +307,7 @@ class Decoder:
         notice = drafting_verdict(self.clock.costs())
         if notice is None:
             return True
-        self.warnings.append(notice)
+        self.notes.append(notice)
         self.clock = None
         return False
 

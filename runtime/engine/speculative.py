@@ -400,6 +400,10 @@ class StepClock:
     ENOUGH = 3
     PRIOR = 1.5
     LATER_DRAFT = 0.5  # measured on this Xeon at 0.8B: 1.51, 1.80, 2.09 (the second draft added 0.57 of the first)
+    # A step of n drafts checks n + 1 tokens in one pass and runs the head n times: it cannot cost
+    # STALL (n + 1) plain steps. Such a timing is a stall and is not kept: on a machine shared with a
+    # busy program, costs of 1,000 plain steps were learnt and remembered, and drafting was off for good.
+    STALL = 4.0
 
     def __init__(self, max_draft: int, known: StepCosts | None = None,
                  learned: Callable[[StepCosts], None] | None = None) -> None:
@@ -418,6 +422,9 @@ class StepClock:
         if shape not in self._seen:
             self._seen.add(shape)
             return
+        plain = self._times.get((0, False))
+        if plain and len(plain) >= self.ENOUGH and seconds > self.STALL * (n_draft + 1) * median(plain):
+            return  # a stall (another program had the cores), not what the step costs
         self._times.setdefault(shape, deque(maxlen=self.WINDOW)).append(seconds)
         self._costs = None
         self._hand_on()

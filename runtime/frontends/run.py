@@ -35,6 +35,8 @@ def run(model: str, *, prompt: str | None, as_json: bool, hide_thinking: bool, s
         for warning in session.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         if session_options.get("verbose"):
+            for note in session.notes:
+                print(f"note: {note}", file=sys.stderr)
             print(session.describe_placement(), file=sys.stderr)
         if interactive:
             for image in images:  # checked before the chat starts (a one-shot prompt checks them as it is sent)

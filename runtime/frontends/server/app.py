@@ -198,6 +198,8 @@ def serve(model: str, *, host: str, port: int, api_key: str | None, session_opti
     with ChatSession(model, **session_options) as session:
         for warning in session.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        for note in session.notes:  # (a log: what auto chose is said, as no fault)
+            print(f"note: {note}", file=sys.stderr)
         server = Server(session, model_name=session.model_file.path.stem, api_key=api_key, queue_size=queue_size,
                         ui=ui)
         http = listen(server, host, port)
