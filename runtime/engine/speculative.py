@@ -652,8 +652,8 @@ class Acceptance:
     before (`known`: right and tries of earlier sessions with this model file, remembered as the step
     costs are) starts from its own rate instead, weighed as KNOWN_TRIES tries at first: one wrong first draft
     of a head right 80% of the time is bad luck, not news, and it no longer sends decoding plain for
-    a probe interval (the largest loss `auto` had on a head that pays: measured, at 4B and 80%,
-    0.88-0.94x always drafting over a reply of 128 tokens)."""
+    a probe interval (the largest loss `auto` had on a head that pays: simulated on the step costs
+    learnt at 4B, at 80%, 0.88-0.94x always drafting over a reply of 128 tokens)."""
 
     PRIOR = 0.6
     PRIOR_TRIES = 1.0
