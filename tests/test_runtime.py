@@ -292,6 +292,30 @@ def test_context_full(tiny_gguf):
 # --- memory ---------------------------------------------------------------------------------------
 
 
+class _Header:
+    """A model header of hand-made numbers (only what the checkpoint budget reads)."""
+
+    def __init__(self, **keys):
+        self.keys = keys
+
+    def arch_key(self, name, default=None):
+        return self.keys.get(name, default)
+
+
+def test_the_default_checkpoint_budget_holds_the_mtp_heads_side():
+    from qwen35.runtime.engine.decoder import default_cache_bytes
+
+    # 3 Gated DeltaNet layers and 1 full attention; a linear layer's state: 3 conv inputs over
+    # 2*1*4 + 8 = 16 channels (192 bytes) and a 4 x 8 matrix (128 bytes), f32: 960 bytes for the three.
+    mf = _Header(**{"attention.recurrent_layers": [True, True, True, False], "ssm.state_size": 4,
+                    "ssm.inner_size": 8, "ssm.group_count": 1, "ssm.conv_kernel": 4, "embedding_length": 16,
+                    "nextn_predict_layers": 1})
+    assert default_cache_bytes(mf, drafting=False) == 4 * 960 + (1 << 20)
+    # Drafting: each checkpoint also holds the head's pending hidden state (16 floats), and a full one
+    # the MTP layer's KV cells beside the one full-attention layer's (twice the room for them).
+    assert default_cache_bytes(mf, drafting=True) == 4 * (960 + 64) + 2 * (1 << 20)
+
+
 # edge-arm: its Q4_0 weights repack here (AVX2); "plain after all": `auto` (the default) loads the MTP
 # head, then the remembered step costs say drafting cannot pay here and it drops its context (the
 # estimate made again then once counted the loaded model a second time, as memory the process held).
