@@ -266,11 +266,14 @@ class Decoder:
                            remember_acceptance=lambda right, tries: remember_acceptance(key, right, tries))
 
     def _file_key(self, *parts: str) -> str:
-        """A key of the model file (its path, size and time) and `parts`, whatever the machine."""
+        """A key of the model file and `parts`, whatever the machine."""
+        return hashlib.sha256("\0".join(self._file_identity() + parts).encode()).hexdigest()[:32]
+
+    def _file_identity(self) -> tuple[str, str, str]:
+        """The model file as what is remembered of it knows it: its path, size and time."""
         path = Path(self.model_file.path).resolve()
         stat = path.stat()
-        return hashlib.sha256("\0".join((str(path), str(stat.st_size), str(stat.st_mtime_ns)) + parts).encode()
-                              ).hexdigest()[:32]
+        return str(path), str(stat.st_size), str(stat.st_mtime_ns)
 
     def close(self) -> None:
         if self.spec:
@@ -316,11 +319,8 @@ class Decoder:
         llama.cpp build, model file (its path, size and time), thread count, draft count, draft
         vocabulary and AMX use (as the loader placed the weights); what it learns is remembered under
         the same key (speculative.remember_costs)."""
-        path = Path(self.model_file.path).resolve()
-        stat = path.stat()
-        key = remembered.build_key(cpu.cpu_library(), str(path), str(stat.st_size), str(stat.st_mtime_ns),
-                                   f"threads {self.threads}", f"drafts {draft_tokens}",
-                                   f"draft vocabulary {self.draft_vocab}",
+        key = remembered.build_key(cpu.cpu_library(), *self._file_identity(), f"threads {self.threads}",
+                                   f"drafts {draft_tokens}", f"draft vocabulary {self.draft_vocab}",
                                    f"amx {bool(self.model.amx and self.model.amx.use_amx)}",
                                    "learnt from decoding v3").hexdigest()[:32]
         return StepClock(draft_tokens, known=recall_costs(key), learned=lambda c: remember_costs(key, c))

@@ -674,11 +674,10 @@ class Acceptance:
 
     @property
     def rate(self) -> float:
-        # A remembered rate weighs less with every try this session sees (down to PRIOR_TRIES): the
-        # text of now may not be the text it was learnt on, and a head remembered as seldom right
-        # must still be found right again by its probes.
-        weight = self.prior_tries if self.known is None else max(self.prior_tries * self.KNOWN_FADE ** self.total_tries,
-                                                                 self.PRIOR_TRIES)
+        # A remembered rate weighs less with every try this session sees (down to PRIOR_TRIES, the
+        # unknown head's weight throughout): the text of now may not be the text it was learnt on,
+        # and a head remembered as seldom right must still be found right again by its probes.
+        weight = max(self.prior_tries * self.KNOWN_FADE ** self.total_tries, self.PRIOR_TRIES)
         return (self.right + self.prior * weight) / (self.tries + weight)
 
     @property
