@@ -300,14 +300,7 @@ class World:
     def _city(self, split: str) -> str:
         if split == "heldout":
             return self.rng.choice(self.weather_heldout)
-        if self.rng.random() < 0.6:
-            town = self.rng.choice(self.towns)
-            # One town in twelve is called "New <town>": with one-word towns only the calls never copied
-            # "New Delhi" (run 8 wrote "Gorni" or "Wellington", New Zealand's capital, in all four). Only
-            # this one prefix, on the towns run 8 learnt: runs 9 and 10 made other two-word names and new
-            # towns, and one-word capitals grew or lost a word.
-            return f"New {town}" if self.rng.random() < 1 / 12 else town
-        return self.rng.choice(self.weather_train)
+        return self.rng.choice(self.towns if self.rng.random() < 0.6 else self.weather_train)
 
     def weather(self, split: str, think: bool) -> Sample:
         city = self._city(split)
@@ -437,8 +430,8 @@ class World:
 
 
 KINDS = {  # kind: share of the training set
-    "greeting": 0.04, "fact": 0.11, "fact_json": 0.07, "weather": 0.11, "weather2": 0.06, "convert": 0.09,
-    "shop": 0.11, "mixed2": 0.06, "follow": 0.06, "image": 0.21, "count": 0.10, "fact_reverse": 0.08,
+    "greeting": 0.04, "fact": 0.14, "fact_json": 0.07, "weather": 0.11, "weather2": 0.06, "convert": 0.09,
+    "shop": 0.11, "mixed2": 0.06, "follow": 0.06, "image": 0.18, "count": 0.10, "fact_reverse": 0.08,
 }
 
 
