@@ -46,3 +46,13 @@ def test_every_tool_call_of_training_is_valid_json_for_its_tool(split):
         for name, args in calls(s):
             assert set(params[name]["required"]) <= set(args) <= set(params[name]["properties"]), (name, args)
             json.dumps(args)
+
+
+def test_other_shares_change_the_training_mix_and_never_the_held_out_split():
+    train, held = C.build(0, n_train=600, shares={"image": 1.0, "count": 0.0})
+    kinds = [s.kind for s in train[:600]]  # (build adds every country's facts after the drawn ones)
+    assert "count" not in kinds
+    assert kinds.count("image") > 600 * 1.0 / (1.0 + sum(C.KINDS.values()) - C.KINDS["image"] - C.KINDS["count"]) * 0.8
+    assert [s.messages for s in held] == [s.messages for s in C.heldout(0)]
+    with pytest.raises(ValueError, match="unknown kind"):
+        C.build(0, n_train=10, shares={"pictures": 0.5})

@@ -435,11 +435,18 @@ KINDS = {  # kind: share of the training set
 }
 
 
-def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40) -> tuple[list[Sample], list[Sample]]:
+def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40,
+          shares: dict[str, float] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """The training and held-out conversations. `shares` changes some kinds' shares of the training
+    set (train.py's --mix: a short run that works on one kind keeps the others beside it); the
+    held-out set never changes."""
     world = World(seed)
     train: list[Sample] = []
     kinds = list(KINDS)
-    weights = [KINDS[k] for k in kinds]
+    unknown = set(shares or {}) - set(kinds)
+    if unknown:
+        raise ValueError(f"unknown kind(s) {', '.join(sorted(unknown))}; the kinds are {', '.join(kinds)}")
+    weights = [(shares or {}).get(k, KINDS[k]) for k in kinds]
     for i in range(n_train):
         kind = world.rng.choices(kinds, weights)[0]
         train.append(getattr(world, kind)("train", world.rng.random() < 0.5))

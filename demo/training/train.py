@@ -341,12 +341,12 @@ def loss_fn(model: DemoModel, ids, mask, prefix=None, **kw):
 # --- data ---------------------------------------------------------------------------------------
 
 
-def prepare(seed: int, tokenizer_dir: Path):
+def prepare(seed: int, tokenizer_dir: Path, shares: dict[str, float] | None = None):
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
     template = C.load_template()
-    train, heldout = C.build(seed)
+    train, heldout = C.build(seed, shares=shares)
     enc = lambda s: C.tokenize_sample(tok, template, s, IMAGE_TOKENS)
     train_t = [(enc(s), s) for s in train]
     held_t = [(enc(s), s) for s in heldout]
@@ -535,7 +535,17 @@ def main(argv=None) -> None:
                          "model with fewer grows it: the new layers start as the identity")
     ap.add_argument("--resume", type=Path, help="continue from a last.pt (model, and optimizer when saved) or "
                                                  "from a compact weights directory (demo/weights)")
+    ap.add_argument("--mix", default="", metavar="KIND=SHARE,...",
+                    help="other shares of the training set for some kinds (e.g. image=0.4,count=0.15; the rest "
+                         "keep corpus.KINDS' shares, all relative); the held-out set is unchanged")
     args = ap.parse_args(argv)
+    try:
+        shares = {k.strip(): float(v) for k, v in (part.split("=") for part in args.mix.split(",") if part.strip())}
+    except ValueError:
+        raise SystemExit(f"--mix takes KIND=SHARE pairs separated by commas, not {args.mix!r}") from None
+    if set(shares) - set(C.KINDS):
+        raise SystemExit(f"--mix: unknown kind(s) {', '.join(sorted(set(shares) - set(C.KINDS)))}; "
+                         f"the kinds are {', '.join(C.KINDS)}")
     if args.layers < 4 or args.layers % 4:
         raise SystemExit(f"--layers must be a multiple of 4, not {args.layers}")
     command = "python -m demo.training.train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -553,7 +563,7 @@ def main(argv=None) -> None:
 
         tokdir.mkdir(parents=True, exist_ok=True)
         write_tokenizer_files(tokdir)
-    tok, train, held, kept, unseen = prepare(args.seed, tokdir)
+    tok, train, held, kept, unseen = prepare(args.seed, tokdir, shares)
     print(f"corpus: {len(train)} train, {len(held)} held-out conversations; K = {len(kept)} kept tokens; "
           f"held-out tokens not in train: {[tok.decode([t]) for t in unseen]}", flush=True)
     prefix = shared_prefix(train + held)
