@@ -1081,6 +1081,7 @@ def test_a_short_system_prompt_gets_no_checkpoint_of_its_own_and_a_long_one_does
     from qwen35.runtime.engine.state_cache import PREFIX
 
     with ChatSession(tiny_gguf, n_ctx=2048, threads=2, prefill=False) as s:
+        found = []
         for system, tools, kept in (("Be brief.", None, False), ("Be brief.", TOOLS, True),
                                     ("You are a helpful agent. " * 20, None, True)):
             s.cache.forget()
@@ -1088,8 +1089,13 @@ def test_a_short_system_prompt_gets_no_checkpoint_of_its_own_and_a_long_one_does
             for _ in s.respond(messages, tools=tools, temp=0, max_tokens=2):
                 pass
             prefix = s._prefix_boundary(messages, tools or [])
+            found.append((messages, tools or [], prefix))
             assert (prefix >= MIN_PREFIX_CHECKPOINT) == kept
             assert any(c.kind == PREFIX for c in s.cache.checkpoints()) == kept, (system[:20], bool(tools))
+        # Each system prompt and tools keep their own length (found once, then remembered).
+        assert len({p for _, _, p in found}) == 3 and len(s._prefix_lengths) == 3
+        s._prefix_lengths.clear()
+        assert [s._prefix_boundary(m, t) for m, t, _ in found] == [p for _, _, p in found]
 
 
 @pytest.mark.parametrize("full_end", [False, True], ids=["tail-evaluated-again", "end-restored-in-full"])
