@@ -280,3 +280,51 @@ def test_a_session_drafts_from_the_frequent_tokens_unless_told_the_whole_vocabul
     assert replies[DRAFT_VOCAB] == replies[0]
     result = CliRunner().invoke(cli.main, ["run", str(path), "-p", "Hello there", "--mtp", "--draft-vocab", "-1"])
     assert result.exit_code == 2 and "--draft-vocab" in result.output
+
+
+def test_many_rows_at_once_are_each_rows_draft():
+    """argmax_rows (a prompt's last tokens, Speculator.feed's look) gives, for up to MANY rows in one
+    pass over the subset's weights, the draft `argmax` gives for each row alone."""
+    path = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=0.8)
+    model = native.Model(str(path), load_mtp=True)
+    try:
+        head = SubsetHead(path, frequency_ranked(model, 4096), THREADS)
+        rng = np.random.default_rng(0)
+        rows = rng.standard_normal((SubsetHead.MANY, head.n_embd)).astype(np.float32)
+        for n in (1, 3, SubsetHead.MANY):
+            assert head.argmax_rows(rows[:n]).tolist() == [head.argmax(r) for r in rows[:n]]
+        for n in (0, SubsetHead.MANY + 1):
+            with pytest.raises(ValueError):
+                head.argmax_rows(np.zeros((n, head.n_embd), np.float32))
+        head.close()
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("acceptance, span", [(0.0, None), (1.0, 32735)], ids=["never-right", "always-right"])
+def test_feeding_a_prompt_shows_what_the_head_would_have_drafted_after_its_last_tokens(acceptance, span):
+    """Speculator.feed(observe=8) gives the head's would-be draft after each of the prompt's last 8
+    tokens, to hold against the model's own choice there (the logits of those rows): a head never
+    right gets none of them; one always right, its successors among the 32,768 drafted-from ids,
+    gets most (the prompt's own tokens lie outside them, and so, after some, does the model's
+    choice)."""
+    most_right = acceptance == 1.0
+    path = build_gguf(variant_config(tied=False), "q4_k_m", acceptance=acceptance, span=span)
+    model = native.Model(str(path), load_mtp=True)
+    ctx = native.Context(model, 512, GEN_THREADS, 64, n_outputs=8, n_rollback=3)
+    spec = Speculator(model, ctx, 3, GEN_THREADS, draft_vocab=32768)
+    try:
+        prompt = model.tokenize(PROMPT)
+        ctx.decode(prompt, 0, logits_tail=8)
+        drafts = spec.feed(prompt, 0, observe=8)
+        chosen = [int(np.argmax(ctx.logits(i - 8))) for i in range(8)]  # (the last 8 outputs)
+        assert len(drafts) == 8 and chosen == [int(np.argmax(ctx.logits(len(prompt) - 8 + i))) for i in range(8)]
+        right = int(np.sum(drafts == np.asarray(chosen)))
+        assert (right >= 5) if most_right else (right == 0), (right, drafts, chosen)
+        ctx.decode([chosen[-1]], len(prompt))
+        assert spec.feed([chosen[-1]], len(prompt)) is None  # (nothing asked)
+    finally:
+        spec.close()
+        ctx.close()
+        model.close()
+

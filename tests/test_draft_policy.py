@@ -17,13 +17,18 @@ from qwen35.runtime.engine.speculative import Acceptance, DraftPolicy, StepClock
 
 
 def decode(policy: DraftPolicy, costs: StepCosts, accept: float | list[float], tokens: int, seed: int = 0,
-           timed: bool = False):
+           timed: bool = False, prompt: int = 0):
     """Decode `tokens` tokens as generation.py does, each draft right with probability `accept`
     (or accept[i] at token i); returns (speed over plain decoding, the tokens where a step drafted).
     `timed`: each step tells the policy its time, as generation.py does (a step of every draft
-    right takes costs.kept's time where the costs have it)."""
+    right takes costs.kept's time where the costs have it). `prompt`: first show the policy the
+    head's would-be drafts of that many prompt tokens, right with the same probability, as the
+    decoder does while the policy wants them."""
     rng = random.Random(seed)
     clock, made, drafted_at = 0.0, 0, []
+    if prompt and policy.wants_text():
+        p = accept[0] if isinstance(accept, list) else accept
+        policy.observe_text(sum(rng.random() < p for _ in range(prompt)), prompt)
     while made < tokens:
         p = accept[made] if isinstance(accept, list) else accept
         n = min(policy.n_draft(), tokens - made - 1)
@@ -380,3 +385,39 @@ def test_remembered_costs_of_one_draft_still_let_auto_find_more_drafts_pay():
     learnt = mean(decode(p, FIXED_FIRST, 0.75, 1000, seed, timed=True)[0] for seed, p in enumerate(policies))
     assert always > 1.15 and learnt >= 0.97 * always, (learnt, always)
     assert all(p.clock.count(3) >= StepClock.ENOUGH for p in policies)  # three drafts were tried and timed
+
+
+def test_what_the_head_makes_of_the_prompt_decides_its_first_steps():
+    """A head not known here is first judged by what it would have drafted of the prompt's last 8
+    tokens (each weighed half a try): one that gets none right starts plainly — the 19-token first
+    reply that cost it a single-draft step or two costs nothing — and one right there drafts as
+    many as pay from its first step, where the prior alone started at one draft and a wrong first
+    draft (one load in five at 80%) sent it plain for 32 tokens. A known head's prompts are not
+    looked at, nor are they once it has been tried enough here."""
+    for costs in (CHEAP, VERY_CHEAP, MIDDLING, FIXED_FIRST, None):
+        policy = DraftPolicy("auto", 3, costs)
+        assert policy.wants_text()
+        first, drafted_at = decode(policy, costs or FIXED_FIRST, 0.0, 19, timed=costs is None, prompt=8)
+        assert drafted_at == [] and first == 1.0, costs
+        good = DraftPolicy("auto", 3, costs)
+        good.observe_text(8, 8)
+        assert good.n_draft() == (2 if costs is MIDDLING else 3), costs  # (MIDDLING: 2 pay best)
+    # First loads (nothing known, the costs learnt) at 80%, replies of 128 tokens over 40 seeds.
+    # (On MIDDLING, where a third draft costs as much as it brings, both ways come out level.)
+    for costs in (CHEAP, FIXED_FIRST):
+        looked, blind = (mean(decode(DraftPolicy("auto", 3), costs, 0.8, 128, seed, timed=True, prompt=prompt)[0]
+                              for seed in range(40)) for prompt in (8, 0))
+        assert looked > blind, (costs, looked, blind)
+    # A probe under way ends as planned; a known head, or one tried enough, is not judged by prompts.
+    probing = DraftPolicy("auto", 3, CHEAP)
+    _, drafted_at = decode(probing, CHEAP, 0.0, 33)  # a wrong first draft, then 32 plain tokens
+    assert drafted_at == [0] and probing.n_draft() == 1  # the probe's first single-draft step
+    probing.record(1, 0)
+    assert probing.wants_text()
+    probing.observe_text(0, 8)
+    assert probing.n_draft() == 1  # its second
+    assert not DraftPolicy("auto", 3, CHEAP, known_acceptance=(80.0, 100.0)).wants_text()
+    assert not DraftPolicy("mtp", 3).wants_text() and not DraftPolicy("off", 3).wants_text()
+    tried = DraftPolicy("auto", 3, CHEAP)
+    decode(tried, CHEAP, 0.8, 120)
+    assert tried.acceptance.total_tries >= 32 and not tried.wants_text()

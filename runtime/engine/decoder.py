@@ -20,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ...system import performance_cores
 from . import cpu, native
 from .adaptive_threads import ThreadGovernor
@@ -39,6 +41,10 @@ N_BATCH = 512  # prompt tokens per llama_decode; also llama.cpp's physical batch
 # state_cache.py), in units of one recurrent state.
 N_CHECKPOINTS = 4
 MAX_DRAFT_TOKENS = 8  # each draft token costs one more recurrent-state snapshot in the context
+# A prompt's last tokens after which `auto`, while it does not know the MTP head yet, holds the head's
+# would-be drafts against the model's own choice (DraftPolicy.observe_text): their logits come with the
+# prompt's last decode (8 rows of the output layer) and the draft vocabulary's rows take them in one pass.
+TEXT_LOOK = 8
 
 # Evaluates the image whose stand-ins start at a cell: (first cell, context, cache) → cells it takes.
 ImageEvaluator = Callable[[int, native.Context, StateCache], int]
@@ -135,7 +141,7 @@ class Decoder:
             # snapshots to roll back the rejected ones; a turn boundary near a prompt's end is read
             # back from them too (state_cache.py).
             self.ctx = native.Context(self.model, n_ctx, self.threads, N_BATCH,
-                                      n_outputs=draft_tokens + 1 if drafting else 1,
+                                      n_outputs=max(draft_tokens + 1, TEXT_LOOK) if drafting else 1,
                                       n_rollback=max(draft_tokens, self.read_back) if drafting else self.read_back)
             if drafting:
                 self.spec, notice = open_speculator(self.model, self.ctx, draft_tokens, self.threads,
@@ -192,9 +198,14 @@ class Decoder:
             end = next((j for j in range(i, end) if tokens[j] < 0), end)
             chunk = tokens[i:end]
             pos = position(held)
-            self.ctx.decode(chunk, pos, cells=len(held), logits_last=logits and end == len(tokens))
+            last = logits and end == len(tokens)
+            # A prompt's end, while `auto` does not know the MTP head yet: the target's choice after
+            # each of its last tokens, to hold the head's would-be drafts against (_track).
+            look = min(TEXT_LOOK, len(chunk)) if last and self.spec and self.policy.drafts() \
+                and self.policy.wants_text() else 0
+            self.ctx.decode(chunk, pos, cells=len(held), logits_last=last, logits_tail=look)
             if self.spec:
-                self._track(chunk, pos)
+                self._track(chunk, pos, look)
             held.extend(chunk)
             i = end
         return True
@@ -227,11 +238,16 @@ class Decoder:
             self.cache.tokens.extend(verified.batch[:verified.kept])
         return None
 
-    def _track(self, tokens: list[int], pos: int) -> None:
+    def _track(self, tokens: list[int], pos: int, look: int = 0) -> None:
         """Keep the MTP head in step with what the model just evaluated: all of it while drafting,
-        only the last hidden state while decoding plainly (see Speculator.note)."""
+        only the last hidden state while decoding plainly (see Speculator.note). `look`: the last
+        `look` tokens had logits: show `auto` how many of the head's would-be drafts after them are
+        the model's own choice there (DraftPolicy.observe_text)."""
         if self.policy.drafts():
-            self.spec.feed(tokens, pos)
+            drafts = self.spec.feed(tokens, pos, observe=look)
+            if drafts is not None:  # (the last outputs are those tokens', in order)
+                chosen = [int(np.argmax(self.ctx.logits(i - len(drafts)))) for i in range(len(drafts))]
+                self.policy.observe_text(int(np.sum(drafts == np.asarray(chosen))), len(drafts))
         else:
             self.spec.note(len(tokens), pos)
 

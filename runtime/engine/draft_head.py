@@ -131,6 +131,8 @@ class SubsetHead:
     it was read already (reading it takes ~0.14 s at a real vocabulary; gathering K rows and
     building the graph ~0.1 s more at 32k rows of a 4B model)."""
 
+    MANY = 8  # rows argmax_rows takes at once (Speculator.feed's look at a prompt's last tokens)
+
     def __init__(self, path, ids, threads: int, header=None) -> None:
         if header is None:
             try:
@@ -148,8 +150,9 @@ class SubsetHead:
         base, cpu = self._base, self._cpu = _libs()
         k = len(self.ids)
         row_bytes = base.ggml_row_size(self.ggml_type, n_embd)
-        mem = (base.ggml_tensor_overhead() * 4 + base.ggml_graph_overhead() + row_bytes * k
-               + 4 * (n_embd + k) + 4096)
+        many = self.MANY
+        mem = (base.ggml_tensor_overhead() * 6 + base.ggml_graph_overhead() * 2 + row_bytes * k
+               + 4 * (n_embd + k) * (1 + many) + 8192)
         self._ctx = base.ggml_init(_InitParams(mem, None, False))
         if not self._ctx:
             raise ChatError(f"ggml could not allocate {mem / 2**20:.1f} MiB for the draft head")
@@ -158,6 +161,11 @@ class SubsetHead:
         self._out = base.ggml_mul_mat(self._ctx, self._w, self._h)  # [k] F32
         self._graph = base.ggml_new_graph(self._ctx)
         base.ggml_build_forward_expand(self._graph, self._out)
+        # MANY rows at once (argmax_rows): the weights are read once for all of them.
+        self._hs = base.ggml_new_tensor_2d(self._ctx, 0, n_embd, many)
+        self._outs = base.ggml_mul_mat(self._ctx, self._w, self._hs)  # [k, many] F32
+        self._graph_many = base.ggml_new_graph(self._ctx)
+        base.ggml_build_forward_expand(self._graph_many, self._outs)
         # W_S straight into the tensor's memory, gathered from the mapped file.
         w = np.ctypeslib.as_array((ctypes.c_uint8 * (row_bytes * k)).from_address(base.ggml_get_data(self._w)))
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -167,14 +175,22 @@ class SubsetHead:
         self.weight_bytes = row_bytes * k
         self.h = np.ctypeslib.as_array((ctypes.c_float * n_embd).from_address(base.ggml_get_data(self._h)))
         self.logits = np.ctypeslib.as_array((ctypes.c_float * k).from_address(base.ggml_get_data(self._out)))
-        self._plan = None
+        self.hs = np.ctypeslib.as_array((ctypes.c_float * (n_embd * many)).from_address(
+            base.ggml_get_data(self._hs))).reshape(many, n_embd)
+        self.logits_many = np.ctypeslib.as_array((ctypes.c_float * (k * many)).from_address(
+            base.ggml_get_data(self._outs))).reshape(many, k)
+        self._plan = self._plan_many = None
         self.set_threads(threads)
 
     def set_threads(self, threads: int) -> None:
-        plan = self._cpu.ggml_graph_plan(self._graph, int(threads), None)
-        self._work = np.zeros(max(plan.work_size, 1), np.uint8)
-        plan.work_data = self._work.ctypes.data
-        self._plan = plan
+        self._plan, self._work = self._plan_for(self._graph, threads)
+        self._plan_many, self._work_many = self._plan_for(self._graph_many, threads)
+
+    def _plan_for(self, graph, threads: int):
+        plan = self._cpu.ggml_graph_plan(graph, int(threads), None)
+        work = np.zeros(max(plan.work_size, 1), np.uint8)
+        plan.work_data = work.ctypes.data
+        return plan, work
 
     def compute(self, hidden: np.ndarray) -> np.ndarray:
         """The logits over the subset (a view, overwritten by the next call) for hidden row `hidden`."""
@@ -188,9 +204,21 @@ class SubsetHead:
         """The most likely token of the subset (the first of equal ones, as numpy's argmax)."""
         return int(self.ids[int(np.argmax(self.compute(hidden)))])
 
+    def argmax_rows(self, hidden: np.ndarray) -> np.ndarray:
+        """`argmax` of each of up to MANY hidden rows, in one pass over the subset's weights."""
+        n = len(hidden)
+        if not 0 < n <= self.MANY:
+            raise ValueError(f"argmax_rows takes 1 to {self.MANY} rows, not {n}")
+        self.hs[:n] = hidden
+        self.hs[n:] = 0
+        status = self._cpu.ggml_graph_compute(self._graph_many, ctypes.byref(self._plan_many))
+        if status != 0:
+            raise ChatError(f"ggml could not compute the draft head (status {status})")
+        return self.ids[np.argmax(self.logits_many[:n], axis=1)]
+
     def close(self) -> None:
         if self._ctx:
-            self.h = self.logits = None
+            self.h = self.logits = self.hs = self.logits_many = None
             self._base.ggml_free(self._ctx)
             self._ctx = None
 

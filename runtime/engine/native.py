@@ -337,9 +337,10 @@ class Context:
         return self._ctx
 
     def decode(self, tokens: list[int], pos: int, *, cells: int | None = None, logits_last: bool = True,
-               logits_all: bool = False) -> None:
+               logits_all: bool = False, logits_tail: int = 0) -> None:
         """Evaluate `tokens` at positions pos, pos+1, …; only the last one gets logits (if asked),
-        or every one (`logits_all`, at most n_outputs of them: a draft being verified).
+        or every one (`logits_all`, at most n_outputs of them: a draft being verified), or the last
+        `logits_tail` (at most n_outputs: what `auto` holds a new MTP head's would-be drafts against).
         `cells`: how many KV cells the context holds already — more than `pos` after an image,
         which fills more cells than it advances positions (M-RoPE); it is what fills the context.
         Callers feed at most n_batch tokens at a time, so they can stop between batches."""
@@ -354,7 +355,7 @@ class Context:
             b.pos[i] = pos + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
-            b.logits[i] = 1 if self._all_logits or logits_all else 0
+            b.logits[i] = 1 if self._all_logits or logits_all or i >= n - logits_tail else 0
         b.logits[n - 1] = 1 if logits_last or self._all_logits else 0
         rc = L.llama_decode(self._ctx, b)
         if rc == 1:

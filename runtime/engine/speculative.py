@@ -127,9 +127,16 @@ class Speculator:
 
     # --- keeping the MTP context in step with the target ----------------------------------------
 
-    def feed(self, tokens: list[int], pos: int) -> None:
+    def feed(self, tokens: list[int], pos: int, observe: int = 0) -> np.ndarray | None:
         """The target has just decoded `tokens` at `pos`: evaluate them in the MTP context, token k
-        with the target's hidden state of token k-1 (the first with the pending one)."""
+        with the target's hidden state of token k-1 (the first with the pending one).
+
+        `observe`: also return what the head would have drafted after each of the last `observe`
+        tokens (at most SubsetHead.MANY) — the token its row predicts next, as a draft step's first
+        draft is — for the caller to hold against the target's own choice there. The MTP context
+        gives those rows anyway (a draft vocabulary reads every token's); only the draft
+        vocabulary's output rows are computed, once for all of them. None without a draft
+        vocabulary (the whole vocabulary's drafts ask the MTP context for logits)."""
         n = len(tokens)
         ptr = self._ext.llama_get_embeddings_nextn(self._target.ptr)
         if not ptr:
@@ -142,6 +149,13 @@ class Speculator:
         self._process()
         self._rows, self._rows_pos = rows, pos
         self._pending = rows[-1].copy()
+        looked = min(observe, n, self._head.MANY if self._head is not None else 0)
+        if looked <= 0:
+            return None
+        own = self._ext.llama_get_embeddings_nextn(self._ctx.ptr)
+        if not own:
+            return None
+        return self._head.argmax_rows(np.ctypeslib.as_array(own, shape=(n, self._n_embd))[n - looked:])
 
     def note(self, n_tokens: int, pos: int) -> None:
         """The target has just decoded `n_tokens` tokens at `pos`, and the MTP context is not kept
@@ -661,6 +675,7 @@ class Acceptance:
     KNOWN_TRIES = 8.0
     KNOWN_ENOUGH = 32  # tries behind a remembered rate before it stands for the head
     KNOWN_FADE = 0.95  # its weight, a try: 1 of the 8 left after 40 tries
+    TEXT_WEIGHT = 0.5  # a would-be draft after a prompt's token, against a draft's try (observe_text)
 
     def __init__(self, known: tuple[float, float] | None = None) -> None:
         self.right = 0.0
@@ -692,6 +707,15 @@ class Acceptance:
         self.ever_right += right
         self.total_right += right
         self.total_tries += right + (right < drafted)
+
+    def observe_text(self, right: int, looked: int) -> None:
+        """After `looked` tokens of a prompt the head's would-be draft was the model's own choice
+        `right` times: a draft's test, at positions inside text the model read rather than wrote,
+        so each counts TEXT_WEIGHT of a try. A head right there may draft more than one token from
+        its first step."""
+        self.right += self.TEXT_WEIGHT * right
+        self.tries += self.TEXT_WEIGHT * looked
+        self.ever_right += right
 
     def age(self, tokens: int = 1) -> None:
         """`tokens` were decoded plainly: what was seen before counts less."""
@@ -771,6 +795,29 @@ class DraftPolicy:
     def drafts(self) -> bool:
         """Whether the next step drafts (and so the MTP head must be kept in step)."""
         return self.n_draft() > 0
+
+    def wants_text(self) -> bool:
+        """Whether what the head would draft of a prompt's last tokens is worth looking at
+        (observe_text): under `auto`, while this head is neither remembered nor tried enough here."""
+        return self.mode == AUTO and self.acceptance.known is None and self.acceptance.total_tries < self.REMEMBER_FIRST
+
+    def observe_text(self, right: int, looked: int) -> None:
+        """After a prompt's last `looked` tokens the head's would-be draft was the model's own
+        choice `right` times (Decoder._track). Before its first draft a head unknown here was
+        judged by the prior alone: one wrong first draft of a head right 80% of the time sent a
+        first load plain for FIRST_INTERVAL tokens (one load in five), and a head never right cost
+        a single-draft step or two on every first load. The prompt decides the first steps
+        instead: drafting, as many as the evidence allows, or plain decoding until the next probe."""
+        if self.mode != AUTO or looked <= 0:
+            return
+        self.acceptance.observe_text(right, looked)
+        if self._probe and not self._first_probe:
+            return  # (a probe under way ends as it was meant to)
+        self._probe, self._first_probe = 0, False
+        drafting = self._n > 0 and self.acceptance.total_tries > 0  # (before any step: the prior's choice only)
+        self._n = self._choose(drafting=drafting)
+        if drafting and self._n == 0:
+            self._since = 0
 
     def record(self, drafted: int, right: int, seconds: float | None = None) -> None:
         """A drafting step made `drafted` drafts, of which the first `right` were right, in `seconds`
