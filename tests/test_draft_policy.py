@@ -421,3 +421,9 @@ def test_what_the_head_makes_of_the_prompt_decides_its_first_steps():
     tried = DraftPolicy("auto", 3, CHEAP)
     decode(tried, CHEAP, 0.8, 120)
     assert tried.acceptance.total_tries >= 32 and not tried.wants_text()
+    # Nor beyond a session's first two prompts (a head seldom right would be looked at on every one).
+    never = DraftPolicy("auto", 3, CHEAP)
+    for _ in range(2):
+        assert never.wants_text()
+        never.observe_text(0, 8)
+    assert not never.wants_text() and never.acceptance.total_tries == 0
