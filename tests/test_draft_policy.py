@@ -402,6 +402,12 @@ def test_what_the_head_makes_of_the_prompt_decides_its_first_steps():
         good = DraftPolicy("auto", 3, costs)
         good.observe_text(8, 8)
         assert good.n_draft() == (2 if costs is MIDDLING else 3), costs  # (MIDDLING: 2 pay best)
+    # Right after 4 of 8 (below the prior's 60%): read text says little of the head's replies; the
+    # prior stands, the first steps only widen (measured: a head right 80% in its replies, 4 of 8).
+    middling = DraftPolicy("auto", 3, CHEAP)
+    middling.observe_text(4, 8)
+    assert middling.acceptance.rate == pytest.approx(Acceptance.PRIOR) and middling.n_draft() > 0
+    assert middling.acceptance.ever_right == 4
     # First loads (nothing known, the costs learnt) at 80%, replies of 128 tokens over 40 seeds.
     # (On MIDDLING, where a third draft costs as much as it brings, both ways come out level.)
     for costs in (CHEAP, FIXED_FIRST):
