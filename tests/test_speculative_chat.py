@@ -182,6 +182,12 @@ def test_auto_judges_a_new_head_by_the_prompt_before_its_first_draft(monkeypatch
                                                                                  record(n, right, seconds)))
             s.send("Tell me about lighthouses.", max_tokens=19)
             assert policy.acceptance.tries > 0  # (the prompt was looked at)
+            # Only the prompt's end: never a step of the reply (a plain one is timed).
+            assert policy.acceptance.text_looked == decoder_module.TEXT_LOOK
+            if acceptance == 1.0:
+                assert policy.drafts() and policy.wants_text()
+                s.decoder.evaluate(s.decoder.model.tokenize(" and"), logits=True)  # as a plain step does
+                assert policy.acceptance.text_looked == decoder_module.TEXT_LOOK
             if acceptance == 0.0:
                 assert steps == [] and s.stats.get("drafted_tokens", 0) == 0, steps
             else:

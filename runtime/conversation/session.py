@@ -506,7 +506,7 @@ class ChatSession:
                 if not self.decoder.evaluate(prompt[len(self.cache.tokens):n], logits=False):
                     return
                 self.cache.snapshot(boundaries[n])
-            if not self.decoder.evaluate(prompt[len(self.cache.tokens):], logits=True,
+            if not self.decoder.evaluate(prompt[len(self.cache.tokens):], logits=True, prompt=True,
                                   last_batch=1 if late is None else len(prompt) - late + 1):
                 return
             stats["prompt_tokens"] = len(prompt) - reused + ahead

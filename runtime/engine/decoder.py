@@ -174,11 +174,12 @@ class Decoder:
     # --- evaluating -----------------------------------------------------------------------------
 
     def evaluate(self, tokens: list[int], *, logits: bool, last_batch: int = 1,
-                 stop: Callable[[], bool] | None = None, step: int | None = None) -> bool:
+                 stop: Callable[[], bool] | None = None, step: int | None = None, prompt: bool = False) -> bool:
         """Feed cells (tokens, and images' stand-ins) in batches, the last one holding at least
         `last_batch` cells when they are text. Returns False if interrupted between batches (`stop`
         set, or `stop()` true); the state stays consistent either way (`cache.tokens` lists exactly
-        what has been evaluated)."""
+        what has been evaluated). `prompt`: these end a turn's prompt (what `auto` may judge a new
+        MTP head by: DraftPolicy.observe_text)."""
         step = min(step or self.ctx.n_batch, self.ctx.n_batch)
         held = self.cache.tokens
         i = 0
@@ -199,9 +200,10 @@ class Decoder:
             chunk = tokens[i:end]
             pos = position(held)
             last = logits and end == len(tokens)
-            # A prompt's end, while `auto` does not know the MTP head yet: the target's choice after
-            # each of its last tokens, to hold the head's would-be drafts against (_track).
-            look = min(TEXT_LOOK, len(chunk)) if last and self.spec and self.policy.drafts() \
+            # A prompt's end (`prompt`: a turn's, not a generation step's, whose timing it would
+            # spoil), while `auto` does not know the MTP head yet: the target's choice after each of
+            # its last tokens, to hold the head's would-be drafts against (_track).
+            look = min(TEXT_LOOK, len(chunk)) if prompt and last and self.spec and self.policy.drafts() \
                 and self.policy.wants_text() else 0
             self.ctx.decode(chunk, pos, cells=len(held), logits_last=last, logits_tail=look)
             if self.spec:
