@@ -56,3 +56,7 @@ def test_other_shares_change_the_training_mix_and_never_the_held_out_split():
     assert [s.messages for s in held] == [s.messages for s in C.heldout(0)]
     with pytest.raises(ValueError, match="unknown kind"):
         C.build(0, n_train=10, shares={"pictures": 0.5})
+    with pytest.raises(ValueError, match="0 or more"):
+        C.mix({"image": -1.0})
+    with pytest.raises(ValueError, match="some above 0"):
+        C.mix({k: 0.0 for k in C.KINDS})

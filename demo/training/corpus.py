@@ -435,6 +435,19 @@ KINDS = {  # kind: share of the training set
 }
 
 
+def mix(shares: dict[str, float] | None = None) -> list[float]:
+    """KINDS' shares, in its order, with `shares` in place of some (ValueError: a kind that is not
+    one, a share below 0, or none left above 0)."""
+    shares = shares or {}
+    unknown = set(shares) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kind(s) {', '.join(sorted(unknown))}; the kinds are {', '.join(KINDS)}")
+    weights = [shares.get(k, KINDS[k]) for k in KINDS]
+    if min(weights) < 0 or not sum(weights) > 0:
+        raise ValueError(f"shares must be 0 or more, some above 0, not {shares}")
+    return weights
+
+
 def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40,
           shares: dict[str, float] | None = None) -> tuple[list[Sample], list[Sample]]:
     """The training and held-out conversations. `shares` changes some kinds' shares of the training
@@ -443,10 +456,7 @@ def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40,
     world = World(seed)
     train: list[Sample] = []
     kinds = list(KINDS)
-    unknown = set(shares or {}) - set(kinds)
-    if unknown:
-        raise ValueError(f"unknown kind(s) {', '.join(sorted(unknown))}; the kinds are {', '.join(kinds)}")
-    weights = [(shares or {}).get(k, KINDS[k]) for k in kinds]
+    weights = mix(shares)
     for i in range(n_train):
         kind = world.rng.choices(kinds, weights)[0]
         train.append(getattr(world, kind)("train", world.rng.random() < 0.5))
