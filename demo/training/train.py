@@ -230,6 +230,26 @@ def repeat_cache(cache, batch: int):
     return cache
 
 
+VISION = "hf.model.visual."  # the vision tower's parameters (patch embedding, blocks, merger)
+
+
+def learning_parameters(model: nn.Module, part: str = "all") -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs a run of `--train part` updates; the others are frozen. Frozen ones
+    stay out of the optimizer too: its weight decay would otherwise move them."""
+    chosen = [(n, p) for n, p in model.named_parameters() if part == "all" or n.startswith(VISION)]
+    names = {n for n, _ in chosen}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return chosen
+
+
+def optimizer(learning: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
+    decay = [p for _, p in learning if p.ndim >= 2]
+    no_decay = [p for _, p in learning if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
 class DemoModel(nn.Module):
     def __init__(self, kept: list[int], layers: int = LAYERS) -> None:
         super().__init__()
@@ -538,6 +558,9 @@ def main(argv=None) -> None:
     ap.add_argument("--mix", default="", metavar="KIND=SHARE,...",
                     help="other shares of the training set for some kinds (e.g. image=0.4,count=0.15; the rest "
                          "keep corpus.KINDS' shares, all relative); the held-out set is unchanged")
+    ap.add_argument("--train", choices=("all", "vision"), default="all",
+                    help="what learns: everything, or only the vision tower on the conversations with an image "
+                         "(the language model and the MTP head stay exactly as resumed)")
     args = ap.parse_args(argv)
     try:
         shares = {k.strip(): float(v) for k, v in (part.split("=") for part in args.mix.split(",") if part.strip())}
@@ -547,6 +570,8 @@ def main(argv=None) -> None:
         C.mix(shares)  # (checked before the corpus is built)
     except ValueError as e:
         raise SystemExit(f"--mix: {e}") from None
+    if args.train != "all" and not args.resume:
+        raise SystemExit(f"--train {args.train} continues a model: give --resume")
     if args.layers < 4 or args.layers % 4:
         raise SystemExit(f"--layers must be a multiple of 4, not {args.layers}")
     command = "python -m demo.training.train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -565,6 +590,10 @@ def main(argv=None) -> None:
         tokdir.mkdir(parents=True, exist_ok=True)
         write_tokenizer_files(tokdir)
     tok, train, held, kept, unseen = prepare(args.seed, tokdir, shares)
+    if args.train == "vision":
+        # The corpus is built whole, so that its vocabulary (and so the resumed model's rows) is unchanged;
+        # only the conversations that show an image can teach the vision tower anything.
+        train = [t for t in train if t[1].images]
     print(f"corpus: {len(train)} train, {len(held)} held-out conversations; K = {len(kept)} kept tokens; "
           f"held-out tokens not in train: {[tok.decode([t]) for t in unseen]}", flush=True)
     prefix = shared_prefix(train + held)
@@ -575,10 +604,10 @@ def main(argv=None) -> None:
     model = DemoModel(kept, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f} M (reduced vocabulary)", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
+    learning = learning_parameters(model, args.train)
+    if args.train != "all":
+        print(f"learning: {sum(p.numel() for _, p in learning) / 1e6:.2f} M parameters ({args.train})", flush=True)
+    opt = optimizer(learning, args.lr)
     deadline = wall0 + args.minutes * 60 if args.minutes else None
     start_step = 0
     previous_runs = []
@@ -600,7 +629,7 @@ def main(argv=None) -> None:
             state.pop("optimizer", None)
             print(f"grown to {args.layers} layers: {grown} new layers start as the identity", flush=True)
         model.load_state_dict(state["model"])
-        if "optimizer" in state:
+        if "optimizer" in state and args.train == "all":  # (another set of learning parameters: afresh)
             opt.load_state_dict(state["optimizer"])
         start_step = state["step"]
         print(f"resumed from {args.resume} at step {start_step}", flush=True)
@@ -652,7 +681,7 @@ def main(argv=None) -> None:
         loss = main_l + args.mtp_weight * mtp_l
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in learning], 1.0)
         if not (torch.isfinite(loss) and torch.isfinite(norm)):
             # One batch's overflow must not poison the weights (Adam's moments keep a NaN forever).
             skipped += 1
