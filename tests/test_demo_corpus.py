@@ -60,3 +60,15 @@ def test_other_shares_change_the_training_mix_and_never_the_held_out_split():
         C.mix({"image": -1.0})
     with pytest.raises(ValueError, match="some above 0"):
         C.mix({k: 0.0 for k in C.KINDS})
+
+
+def test_fresh_pictures_are_new_ones_asked_in_the_training_phrasings(split):
+    train, held = split
+    fresh = C.fresh_images(10_001, 200)
+    assert {s.kind for s in fresh} == set(C.IMAGE_KINDS)
+    seen = {png for s in train + held for png in s.images}
+    assert not seen & {png for s in fresh for png in s.images}
+    asked = {s.messages[0]["content"][1]["text"] for s in train if s.kind in C.IMAGE_KINDS}
+    assert {s.messages[0]["content"][1]["text"] for s in fresh} <= asked
+    assert [s.images for s in C.fresh_images(10_001, 5)] == [s.images for s in fresh[:5]]
+    assert [s.images for s in C.fresh_images(10_002, 5)] != [s.images for s in fresh[:5]]

@@ -482,6 +482,20 @@ def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40,
     return train, heldout(seed, n_heldout_per_kind)
 
 
+IMAGE_KINDS = ("image", "count")
+
+
+def fresh_images(seed: int, n: int) -> list[Sample]:
+    """`n` training conversations about new pictures (the image kinds, in their KINDS shares), from a world
+    of another seed than the training set's (`seed`) and the held-out one's (`seed` + 1000): what
+    train.py's `--train vision` learns from anew each epoch, so that the vision tower cannot learn a
+    set of pictures by heart. Their words are the training set's."""
+    world = World(seed)
+    weights = [KINDS[k] for k in IMAGE_KINDS]
+    return [getattr(world, world.rng.choices(IMAGE_KINDS, weights)[0])("train", world.rng.random() < 0.5)
+            for _ in range(n)]
+
+
 def heldout(seed: int = 0, n_per_kind: int = 40) -> list[Sample]:
     """The held-out conversations alone (those of `build(seed)`), without generating the training set."""
     world = World(seed)

@@ -10,7 +10,7 @@ Thinking on and off alternate over the held-out set. The tool results given back
 ones when the model called right, else computed for the model's own call (so an answer is always
 checked against what its tools returned).
 
-    python -m demo.training.evaluate MODEL.gguf [--limit N] [--json out.json]
+    python -m demo.training.evaluate MODEL.gguf [--limit N] [--kinds image,count] [--json out.json]
 """
 
 from __future__ import annotations
@@ -84,10 +84,11 @@ def _mentions_result(text: str, result: dict) -> bool:
     return False
 
 
-def evaluate(gguf: Path, limit: int | None = None, verbose: bool = False, threads: int = 2) -> dict:
+def evaluate(gguf: Path, limit: int | None = None, verbose: bool = False, threads: int = 2,
+             kinds: list[str] | None = None) -> dict:
     from qwen35.runtime import ChatSession
 
-    held = C.heldout(0)
+    held = [s for s in C.heldout(0) if not kinds or s.kind in kinds]
     if limit:
         by = defaultdict(list)
         for s in held:
@@ -199,13 +200,18 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf", type=Path)
     ap.add_argument("--limit", type=int, default=None, help="held-out conversations per kind")
+    ap.add_argument("--kinds", default="", metavar="KIND,...", help="only these kinds of conversation (corpus.KINDS)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--mtp", action="store_true", help="also measure the MTP head's natural acceptance")
     ap.add_argument("--skip-tasks", action="store_true", help="only the MTP measurement")
     args = ap.parse_args(argv)
-    res = {"scores": {}} if args.skip_tasks else evaluate(args.gguf, args.limit, args.verbose, args.threads)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(C.KINDS))
+    if unknown:
+        raise SystemExit(f"--kinds: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(C.KINDS)}")
+    res = {"scores": {}} if args.skip_tasks else evaluate(args.gguf, args.limit, args.verbose, args.threads, kinds)
     if args.mtp:
         res["mtp"] = mtp_acceptance(args.gguf, threads=args.threads)
         from qwen35.runtime.engine.speculative import DRAFT_VOCAB

@@ -381,6 +381,20 @@ def prepare(seed: int, tokenizer_dir: Path, shares: dict[str, float] | None = No
     return tok, train_t, held_t, kept, unseen
 
 
+FRESH_SEED = 10_000  # fresh pictures' worlds: seed + FRESH_SEED + epoch (training: seed; held out: seed + 1000)
+
+
+def fresh_conversations(seed: int, n: int, tok, lut: np.ndarray, shared_row: int):
+    """`n` tokenized conversations about new pictures (corpus.fresh_images), as `prepare` gives the
+    training set; every token must be one the model has a row for."""
+    template = C.load_template()
+    items = [(C.tokenize_sample(tok, template, s, IMAGE_TOKENS), s) for s in C.fresh_images(seed, n)]
+    for (ids, _), s in items:
+        if (lut[np.asarray(ids)] == shared_row).any():
+            raise SystemExit(f"a fresh {s.kind} conversation uses a token the model has no row for")
+    return items
+
+
 def make_batches(items, token_budget: int, rng: random.Random, prefix_len: int = 0):
     """Length-bucketed batches of at most `token_budget` padded tokens; tool conversations (which share the
     tools system prompt, evaluated once per batch) are batched apart, counted without that prefix."""
@@ -671,6 +685,11 @@ def main(argv=None) -> None:
     meta = {}
     while step < args.steps:
         if not batches:
+            if args.train == "vision" and epoch:
+                # New pictures every epoch (corpus.fresh_images): 2,800 of them learnt 14 times over
+                # taught it those (train loss 0.03 -> 0.016) and named one held-out picture more of 40.
+                train = fresh_conversations(args.seed + FRESH_SEED + epoch, len(train), tok, lut, len(kept))
+                pixel_cache.clear()  # (keyed by the PNG objects' ids, which new ones may take)
             batches = make_batches(train, args.token_budget, rng, len(prefix))
             epoch += 1
         b = batches.pop()
