@@ -430,7 +430,7 @@ def test_the_demo_model_answers_on_the_page_and_the_readmes_screenshot(playwrigh
             b.page.set_input_files("#file", str(png))
             b.wait_until("document.querySelectorAll('#attachments .attachment').length === 1")
             b.send("What is in this image?")
-            assert "red" in b.texts(".message.assistant .content")[-1].lower()  # (shapes: not learned yet)
+            assert "red circle" in b.texts(".message.assistant .content")[-1].lower()
             shot = tmp_path / "chat-page.png"
             b.page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000

@@ -177,13 +177,13 @@ def picture(shapes, background: str) -> str:
 @pytest.mark.parametrize("colour,shape,background", [("red", "circle", "white"), ("blue", "triangle", "black"),
                                                      ("green", "circle", "white")])
 def test_a_question_about_a_picture_over_the_api(client, colour, shape, background):
-    """The image reaches the model through the API and changes its answer: it names the colour and
-    the background (the shape, not reliably yet)."""
+    """The image reaches the model through the API and changes its answer: it names the colour, the
+    shape and the background."""
     content = [{"type": "image_url", "image_url": {"url": picture([(colour, shape)], background)}},
                {"type": "text", "text": "What is in this image?"}]
     reply = client.chat.completions.create(messages=[{"role": "user", "content": content}], **GREEDY)
     words = reply.choices[0].message.content.lower().replace(".", " ").split()
-    assert colour in words and background in words, reply.choices[0].message.content
+    assert colour in words and shape in words and background in words, reply.choices[0].message.content
 
 
 def test_a_json_schema_answer_parses_and_is_right(client):
