@@ -62,13 +62,22 @@ def test_other_shares_change_the_training_mix_and_never_the_held_out_split():
         C.mix({k: 0.0 for k in C.KINDS})
 
 
-def test_fresh_pictures_are_new_ones_asked_in_the_training_phrasings(split):
+def test_fresh_conversations_draw_new_towns_and_pictures_and_keep_the_held_out_splits(split):
     train, held = split
-    fresh = C.fresh_images(10_001, 200)
-    assert {s.kind for s in fresh} == set(C.IMAGE_KINDS)
+    fresh = C.fresh(10_001, 600)
+    base, new = C.World(0), C.World(10_001)
+    assert len(set(new.towns) - set(base.towns)) > 300  # (of 400: short ones of two syllables may meet)
+    cities = {a["city"] for s in fresh for _, a in calls(s) if "city" in a}
+    held_cities = set(base.weather_heldout)
+    assert cities and not cities & held_cities and cities & set(new.towns)
+    amounts = {a["amount"] for s in fresh for _, a in calls(s) if "amount" in a}
+    assert amounts and not amounts & set(base.amounts_heldout)
     seen = {png for s in train + held for png in s.images}
-    assert not seen & {png for s in fresh for png in s.images}
+    pictures = C.fresh(10_001, 200, kinds=C.IMAGE_KINDS)
+    assert {s.kind for s in pictures} == set(C.IMAGE_KINDS)
+    assert not seen & {png for s in pictures for png in s.images}
     asked = {s.messages[0]["content"][1]["text"] for s in train if s.kind in C.IMAGE_KINDS}
-    assert {s.messages[0]["content"][1]["text"] for s in fresh} <= asked
-    assert [s.images for s in C.fresh_images(10_001, 5)] == [s.images for s in fresh[:5]]
-    assert [s.images for s in C.fresh_images(10_002, 5)] != [s.images for s in fresh[:5]]
+    assert {s.messages[0]["content"][1]["text"] for s in pictures} <= asked
+    assert [s.images for s in C.fresh(10_001, 5, kinds=C.IMAGE_KINDS)] == [s.images for s in pictures[:5]]
+    with pytest.raises(ValueError, match="held-out"):
+        C.fresh(1000, 5)

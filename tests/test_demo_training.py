@@ -55,15 +55,17 @@ def test_a_resumed_last_pt_carries_the_record_of_its_runs(tmp_path):
     assert train.load_resume(tmp_path / "old.pt", tmp_path / "elsewhere")[1] is None
 
 
-def test_training_the_vision_tower_alone_leaves_the_language_model_and_mtp_head_as_they_were():
-    """`--train vision`: one optimizer step on a loss that reaches every weight moves the vision
-    tower's only — weight decay included, which would move a frozen weight left in the optimizer."""
+@pytest.mark.parametrize("part", ["vision", "text"])
+def test_training_one_part_leaves_the_other_exactly_as_it_was(part):
+    """`--train vision` / `--train text`: one optimizer step on a loss that reaches every weight moves
+    that part's only (the vision tower; all but it) — weight decay included, which would move a frozen
+    weight left in the optimizer."""
     state, _ = train.load_resume(WEIGHTS, WEIGHTS)
     model = train.DemoModel(state["kept"], 4)
     model.load_state_dict(dict(state["model"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    learning = train.learning_parameters(model, "vision")
-    assert learning and all(n.startswith(train.VISION) for n, _ in learning)
+    learning = train.learning_parameters(model, part)
+    assert learning and all(n.startswith(train.VISION) == (part == "vision") for n, _ in learning)
     opt = train.optimizer(learning, 1e-2)
     loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
     loss = loss + sum(p.sum() * 0 for p in model.parameters())  # (frozen ones in the graph, no gradient)
@@ -71,7 +73,9 @@ def test_training_the_vision_tower_alone_leaves_the_language_model_and_mtp_head_
     opt.step()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {n for n, _ in learning}
-    assert any(n.startswith("mtp.") for n in before) and not any(n.startswith("mtp.") for n in moved)
+    assert any(n.startswith("mtp.") for n in moved) == (part == "text")
+    with pytest.raises(ValueError, match="one of"):
+        train.learning_parameters(model, "embeddings")
 
 
 def test_training_the_vision_tower_needs_a_model_to_continue():

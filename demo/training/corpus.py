@@ -485,14 +485,25 @@ def build(seed: int = 0, n_train: int = 10000, n_heldout_per_kind: int = 40,
 IMAGE_KINDS = ("image", "count")
 
 
-def fresh_images(seed: int, n: int) -> list[Sample]:
-    """`n` training conversations about new pictures (the image kinds, in their KINDS shares), from a world
-    of another seed than the training set's (`seed`) and the held-out one's (`seed` + 1000): what
-    train.py's `--train vision` learns from anew each epoch, so that the vision tower cannot learn a
-    set of pictures by heart. Their words are the training set's."""
+def fresh(seed: int, n: int, base_seed: int = 0, shares: dict[str, float] | None = None,
+          kinds: tuple[str, ...] | None = None) -> list[Sample]:
+    """`n` new training conversations (of `kinds`, default all, in their shares of the training mix)
+    from a world of another seed, `seed`, that keeps the training world's (`base_seed`'s) held-out
+    splits — cities, amounts, currency pairs — and draws everything else anew: pictures, and the
+    made-up towns of the weather calls. What train.py's `--fresh` (and `--train vision`) learns from
+    each epoch after the first, so that no town or picture can be learnt by heart: a call must copy
+    its city from the question. `seed` must be neither `base_seed` nor `base_seed` + 1000 (the
+    held-out world's)."""
+    if seed in (base_seed, base_seed + 1000):
+        raise ValueError(f"seed {seed} is the training or the held-out world's")
+    base = World(base_seed)
     world = World(seed)
-    weights = [KINDS[k] for k in IMAGE_KINDS]
-    return [getattr(world, world.rng.choices(IMAGE_KINDS, weights)[0])("train", world.rng.random() < 0.5)
+    world.weather_train, world.weather_heldout = base.weather_train, base.weather_heldout
+    world.amounts_train, world.amounts_heldout = base.amounts_train, base.amounts_heldout
+    world.pairs_train, world.pairs_heldout = base.pairs_train, base.pairs_heldout
+    names = [k for k in KINDS if kinds is None or k in kinds]
+    weights = [w for k, w in zip(KINDS, mix(shares)) if k in names]
+    return [getattr(world, world.rng.choices(names, weights)[0])("train", world.rng.random() < 0.5)
             for _ in range(n)]
 
 

@@ -233,10 +233,16 @@ def repeat_cache(cache, batch: int):
 VISION = "hf.model.visual."  # the vision tower's parameters (patch embedding, blocks, merger)
 
 
+PARTS = ("all", "vision", "text")  # --train: everything; the vision tower; all but the vision tower
+
+
 def learning_parameters(model: nn.Module, part: str = "all") -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) pairs a run of `--train part` updates; the others are frozen. Frozen ones
     stay out of the optimizer too: its weight decay would otherwise move them."""
-    chosen = [(n, p) for n, p in model.named_parameters() if part == "all" or n.startswith(VISION)]
+    if part not in PARTS:
+        raise ValueError(f"--train takes one of {', '.join(PARTS)}, not {part!r}")
+    chosen = [(n, p) for n, p in model.named_parameters()
+              if part == "all" or (part == "vision") == n.startswith(VISION)]
     names = {n for n, _ in chosen}
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
@@ -384,15 +390,18 @@ def prepare(seed: int, tokenizer_dir: Path, shares: dict[str, float] | None = No
 FRESH_SEED = 10_000  # fresh pictures' worlds: seed + FRESH_SEED + epoch (training: seed; held out: seed + 1000)
 
 
-def fresh_conversations(seed: int, n: int, tok, lut: np.ndarray, shared_row: int):
-    """`n` tokenized conversations about new pictures (corpus.fresh_images), as `prepare` gives the
-    training set; every token must be one the model has a row for."""
+def fresh_conversations(seed: int, n: int, tok, lut: np.ndarray, shared_row: int, base_seed: int = 0,
+                        shares: dict[str, float] | None = None, kinds: tuple[str, ...] | None = None):
+    """`n` tokenized new conversations (corpus.fresh), as `prepare` gives the training set, less
+    those that use a token the model has no row for (a new town may be spelled in pieces no
+    training conversation had)."""
     template = C.load_template()
-    items = [(C.tokenize_sample(tok, template, s, IMAGE_TOKENS), s) for s in C.fresh_images(seed, n)]
-    for (ids, _), s in items:
-        if (lut[np.asarray(ids)] == shared_row).any():
-            raise SystemExit(f"a fresh {s.kind} conversation uses a token the model has no row for")
-    return items
+    items = [(C.tokenize_sample(tok, template, s, IMAGE_TOKENS), s)
+             for s in C.fresh(seed, n, base_seed, shares, kinds)]
+    kept = [item for item in items if not (lut[np.asarray(item[0][0])] == shared_row).any()]
+    print(f"fresh conversations (world {seed}): {len(kept)} of {len(items)} "
+          f"({len(items) - len(kept)} use a token without a row)", flush=True)
+    return kept
 
 
 def make_batches(items, token_budget: int, rng: random.Random, prefix_len: int = 0):
@@ -572,9 +581,12 @@ def main(argv=None) -> None:
     ap.add_argument("--mix", default="", metavar="KIND=SHARE,...",
                     help="other shares of the training set for some kinds (e.g. image=0.4,count=0.15; the rest "
                          "keep corpus.KINDS' shares, all relative); the held-out set is unchanged")
-    ap.add_argument("--train", choices=("all", "vision"), default="all",
-                    help="what learns: everything, or only the vision tower on the conversations with an image "
-                         "(the language model and the MTP head stay exactly as resumed)")
+    ap.add_argument("--train", choices=PARTS, default="all",
+                    help="what learns: everything; only the vision tower, on the conversations with an image (the "
+                         "language model and the MTP head stay exactly as resumed); or all but the vision tower")
+    ap.add_argument("--fresh", action="store_true",
+                    help="every epoch new conversations (new made-up towns and pictures, the same held-out splits: "
+                         "corpus.fresh); --train vision does so from its second epoch")
     args = ap.parse_args(argv)
     try:
         shares = {k.strip(): float(v) for k, v in (part.split("=") for part in args.mix.split(",") if part.strip())}
@@ -685,10 +697,11 @@ def main(argv=None) -> None:
     meta = {}
     while step < args.steps:
         if not batches:
-            if args.train == "vision" and epoch:
-                # New pictures every epoch (corpus.fresh_images): 2,800 of them learnt 14 times over
-                # taught it those (train loss 0.03 -> 0.016) and named one held-out picture more of 40.
-                train = fresh_conversations(args.seed + FRESH_SEED + epoch, len(train), tok, lut, len(kept))
+            if args.fresh or (epoch and args.train == "vision"):
+                # New conversations every epoch (corpus.fresh): 2,800 pictures learnt 14 times over taught
+                # it those (train loss 0.03 -> 0.016) and named one held-out picture more of 40 (run 13).
+                train = fresh_conversations(args.seed + FRESH_SEED + epoch, len(train), tok, lut, len(kept),
+                                            args.seed, shares, C.IMAGE_KINDS if args.train == "vision" else None)
                 pixel_cache.clear()  # (keyed by the PNG objects' ids, which new ones may take)
             batches = make_batches(train, args.token_budget, rng, len(prefix))
             epoch += 1
