@@ -490,9 +490,9 @@ def fresh(seed: int, n: int, base_seed: int = 0, shares: dict[str, float] | None
     """`n` new training conversations (of `kinds`, default all, in their shares of the training mix)
     from a world of another seed, `seed`, that keeps the training world's (`base_seed`'s) held-out
     splits — cities, amounts, currency pairs — and draws everything else anew: pictures, and the
-    made-up towns of the weather calls. What train.py's `--fresh` (and `--train vision`) learns from
-    each epoch after the first, so that no town or picture can be learnt by heart: a call must copy
-    its city from the question. `seed` must be neither `base_seed` nor `base_seed` + 1000 (the
+    made-up towns of the weather calls. What train.py's `--fresh` learns from every epoch (and
+    `--train vision` from its second), so that no town or picture can be learnt by heart: a call must
+    copy its city from the question. `seed` must be neither `base_seed` nor `base_seed` + 1000 (the
     held-out world's)."""
     if seed in (base_seed, base_seed + 1000):
         raise ValueError(f"seed {seed} is the training or the held-out world's")

@@ -387,7 +387,7 @@ def prepare(seed: int, tokenizer_dir: Path, shares: dict[str, float] | None = No
     return tok, train_t, held_t, kept, unseen
 
 
-FRESH_SEED = 10_000  # fresh pictures' worlds: seed + FRESH_SEED + epoch (training: seed; held out: seed + 1000)
+FRESH_SEED = 10_000  # fresh worlds: seed + FRESH_SEED + epoch (training: seed; held out: seed + 1000)
 
 
 def fresh_conversations(seed: int, n: int, tok, lut: np.ndarray, shared_row: int, base_seed: int = 0,
