@@ -266,3 +266,21 @@ def test_a_server_builds_the_vocabulary_view_while_idle_in_steps_a_request_stops
     del s
     gc.collect()
     assert model() is None  # freed, and so gone from the registry
+
+
+def test_a_call_written_when_no_tools_were_offered_stays_in_the_content():
+    """Calls are read only in a reply to a request that offers tools, as llama.cpp's chat parser
+    reads them: a model that writes a call to a tool nobody offered gives its text, which the client
+    can show, rather than a call it cannot run and an empty answer (the demo model did so twice in 40
+    held-out questions about a picture)."""
+    forced = tool_call_constraint(TOOLS[-1:], "ping", False)
+    asked = [{"role": "user", "content": "Check."}]
+    with ChatSession(str(build_tiny_gguf()), n_ctx=1024, threads=1, prefill=False, temp=0.0) as s:
+        for _ in s.respond(asked, tools=TOOLS[-1:], constraint=forced, think=False):
+            pass
+        offered = s.last_reply
+        for _ in s.respond(asked, constraint=forced, think=False):
+            pass
+        unoffered = s.last_reply
+    assert [c["function"]["name"] for c in offered.tool_calls] == ["ping"] and not offered.content
+    assert not unoffered.tool_calls and "<function=ping>" in unoffered.content, unoffered

@@ -472,7 +472,10 @@ class ChatSession:
         constrained = request.constraint is not None and request.constraint.grammar is not None
         ends_reasoning = self._tool_call if not constrained or request.constraint.tool_call else None
         splitter = ReplySplitter(in_reasoning, self._think_open, self._think_close, ends_reasoning)
-        answer = ToolCallReader(tools, enabled=request.read_tool_calls, parallel=request.parallel_tool_calls)
+        # Calls are read only where tools were offered (llama.cpp's chat parser does the same): a call to a
+        # tool nobody offered stays text the client can show, not a call it cannot run beside no answer.
+        answer = ToolCallReader(tools, enabled=request.read_tool_calls and bool(tools),
+                                parallel=request.parallel_tool_calls)
         stop = StopStrings(list(request.stop))
         notices: list[str] = []
         finish = "interrupted"
