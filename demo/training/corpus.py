@@ -435,13 +435,18 @@ KINDS = {  # kind: share of the training set
 }
 
 
+def check_kinds(names) -> None:
+    """ValueError naming those of `names` that are not kinds of conversation (KINDS)."""
+    unknown = set(names) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kind(s) {', '.join(sorted(unknown))}; the kinds are {', '.join(KINDS)}")
+
+
 def mix(shares: dict[str, float] | None = None) -> list[float]:
     """KINDS' shares, in its order, with `shares` in place of some (ValueError: a kind that is not
     one, a share below 0, or none left above 0)."""
     shares = shares or {}
-    unknown = set(shares) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown kind(s) {', '.join(sorted(unknown))}; the kinds are {', '.join(KINDS)}")
+    check_kinds(shares)
     weights = [shares.get(k, KINDS[k]) for k in KINDS]
     if min(weights) < 0 or not sum(weights) > 0:
         raise ValueError(f"shares must be 0 or more, some above 0, not {shares}")

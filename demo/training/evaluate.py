@@ -208,9 +208,10 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-tasks", action="store_true", help="only the MTP measurement")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(C.KINDS))
-    if unknown:
-        raise SystemExit(f"--kinds: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(C.KINDS)}")
+    try:
+        C.check_kinds(kinds)
+    except ValueError as e:
+        raise SystemExit(f"--kinds: {e}") from None
     res = {"scores": {}} if args.skip_tasks else evaluate(args.gguf, args.limit, args.verbose, args.threads, kinds)
     if args.mtp:
         res["mtp"] = mtp_acceptance(args.gguf, threads=args.threads)
