@@ -81,3 +81,12 @@ def test_training_one_part_leaves_the_other_exactly_as_it_was(part):
 def test_training_the_vision_tower_needs_a_model_to_continue():
     with pytest.raises(SystemExit, match="--resume"):
         train.main(["--train", "vision", "--out", "/nonexistent/never-written"])
+
+
+def test_the_evaluation_says_in_one_line_what_it_was_given_wrong():
+    from qwen35.demo.training import evaluate
+
+    with pytest.raises(SystemExit, match="unknown kind.*pictures"):
+        evaluate.main(["/nonexistent.gguf", "--kinds", "image,pictures"])
+    with pytest.raises(SystemExit, match="/nonexistent.gguf does not exist"):
+        evaluate.main(["/nonexistent.gguf", "--kinds", "image"])

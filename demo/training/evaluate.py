@@ -212,6 +212,8 @@ def main(argv=None) -> None:
         C.check_kinds(kinds)
     except ValueError as e:
         raise SystemExit(f"--kinds: {e}") from None
+    if not args.gguf.is_file():
+        raise SystemExit(f"error: {args.gguf} does not exist")
     res = {"scores": {}} if args.skip_tasks else evaluate(args.gguf, args.limit, args.verbose, args.threads, kinds)
     if args.mtp:
         res["mtp"] = mtp_acceptance(args.gguf, threads=args.threads)
