@@ -81,6 +81,8 @@ def test_training_one_part_leaves_the_other_exactly_as_it_was(part):
 def test_training_the_vision_tower_needs_a_model_to_continue():
     with pytest.raises(SystemExit, match="--resume"):
         train.main(["--train", "vision", "--out", "/nonexistent/never-written"])
+    with pytest.raises(SystemExit, match="/nonexistent/model does not exist"):
+        train.main(["--resume", "/nonexistent/model", "--out", "/nonexistent/never-written"])
 
 
 def test_the_evaluation_says_in_one_line_what_it_was_given_wrong():

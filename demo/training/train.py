@@ -598,6 +598,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--mix: {e}") from None
     if args.train != "all" and not args.resume:
         raise SystemExit(f"--train {args.train} continues a model: give --resume")
+    if args.resume and not args.resume.exists():
+        raise SystemExit(f"--resume: {args.resume} does not exist")
     if args.layers < 4 or args.layers % 4:
         raise SystemExit(f"--layers must be a multiple of 4, not {args.layers}")
     command = "python -m demo.training.train " + " ".join(sys.argv[1:] if argv is None else argv)
