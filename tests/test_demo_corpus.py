@@ -2,7 +2,8 @@
 
 - the held-out split is its own: the capitals it asks the weather of never appear in a training
   conversation's tool call, and `heldout()` gives exactly `build()`'s held-out conversations;
-- every tool call of training is well-formed for its tool.
+- every tool call of training is well-formed for its tool;
+- the real cities the weather calls of training use besides the made-up towns are none of the capitals.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ def test_the_held_out_cities_are_never_called_in_training(split):
     assert called and not called & set(world.weather_heldout)
     asked = {args["city"] for s in held for name, args in calls(s) if name == "get_weather"}
     assert asked and asked <= set(world.weather_heldout)
+
+
+def test_the_real_cities_of_training_are_no_capital_and_reach_the_calls(split):
+    capitals = [cap for _, cap in C.CAPITALS]
+    assert len(set(C.OTHER_CITIES)) == len(C.OTHER_CITIES)
+    # not a capital, nor a name holding one or held in one ("Lima" in a "Limassol")
+    assert not [(o, c) for o in C.OTHER_CITIES for c in capitals if c in o or o in c]
+    train, _ = split
+    called = {args["city"] for s in train for name, args in calls(s) if name == "get_weather"}
+    assert len(called & set(C.OTHER_CITIES)) > 100
+    assert any(" " in city for city in called & set(C.OTHER_CITIES))
 
 
 def test_the_held_out_split_alone_is_that_of_the_whole_build(split):

@@ -144,6 +144,46 @@ class Sample:
     tools: list[dict] | None = None
 
 
+# Real cities that are not capitals, used with the weather tool in training only. The made-up towns are
+# spelt from 28 syllables, and a call learnt from them alone spells what it cannot copy in those
+# syllables: a held-out "New Delhi" came out "Gorni", "Riyadh" in an answer "Rorika" (runs 8 to 15).
+# Names in many pieces and of one to four words, as real places are, leave a call nothing to do but copy.
+OTHER_CITIES = [
+    "New York", "Los Angeles", "Chicago", "Houston", "Phoenix", "Philadelphia", "San Antonio", "San Diego",
+    "Dallas", "San Jose", "Austin", "Seattle", "Denver", "Boston", "Detroit", "Nashville", "Portland",
+    "Las Vegas", "Memphis", "Baltimore", "Milwaukee", "Albuquerque", "Tucson", "Fresno", "Sacramento",
+    "Atlanta", "Miami", "Oakland", "Minneapolis", "Tulsa", "Cleveland", "New Orleans", "Pittsburgh",
+    "Cincinnati", "Orlando", "Tampa", "Honolulu", "Anchorage", "Salt Lake City", "Kansas City",
+    "San Francisco", "Toronto", "Montreal", "Vancouver", "Calgary", "Edmonton", "Winnipeg", "Quebec City",
+    "Halifax", "Victoria", "Guadalajara", "Monterrey", "Tijuana", "Cancun", "Puebla", "Rio de Janeiro",
+    "Sao Paulo", "Salvador", "Recife", "Fortaleza", "Porto Alegre", "Curitiba", "Manaus", "Belo Horizonte",
+    "Cordoba", "Rosario", "Mendoza", "Valparaiso", "Cusco", "Arequipa", "Medellin", "Cali", "Cartagena",
+    "Barranquilla", "Guayaquil", "Maracaibo", "Montevideo", "Manchester", "Liverpool", "Birmingham",
+    "Glasgow", "Edinburgh", "Leeds", "Bristol", "Newcastle", "Cardiff", "Belfast", "Cork", "Galway",
+    "Marseille", "Lyon", "Toulouse", "Nice", "Nantes", "Bordeaux", "Lille", "Strasbourg", "Hamburg", "Munich",
+    "Cologne", "Frankfurt", "Stuttgart", "Dresden", "Leipzig", "Hanover", "Nuremberg", "Bremen", "Milan",
+    "Naples", "Turin", "Florence", "Venice", "Bologna", "Genoa", "Palermo", "Barcelona", "Valencia",
+    "Seville", "Bilbao", "Malaga", "Zaragoza", "Porto", "Coimbra", "Faro", "Rotterdam", "Utrecht",
+    "Eindhoven", "Antwerp", "Ghent", "Bruges", "Zurich", "Geneva", "Basel", "Lausanne", "Salzburg",
+    "Innsbruck", "Graz", "Krakow", "Gdansk", "Wroclaw", "Poznan", "Brno", "Ostrava", "Debrecen", "Szeged",
+    "Gothenburg", "Malmo", "Uppsala", "Bergen", "Trondheim", "Stavanger", "Aarhus", "Odense", "Tampere",
+    "Turku", "Thessaloniki", "Patras", "Istanbul", "Izmir", "Antalya", "Bursa", "Saint Petersburg",
+    "Novosibirsk", "Kazan", "Yekaterinburg", "Vladivostok", "Odesa", "Kharkiv", "Lviv", "Osaka", "Kyoto",
+    "Yokohama", "Nagoya", "Sapporo", "Fukuoka", "Kobe", "Hiroshima", "Shanghai", "Guangzhou", "Shenzhen",
+    "Chengdu", "Wuhan", "Hangzhou", "Xian", "Nanjing", "Hong Kong", "Busan", "Incheon", "Daegu", "Mumbai",
+    "Bangalore", "Chennai", "Kolkata", "Hyderabad", "Pune", "Jaipur", "Ahmedabad", "Lucknow", "Karachi",
+    "Lahore", "Peshawar", "Dhaka", "Chittagong", "Colombo", "Kandy", "Chiang Mai", "Phuket", "Pattaya",
+    "Ho Chi Minh City", "Da Nang", "Hue", "Surabaya", "Bandung", "Medan", "Denpasar", "Cebu", "Davao",
+    "Kuala Lumpur", "Penang", "Singapore", "Sydney", "Melbourne", "Brisbane", "Perth", "Adelaide", "Hobart",
+    "Darwin", "Auckland", "Christchurch", "Dunedin", "Queenstown", "Alexandria", "Giza", "Luxor", "Aswan",
+    "Casablanca", "Marrakesh", "Fez", "Tangier", "Lagos", "Kano", "Ibadan", "Kumasi", "Mombasa", "Kisumu",
+    "Dar es Salaam", "Zanzibar", "Johannesburg", "Cape Town", "Durban", "Pretoria", "Port Elizabeth", "Dakar",
+    "Tunis", "Algiers", "Tripoli", "Khartoum", "Kampala", "Kigali", "Luanda", "Harare", "Lusaka", "Maputo",
+    "Dubai", "Abu Dhabi", "Doha", "Muscat", "Jeddah", "Mecca", "Medina", "Isfahan", "Shiraz", "Tabriz",
+    "Mashhad", "Basra", "Mosul", "Erbil", "Beirut", "Amman", "Damascus", "Aleppo", "Jerusalem", "Tel Aviv",
+    "Haifa",
+]
+
 TOWN_SYLLABLES = ["ka", "ro", "ven", "mil", "dor", "ta", "lin", "bra", "sel", "gor", "an", "mar", "est", "wick",
                   "ham", "ford", "ber", "lo", "ni", "sa", "tor", "vi", "len", "mont", "port", "sten", "al", "ri"]
 
@@ -300,7 +340,8 @@ class World:
     def _city(self, split: str) -> str:
         if split == "heldout":
             return self.rng.choice(self.weather_heldout)
-        return self.rng.choice(self.towns if self.rng.random() < 0.6 else self.weather_train)
+        r = self.rng.random()
+        return self.rng.choice(self.towns if r < 0.4 else OTHER_CITIES if r < 0.7 else self.weather_train)
 
     def weather(self, split: str, think: bool) -> Sample:
         city = self._city(split)
