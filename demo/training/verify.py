@@ -29,6 +29,9 @@ from . import corpus as C
 from . import train as T
 
 
+WELL = 1e-6  # KL between transformers' float32 and float64 below which a position is well-conditioned
+
+
 def load_training_model(weights_dir: Path) -> T.DemoModel:
     from safetensors.torch import load_file
 
@@ -71,7 +74,7 @@ def main(argv=None) -> None:
     picks = [next(s for s in held if s.kind == kind) for kind in ("fact", "image", "weather", "count", "follow")]
     picks = picks[: args.samples]
     worst = 0.0
-    gguf_kl, gguf_agree, all_kl, own_kl = [], [], [], []
+    gguf_kl, gguf_agree, all_kl, own_kl, gen = [], [], [], [], []
     for s in picks:
         ids, mask = C.tokenize_sample(tok, template, s, T.IMAGE_TOKENS)
         ids_t = torch.tensor([ids])
@@ -111,6 +114,7 @@ def main(argv=None) -> None:
                 lp64 = torch.log_softmax(full64(input_ids=ids_t).logits[0], -1)
             all_kl.append(kl(lp64, ll))
             own_kl.append(kl(lp64, full_lp))
+            gen.append(generated)
         print(f"{s.kind:8s} {len(ids):4d} tokens: max |log p_full - log p_reduced| kept {diff:.2e}, "
               f"shared {diff_shared:.2e}; argmax agreement {agree:.3f}")
     with safe_open(str(args.checkpoint / "model.safetensors"), "pt") as f:
@@ -121,14 +125,23 @@ def main(argv=None) -> None:
     assert worst < 1e-3, worst
     if gguf_kl:
         kl, agree = torch.cat(gguf_kl), torch.cat(gguf_agree)
-        every, own = torch.cat(all_kl), torch.cat(own_kl)
+        every, own, gen = torch.cat(all_kl), torch.cat(own_kl), torch.cat(gen)
+        # Where float32 itself moves the model (transformers' float32 more than WELL from float64: a
+        # choice on a knife's edge, after the 429 untrained positions of the tools prompt whose states
+        # reach norms above 1,000), no float32 implementation can be exact; there the measure is the
+        # distance to float64, which ours must not exceed transformers' by much.
+        well = own[gen] < WELL
         print(f"{args.gguf.name} against transformers (float32), the {len(kl)} generated positions: mean KL "
-              f"{kl.mean().item():.2e}, max {kl.max().item():.2e}; top-1 agreement over all {len(agree)} "
+              f"{kl.mean().item():.2e}, max {kl.max().item():.2e}; the {int(well.sum())} where float32 is within "
+              f"{WELL:g} of float64: mean KL {kl[well].mean().item():.2e}; top-1 agreement over all {len(agree)} "
               f"{agree.mean().item():.4f}")
+        print(f"the generated positions against transformers in float64: {args.gguf.name} mean KL "
+              f"{every[gen].mean().item():.2e}, transformers' float32 {own[gen].mean().item():.2e}")
         print(f"every position against transformers in float64: {args.gguf.name} mean KL {every.mean().item():.2e} "
               f"(max {every.max().item():.2e}), transformers' float32 {own.mean().item():.2e} (max {own.max().item():.2e})")
-        assert kl.mean().item() < 1e-5, kl.mean().item()
-        assert every.mean().item() <= 1.5 * own.mean().item() + 1e-6, (every.mean().item(), own.mean().item())
+        assert kl[well].mean().item() < 1e-5, kl[well].mean().item()
+        for ours, theirs in ((every[gen], own[gen]), (every, own)):
+            assert ours.mean().item() <= 1.5 * theirs.mean().item() + 1e-6, (ours.mean().item(), theirs.mean().item())
 
 
 if __name__ == "__main__":
