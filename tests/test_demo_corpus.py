@@ -25,12 +25,17 @@ def calls(sample) -> list[tuple[str, dict]]:
             for c in m.get("tool_calls") or []]
 
 
+def weather_cities(samples) -> set[str]:
+    """The cities the weather calls of `samples` ask about."""
+    return {args["city"] for s in samples for name, args in calls(s) if name == "get_weather"}
+
+
 def test_the_held_out_cities_are_never_called_in_training(split):
     train, held = split
     world = C.World(0)
-    called = {args["city"] for s in train for name, args in calls(s) if name == "get_weather"}
+    called = weather_cities(train)
     assert called and not called & set(world.weather_heldout)
-    asked = {args["city"] for s in held for name, args in calls(s) if name == "get_weather"}
+    asked = weather_cities(held)
     assert asked and asked <= set(world.weather_heldout)
 
 
@@ -40,7 +45,7 @@ def test_the_real_cities_of_training_are_no_capital_and_reach_the_calls(split):
     # not a capital, nor a name holding one or held in one ("Lima" in a "Limassol")
     assert not [(o, c) for o in C.OTHER_CITIES for c in capitals if c in o or o in c]
     train, _ = split
-    called = {args["city"] for s in train for name, args in calls(s) if name == "get_weather"}
+    called = weather_cities(train)
     assert len(called & set(C.OTHER_CITIES)) > 100
     assert any(" " in city for city in called & set(C.OTHER_CITIES))
 
@@ -79,7 +84,7 @@ def test_fresh_conversations_draw_new_towns_and_pictures_and_keep_the_held_out_s
     fresh = C.fresh(10_001, 600)
     base, new = C.World(0), C.World(10_001)
     assert len(set(new.towns) - set(base.towns)) > 300  # (of 400: short ones of two syllables may meet)
-    cities = {a["city"] for s in fresh for _, a in calls(s) if "city" in a}
+    cities = weather_cities(fresh)
     held_cities = set(base.weather_heldout)
     assert cities and not cities & held_cities and cities & set(new.towns)
     amounts = {a["amount"] for s in fresh for _, a in calls(s) if "amount" in a}
