@@ -184,7 +184,7 @@ OTHER_CITIES = [
     "Haifa",
 ]
 
-TOWNS = 2000  # made-up towns in the weather calls of training (below)
+TOWNS = 400  # made-up towns in the weather calls of training (below)
 TOWN_SYLLABLES = ["ka", "ro", "ven", "mil", "dor", "ta", "lin", "bra", "sel", "gor", "an", "mar", "est", "wick",
                   "ham", "ford", "ber", "lo", "ni", "sa", "tor", "vi", "len", "mont", "port", "sten", "al", "ri"]
 
@@ -298,9 +298,9 @@ class World:
         # Made-up towns, used with the weather tool in training only: with 35 real cities a model can
         # learn the calls as a lookup; hundreds of names it cannot memorize make it copy the city
         # from the question, which is what the held-out cities (real ones, never used with a tool) test.
-        # 2,000 of them, each in about one conversation: with 400, each in four, run 16 learnt their
-        # endings, and a held-out name spelt like one's beginning took its ending — "L" "is" then
-        # "alen" (Nisalen) for Lisbon, p 0.61 against "bon"'s 0.23; "Am" then "man" (Amman) for Amsterdam.
+        # (Each of the 400 is in about four conversations, and run 16 learnt their endings: its call for
+        # Lisbon gives "L" "is" then Nisalen's "alen". 2,000 towns, runs 18 and 19, moved the wrong
+        # names elsewhere and cost the answers: demo/training/README.md.)
         self.towns = made_up_towns(random.Random(seed + 2), TOWNS)
 
     # each generator returns a Sample; split is "train" or "heldout"
