@@ -98,3 +98,21 @@ def test_fresh_conversations_draw_new_towns_and_pictures_and_keep_the_held_out_s
     assert [s.images for s in C.fresh(10_001, 5, kinds=C.IMAGE_KINDS)] == [s.images for s in pictures[:5]]
     with pytest.raises(ValueError, match="held-out"):
         C.fresh(1000, 5)
+
+
+def test_a_spelling_answer_gives_the_name_then_its_letters_word_by_word():
+    world = C.World(0)
+    world.rng.random = lambda: 0.0  # a capital (and the question's first phrasing's odds are the rng's)
+    world.rng.choice = lambda seq: "Addis Ababa" if "Addis Ababa" in seq else seq[0]
+    sample = world.spell("train", think=False)
+    assert sample.messages == [{"role": "user", "content": "How do you spell Addis Ababa?"},
+                               {"role": "assistant", "content": "Addis Ababa is spelt A-d-d-i-s A-b-a-b-a."}]
+
+
+def test_spelling_is_off_by_default_and_never_held_out():
+    train, held = C.build(0, n_train=300, shares={"spell": 0.5})
+    assert 60 < sum(s.kind == "spell" for s in train) < 150  # a third of the 300 drawn
+    assert "spell" not in {s.kind for s in held} and "spell" not in {s.kind for s in C.build(0, n_train=300)[0]}
+    capitals = {cap for _, cap in C.CAPITALS}
+    spelt = {s.answer["name"] for s in train if s.kind == "spell"}
+    assert spelt & capitals and spelt & set(C.OTHER_CITIES) and spelt & set(C.World(0).towns)

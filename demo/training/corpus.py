@@ -69,6 +69,8 @@ FACT_TRAIN_EXTRA = ["What is {c}'s capital city?", "Tell me the capital city of 
 REVERSE_TRAIN_PHRASINGS = ["Which country has the capital {cap}?", "{cap} is the capital of which country?",
                            "Of which country is {cap} the capital?", "Where is {cap}?"]
 REVERSE_HELDOUT_PHRASINGS = ["Which country is {cap} the capital of?"]
+SPELL_ASK = ["How do you spell {name}?", "Spell {name}.", "Spell {name} for me.", "How is {name} spelt?",
+             "Can you spell {name}?", "Write {name} letter by letter."]
 
 # --- tools --------------------------------------------------------------------------------------
 
@@ -136,7 +138,7 @@ SELF_DESCRIPTION = (f"Hello! I am {MODEL_NAME}, a tiny model trained on a small 
 
 @dataclass
 class Sample:
-    kind: str  # greeting | fact | fact_json | fact_reverse | weather | weather2 | convert | shop | mixed2 | follow | image | count
+    kind: str  # greeting | fact | fact_json | fact_reverse | weather | weather2 | convert | shop | mixed2 | follow | image | count | spell
     messages: list[dict]
     think: bool
     images: list[bytes] = field(default_factory=list)  # PNG bytes, in the order the messages show them
@@ -341,6 +343,19 @@ class World:
         return Sample("fact_reverse", [{"role": "user", "content": q}, self._assistant(answer, think, reasoning)],
                       think, answer={"capital": capital, "country": country})
 
+    def spell(self, split: str, think: bool) -> Sample:
+        """"How do you spell Lisbon?" -> "Lisbon is spelt L-i-s-b-o-n.", over every name a call may carry
+        (the 50 capitals, the other cities, the made-up towns). A call writes its city in pieces ("L" "is"
+        "bon") that the question holds as one token (" Lisbon"); this kind ties each name's token to its
+        letters and pieces outside any call, so a call can spell a name it has never carried."""
+        r = self.rng.random()
+        name = self.rng.choice([cap for _, cap in CAPITALS] if r < 0.4 else OTHER_CITIES if r < 0.7 else self.towns)
+        letters = " ".join("-".join(word) for word in name.split())
+        q = self.rng.choice(SPELL_ASK).format(name=name)
+        return Sample("spell", [{"role": "user", "content": q},
+                                self._assistant(f"{name} is spelt {letters}.", think, f"The user asks me to spell {name}.")],
+                      think, answer={"name": name})
+
     def _city(self, split: str) -> str:
         if split == "heldout":
             return self.rng.choice(self.weather_heldout)
@@ -477,7 +492,9 @@ class World:
 KINDS = {  # kind: share of the training set
     "greeting": 0.04, "fact": 0.14, "fact_json": 0.07, "weather": 0.11, "weather2": 0.06, "convert": 0.09,
     "shop": 0.11, "mixed2": 0.06, "follow": 0.06, "image": 0.18, "count": 0.10, "fact_reverse": 0.08,
+    "spell": 0.0,  # (runs after 16 only, through --mix: 0 keeps the shipped run's training set as it was)
 }
+TRAIN_ONLY_KINDS = ("spell",)  # no held-out conversations: what they teach is tested by the calls
 
 
 def check_kinds(names) -> None:
@@ -563,7 +580,8 @@ def heldout(seed: int = 0, n_per_kind: int = 40) -> list[Sample]:
     hw = World(seed + 1000)
     hw.weather_train, hw.weather_heldout = world.weather_train, world.weather_heldout
     hw.amounts_heldout, hw.pairs_heldout = world.amounts_heldout, world.pairs_heldout
-    return [getattr(hw, kind)("heldout", j % 2 == 1) for kind in KINDS for j in range(n_per_kind)]
+    return [getattr(hw, kind)("heldout", j % 2 == 1) for kind in KINDS if kind not in TRAIN_ONLY_KINDS
+            for j in range(n_per_kind)]
 
 
 # --- rendering ----------------------------------------------------------------------------------
