@@ -492,7 +492,7 @@ class World:
 KINDS = {  # kind: share of the training set
     "greeting": 0.04, "fact": 0.14, "fact_json": 0.07, "weather": 0.11, "weather2": 0.06, "convert": 0.09,
     "shop": 0.11, "mixed2": 0.06, "follow": 0.06, "image": 0.18, "count": 0.10, "fact_reverse": 0.08,
-    "spell": 0.0,  # (runs after 16 only, through --mix: 0 keeps the shipped run's training set as it was)
+    "spell": 0.0,  # run 20 mixes it in (--mix spell=0.12); 0 keeps runs 1-16's training sets as they were
 }
 TRAIN_ONLY_KINDS = ("spell",)  # no held-out conversations: what they teach is tested by the calls
 
