@@ -100,6 +100,24 @@ def test_a_chat_is_token_for_token_that_of_plain_decoding(controlled, tmp_path):
     assert crossed[:4] == plain["continued"][:4] and context == plain["context"]
 
 
+def test_the_first_token_does_not_wait_for_the_mtp_layer_to_read_the_prompt(controlled, monkeypatch):
+    """The MTP context takes in the prompt's last decode once the reply's first token is out
+    (Decoder.catch_up), not before it: on the demo model that is a fifth of the prompt's work."""
+    from qwen35.runtime.engine.speculative import Speculator
+
+    events = []
+    feed = Speculator.feed
+    monkeypatch.setattr(Speculator, "feed", lambda self, tokens, pos, observe=0: (
+        events.append(("feed", len(tokens))), feed(self, tokens, pos, observe))[1])
+    with _session(controlled, "mtp") as s:
+        for piece in s.stream("Tell me about lighthouses.", max_tokens=16):
+            events.append(("piece", piece.text))
+        prompt = s.last_reply.stats["prompt_tokens"]
+        assert s.decoder.spec.drafted > 0
+    first_piece = next(i for i, e in enumerate(events) if e[0] == "piece")
+    assert ("feed", prompt) in events[first_piece:] and ("feed", prompt) not in events[:first_piece], events[:4]
+
+
 def test_a_chat_about_an_image_is_that_of_plain_decoding(tmp_path):
     """After an image the positions fall behind the cells (M-RoPE): the drafts, the verify and its
     rollback go by positions, the context-full checks by cells; the MTP head skips the image."""

@@ -167,8 +167,10 @@ class Decoder:
         # again when they are free): see adaptive_threads.py.
         self.governor = ThreadGovernor(self.threads, self._set_threads) if adapt_threads and self.threads > 1 \
             else None
+        # A prompt's last decode, not yet in the MTP context (catch_up): (tokens, position, look).
+        self._behind: tuple[list[int], int, int] | None = None
         # The state the cache checkpoints: the model's, and with speculation the MTP head's too.
-        self.state = DraftedState(self.ctx, self.spec) if self.spec else self.ctx
+        self.state = DraftedState(self.ctx, self.spec, before=self.catch_up) if self.spec else self.ctx
         self.cache = StateCache(self.state, cache_bytes)
 
     # --- evaluating -----------------------------------------------------------------------------
@@ -179,7 +181,10 @@ class Decoder:
         `last_batch` cells when they are text. Returns False if interrupted between batches (`stop`
         set, or `stop()` true); the state stays consistent either way (`cache.tokens` lists exactly
         what has been evaluated). `prompt`: these end a turn's prompt (what `auto` may judge a new
-        MTP head by: DraftPolicy.observe_text)."""
+        MTP head by: DraftPolicy.observe_text); the MTP context takes in the prompt's last decode
+        only when the decoder is next used (catch_up), so that the reply's first token does not wait
+        for it."""
+        self.catch_up()
         step = min(step or self.ctx.n_batch, self.ctx.n_batch)
         held = self.cache.tokens
         i = 0
@@ -206,7 +211,9 @@ class Decoder:
             look = min(TEXT_LOOK, len(chunk)) if prompt and last and self.spec and self.policy.drafts() \
                 and self.policy.wants_text() else 0
             self.ctx.decode(chunk, pos, cells=len(held), logits_last=last, logits_tail=look)
-            if self.spec:
+            if self.spec and prompt and last:
+                self._behind = (chunk, pos, look)
+            elif self.spec:
                 self._track(chunk, pos, look)
             held.extend(chunk)
             i = end
@@ -227,6 +234,7 @@ class Decoder:
     def draft_step(self, token: int, sampler: native.Sampler, n_draft: int) -> Verified:
         """Evaluate `token` and the MTP head's `n_draft` drafts in one pass, sampling every row
         while the samples match the drafts (Speculator.step)."""
+        self.catch_up()
         tokens = self.cache.tokens
         batch, sampled = self.spec.step(token, position(tokens), sampler, n_draft, self.model.is_eog,
                                         cells=len(tokens))
@@ -239,6 +247,17 @@ class Decoder:
             self.spec.keep(verified.pos + verified.kept)
             self.cache.tokens.extend(verified.batch[:verified.kept])
         return None
+
+    def catch_up(self) -> None:
+        """Bring the MTP context up to what the model evaluated: the prompt's last decode, which
+        `evaluate` left to now. Its hidden states and logits stay the model's last outputs until the
+        next decode, and every use of the decoder or of its state (DraftedState) calls this first:
+        the MTP layer's share of the prompt (on the demo model a fifth of its work) comes after
+        the first token instead of before it."""
+        if self._behind is not None:
+            tokens, pos, look = self._behind
+            self._behind = None
+            self._track(tokens, pos, look)
 
     def _track(self, tokens: list[int], pos: int, look: int = 0) -> None:
         """Keep the MTP head in step with what the model just evaluated: all of it while drafting,

@@ -617,28 +617,37 @@ def split_state(data: bytes | bytearray) -> tuple[bytes | bytearray, bytes | Non
 class DraftedState:
     """The target context and its Speculator as one model state, for the state cache: every
     checkpoint, restore and trim of the target carries the drafting side along, so a conversation
-    taken up from a checkpoint or a saved file drafts as well as if it had never stopped."""
+    taken up from a checkpoint or a saved file drafts as well as if it had never stopped.
+    `before`: called first by each of them (Decoder.catch_up: the drafting side may lag the target
+    by a prompt's last decode)."""
 
-    def __init__(self, target: native.Context, speculator: Speculator) -> None:
+    def __init__(self, target: native.Context, speculator: Speculator,
+                 before: Callable[[], None] = lambda: None) -> None:
         self._target = target
         self._spec = speculator
+        self._before = before
 
     def get_state(self, flags: int) -> bytearray:
+        self._before()
         return join_state(self._target.get_state(flags), self._spec.get_state(flags))
 
     def state_size(self, flags: int) -> int:
+        self._before()
         return self._target.state_size(flags) + self._spec.state_size(flags) + _STATE_TAIL
 
     def set_state(self, data: bytes | bytearray, flags: int) -> None:
+        self._before()
         target, drafting = split_state(data)
         self._target.set_state(target if isinstance(target, bytearray) else bytes(target), flags)
         self._spec.set_state(drafting, flags)
 
     def trim(self, pos: int) -> None:
+        self._before()
         self._target.trim(pos)
         self._spec.trim(pos)
 
     def clear(self) -> None:
+        self._before()
         self._target.clear()
         self._spec.clear()
 
