@@ -102,8 +102,8 @@ def test_fresh_conversations_draw_new_towns_and_pictures_and_keep_the_held_out_s
 
 def test_a_spelling_answer_gives_the_name_then_its_letters_word_by_word():
     world = C.World(0)
-    world.rng.random = lambda: 0.0  # a capital (and the question's first phrasing's odds are the rng's)
-    world.rng.choice = lambda seq: "Addis Ababa" if "Addis Ababa" in seq else seq[0]
+    world.rng.random = lambda: 0.0  # the capitals' share of the draws
+    world.rng.choice = lambda seq: "Addis Ababa" if "Addis Ababa" in seq else seq[0]  # (and the first phrasing)
     sample = world.spell("train", think=False)
     assert sample.messages == [{"role": "user", "content": "How do you spell Addis Ababa?"},
                                {"role": "assistant", "content": "Addis Ababa is spelt A-d-d-i-s A-b-a-b-a."}]

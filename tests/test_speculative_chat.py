@@ -107,8 +107,12 @@ def test_the_first_token_does_not_wait_for_the_mtp_layer_to_read_the_prompt(cont
 
     events = []
     feed = Speculator.feed
-    monkeypatch.setattr(Speculator, "feed", lambda self, tokens, pos, observe=0: (
-        events.append(("feed", len(tokens))), feed(self, tokens, pos, observe))[1])
+
+    def logged_feed(self, tokens, pos, observe=0):
+        events.append(("feed", len(tokens)))
+        return feed(self, tokens, pos, observe)
+
+    monkeypatch.setattr(Speculator, "feed", logged_feed)
     with _session(controlled, "mtp") as s:
         for piece in s.stream("Tell me about lighthouses.", max_tokens=16):
             events.append(("piece", piece.text))
