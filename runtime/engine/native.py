@@ -248,6 +248,14 @@ class Sampling:
     seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
 
 
+def greedy_token(logits) -> int | None:
+    """The token llama.cpp's greedy sampler picks from `logits`: the first highest. None where a NaN
+    is among them (numpy's argmax would pick it, llama.cpp's comparisons skip it): the native chain
+    then decides, as it always did."""
+    token = int(logits.argmax())
+    return None if logits[token] != logits[token] else token
+
+
 class Sampler:
     """A native sampler chain in llama.cpp's default order (grammar.build_chain). `constraints`
     (native samplers such as a logit bias or llama.cpp's own grammar, see constraints.py) go
@@ -259,9 +267,21 @@ class Sampler:
 
         self.grammar = GrammarStage(grammar, s, n_vocab) if grammar is not None else None
         self._chain = build_chain(s, n_vocab, first=constraints, last=[self.grammar.ptr] if self.grammar else ())
+        # Greedy and nothing else (an agent's temperature 0): the token is the logits' argmax, read
+        # where llama.cpp left them. llama_sampler_sample would first copy all 248,320 logits into
+        # candidates to walk them once: 0.3 ms a token on the AMD EPYC, a sixth of the demo model's
+        # step (docs/benchmarks.md, "Serving").
+        self._n_vocab = n_vocab
+        self._argmax = s.temp <= 0 and s.repeat_penalty == 1.0 and s.presence_penalty == 0.0 \
+            and not constraints and grammar is None
 
     def sample(self, ctx: "Context", i: int = -1) -> int:
         """Sample (and accept) a token from the logits of output `i` of the last decode (-1: the last)."""
+        if self._argmax:
+            token = greedy_token(ctx.logits_view(i))
+            if token is not None:
+                L.llama_sampler_accept(self._chain, token)
+                return token
         if self.grammar is None:
             return L.llama_sampler_sample(self._chain, ctx.ptr, i)
         self.grammar.logits = lambda: ctx.logits(i)
@@ -277,6 +297,10 @@ class Sampler:
         from .grammar import draw
 
         logits = np.ascontiguousarray(logits, dtype=np.float32)
+        token = greedy_token(logits) if self._argmax else None
+        if token is not None:
+            L.llama_sampler_accept(self._chain, token)
+            return token
         if self.grammar is not None:
             self.grammar.logits = lambda: logits
         token = draw(self._chain, np.arange(len(logits), dtype=np.int32), logits)
@@ -365,12 +389,16 @@ class Context:
 
     def logits(self, i: int):
         """Logits of output `i` of the last decode (-1: the last), as a numpy float32 copy."""
+        return self.logits_view(i).copy()
+
+    def logits_view(self, i: int):
+        """The same, read in place: valid until the next decode."""
         import numpy as np
 
         ptr = L.llama_get_logits_ith(self._ctx, i)
         if not ptr:
             raise ChatError(f"llama.cpp has no logits for output {i} of the last decode")
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
     def set_threads(self, threads: int) -> None:
         """Threads of the next decodes (generation and prompt batches alike); takes effect at once."""
