@@ -634,6 +634,34 @@ def test_respond_prefills_between_requests_and_answers_as_without_it(tiny_gguf):
     assert stats["cached_tokens"] == plain_stats["cached_tokens"]
 
 
+def test_a_server_renders_the_next_requests_turn_boundaries_while_it_idles(tiny_gguf):
+    """After idle(), a request that goes on from the reply as its client sends it back renders only
+    its prompt (conversation/boundaries.py: the stand-ins were rendered ahead), and the state cache
+    keeps the same checkpoints, of the same kinds, as when they are rendered on the request's path."""
+    first = [{"role": "user", "content": "Tell me about harbours and their lights."}]
+    seen = {}
+    for ahead in (True, False):
+        with ChatSession(tiny_gguf, n_ctx=2048, threads=2, seed=5, temp=0, max_tokens=6) as s:
+            for think in (False, True):
+                for _ in s.respond(first, tools=TOOLS, think=think):
+                    pass
+                reply = {"role": "assistant", "content": s.last_reply.content}
+                if not ahead:
+                    s._foresight = None
+                s.idle()
+                renders = []
+                render = s.boundaries._render
+                s.boundaries._render = lambda *a, **k: renders.append(1) or render(*a, **k)
+                for _ in s.respond(first + [reply, {"role": "user", "content": "More."}], tools=TOOLS, think=think):
+                    pass
+                s.boundaries._render = render
+                seen.setdefault(ahead, []).append(
+                    (len(renders), s.last_reply.content,
+                     sorted((len(c.tokens), c.kind) for c in s.cache.checkpoints())))
+    assert [n for n, _, _ in seen[True]] == [0, 0] and [n for n, _, _ in seen[False]] == [2, 2]
+    assert [rest for _, *rest in seen[True]] == [rest for _, *rest in seen[False]]
+
+
 def test_a_request_that_arrives_stops_the_prefill_between_two_steps(tiny_gguf):
     from qwen35.runtime.conversation.prefill import PREFILL_STEP
 

@@ -496,6 +496,35 @@ def _wait_idle(server, timeout=10.0) -> None:
         time.sleep(0.01)
 
 
+FROZEN = """
+import gc, sys, time
+from qwen35.runtime import ChatSession
+from qwen35.runtime.frontends.server import Server
+with ChatSession(sys.argv[1], n_ctx=1024, threads=2) as session:
+    server = Server(session, model_name="tiny", freeze_gc=sys.argv[2] == "freeze")
+    end = time.monotonic() + 60
+    while not session.prepared and time.monotonic() < end:
+        time.sleep(0.1)
+    time.sleep(1.0)  # (the worker freezes on the pass that finished preparing; idle a while longer)
+    print(session.prepared, gc.get_freeze_count())
+    server.close()
+"""
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_once_idle_a_server_process_leaves_what_it_holds_out_of_garbage_collection(freeze):
+    # In a process of its own: freezing is for the whole process (`qwen35 serve`'s), not a library's.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FROZEN, str(build_tiny_gguf()), "freeze" if freeze else "no"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    prepared, frozen = out.stdout.split()
+    assert prepared == "True"
+    assert (int(frozen) > 10_000) if freeze else frozen == "0"
+
+
 def test_an_idle_server_secures_the_live_conversation_for_the_next_switch(server, client, monkeypatch):
     from qwen35.runtime.engine import state_cache
     from qwen35.runtime.frontends.server import IDLE_S

@@ -35,6 +35,7 @@ from ..engine.speculative import AUTO, DRAFT_VOCAB, split_state
 from ..engine.state_cache import PREFIX, PROMPT, TURN, Checkpoint
 from ..engine.vision import DEFAULT_IMAGE_MAX_TOKENS, find_mmproj
 from . import constraints
+from .boundaries import TurnBoundaries
 from .constraints import Constraint
 from .generation import Request, generate
 from .media import Media
@@ -161,6 +162,8 @@ class ChatSession:
         self.media = Media(model, mf.path.name, self.n_ctx, self.decoder.threads, vision, expected, image_max_tokens)
         self.decoder.images = self.media.evaluate
         self.prefill = Prefill(self.decoder, self._render_cells, prefill)
+        self.boundaries = TurnBoundaries(self.template.render, self.media.cells)
+        self._foresight: tuple[list[dict], list[dict], bool | None] | None = None  # for idle(): boundaries.foresee
         if mmproj is not None:
             self.media.vision()  # a file named by the user is checked now, not at the first image
 
@@ -279,6 +282,8 @@ class ChatSession:
         self.messages = []
         self.cache.forget()
         self.prefill.forget()
+        self.boundaries.forget()
+        self._foresight = None
         self.stats = {}
         self.media.forget()
 
@@ -358,6 +363,9 @@ class ChatSession:
             self.prefill.run(*guess, guess=True, busy=busy)
         if not busy():
             self.cache.secure_live()
+        foresight, self._foresight = self._foresight, None
+        if foresight is not None and not busy():
+            self.boundaries.foresee(*foresight)
         if self._vocabulary is not None and self._vocabulary.step(busy) is not None:
             self._vocabulary = None  # (built: prepare_constraints)
 
@@ -414,6 +422,11 @@ class ChatSession:
         else:
             constraints.tokenizer(self.decoder.model)
 
+    @property
+    def prepared(self) -> bool:
+        """Whether what prepare_constraints(when_idle=True) asked for is built (idle() builds it)."""
+        return self._vocabulary is None
+
     def close(self) -> None:
         if getattr(self, "prefill", None):
             self._settle()
@@ -439,7 +452,7 @@ class ChatSession:
               record: bool, reasoning_comes_back: bool = False) -> Iterator[Piece]:
         start = time.perf_counter()
         self._settle()  # waiting for the prefill counts in the time to first token
-        self.prefill.guess = None  # (about the reply before: this turn replaces it)
+        self.prefill.guess = self._foresight = None  # (about the reply before: this turn replaces it)
         conversation = history + new
         tools = request.tools
         prompt_text = self.template.render(conversation, add_generation_prompt=True, think=request.think,
@@ -455,7 +468,8 @@ class ChatSession:
         # A boundary inside the prompt ends a decode (costing about one token's decode more), unless
         # it is among the last few (READ_BACK); the prompt's end costs nothing: its snapshot is
         # taken after the last decode.
-        boundaries = {len(prompt): PROMPT, **{n: TURN for n in self._stable_boundaries(conversation, tools, prompt)}}
+        turns = self.boundaries.of(conversation, tools, request.think, prompt, prompt_text)
+        boundaries = {len(prompt): PROMPT, **{n: TURN for n in turns}}
         prefix = self._prefix_boundary(conversation, tools)
         if prefix >= MIN_PREFIX_CHECKPOINT:
             boundaries[prefix] = PREFIX
@@ -573,6 +587,7 @@ class ChatSession:
                     if reasoning_comes_back and reasoning:
                         reply["reasoning_content"] = reasoning
                     self.prefill.guess = (conversation + prepare_messages([reply]), tools)
+                    self._foresight = (self.prefill.guess[0], tools, request.think)
 
     # --- the conversation's cells ---------------------------------------------------------------
 
@@ -615,22 +630,6 @@ class ChatSession:
                 del self._prefix_lengths[next(iter(self._prefix_lengths))]
             self._prefix_lengths[key] = common_prefix(a, b)
         return self._prefix_lengths[key]
-
-    def _stable_boundaries(self, conversation: list[dict], tools: list[dict], prompt: list[int]) -> set[int]:
-        """How many of this prompt's tokens the next turn's prompt will start with, whether it
-        brings a new message or the results of the tools called: render the next turn with a
-        stand-in answer and a stand-in message (or tool result), and compare. For Qwen3.5 they agree
-        up to an `<|im_start|>assistant\n` (the next rendering drops or rewrites the `<think>`
-        block): after the last user message's for a new message, this whole prompt for a tool
-        result. A guess only: if the real answer renders differently, the next turn notices (the
-        checkpoint is not a prefix of its prompt) and evaluates more, never something wrong."""
-        answer = {"role": "assistant", "content": "Answer."}
-        points = set()
-        for following in ({"role": "user", "content": "Next."}, {"role": "tool", "content": "Result."}):
-            upcoming = self._render_cells(conversation + [answer, following], add_generation_prompt=False, think=None,
-                                          tools=tools)
-            points.add(common_prefix(prompt, upcoming))
-        return points
 
     def _render_cells(self, conversation: list[dict], **how) -> list[int]:
         return self.media.cells(self.template.render(conversation, **how), conversation)
