@@ -127,3 +127,11 @@ def test_a_conversation_holding_the_placeholder_is_not_foreseen():
     t.renders = 0
     assert b.of(request, TOOLS, False, *rendered(request, False)) == by_rendering(request, False)
     assert t.renders == 2
+
+
+def test_a_template_that_refuses_the_guess_leaves_the_request_to_render_its_own():
+    refusing = ChatTemplate("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}"
+                            "{% endif %}{{ m.content }}{% endfor %}")
+    b = TurnBoundaries(refusing.render, Counted.cells)
+    b.foresee(prepare_messages([{"role": "user", "content": "Weather in Oslo?"}, CALL]), TOOLS, False)
+    assert b._foreseen is None

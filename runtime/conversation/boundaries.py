@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from ..engine.errors import ChatError
 from .prefill import common_prefix
 
 ANSWER = {"role": "assistant", "content": "Answer."}
@@ -59,9 +60,12 @@ class TurnBoundaries:
         self._foreseen = None
         role = "tool" if conversation[-1].get("tool_calls") else "user"
         upcoming = conversation + [{"role": role, "content": HOLE}]
-        prompt = self._render(upcoming, add_generation_prompt=True, think=think, tools=tools)
-        texts = [self._render(upcoming + [ANSWER, following], add_generation_prompt=False, think=None, tools=tools)
-                 for following in STAND_INS]
+        try:
+            prompt = self._render(upcoming, add_generation_prompt=True, think=think, tools=tools)
+            texts = [self._render(upcoming + [ANSWER, following], add_generation_prompt=False, think=None,
+                                  tools=tools) for following in STAND_INS]
+        except ChatError:  # (a template that refuses the guess: the request renders its own)
+            return
         if all(text.count(HOLE) == 1 for text in [prompt, *texts]):  # (a message holding it: not foreseen)
             self._foreseen = (len(conversation), _key(tools, think), role, prompt, texts)
 
