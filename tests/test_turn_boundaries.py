@@ -41,17 +41,27 @@ class Counted:
         return TurnBoundaries(self.render, self.cells)
 
 
-def rendered(conversation, think):
+def rendered(conversation, think, tools=TOOLS):
     """What `of` is given: the prompt and its text, as the session renders it."""
-    text = ChatTemplate(TEMPLATE).render(conversation, add_generation_prompt=True, think=think, tools=TOOLS)
+    text = ChatTemplate(TEMPLATE).render(conversation, add_generation_prompt=True, think=think, tools=tools)
     return [ord(c) for c in text], text
 
 
 def by_rendering(conversation, think):
     t = Counted()
-    found = t.boundaries().of(conversation, TOOLS, think, *rendered(conversation, think))
+    found = t.boundaries().of(conversation, TOOLS, *rendered(conversation, think))
     assert t.renders == 2  # the two stand-ins
     return found
+
+
+def after_foresight(before, request, think=False, tools=TOOLS, foreseen_with=None):
+    """What `of` gives `request` (with `tools` and `think`) once `before` was foreseen (with the same,
+    or `foreseen_with`: (tools, think)), and how many renderings it made for it."""
+    t = Counted()
+    b = t.boundaries()
+    b.foresee(before, *(foreseen_with or (tools, think)))
+    t.renders = 0
+    return b.of(request, tools, *rendered(request, think, tools)), t.renders
 
 
 @pytest.mark.parametrize("think", [False, True, None])
@@ -62,12 +72,9 @@ def by_rendering(conversation, think):
 def test_the_foreseen_request_gets_the_boundaries_rendering_gives_without_rendering(think, reply, following):
     before = prepare_messages([{"role": "user", "content": "Weather in Oslo?"}, reply])
     request = before + prepare_messages([following])
-    t = Counted()
-    b = t.boundaries()
-    b.foresee(before, TOOLS, think)
-    t.renders = 0
-    assert b.of(request, TOOLS, think, *rendered(request, think)) == by_rendering(request, think)
-    assert t.renders == 0
+    found, renders = after_foresight(before, request, think)
+    assert found == by_rendering(request, think)
+    assert renders == 0
 
 
 def changed_history(before):
@@ -83,12 +90,9 @@ def changed_history(before):
 def test_any_other_request_is_rendered_as_before(unforeseen):
     before = prepare_messages([{"role": "user", "content": "Weather in Oslo?"}, CALL])
     request = prepare_messages(unforeseen(before))
-    t = Counted()
-    b = t.boundaries()
-    b.foresee(before, TOOLS, False)
-    t.renders = 0
-    assert b.of(request, TOOLS, False, *rendered(request, False)) == by_rendering(request, False)
-    assert t.renders == 2
+    found, renders = after_foresight(before, request)
+    assert found == by_rendering(request, False)
+    assert renders == 2
 
 
 def test_another_thinking_or_other_tools_is_rendered_as_before():
@@ -96,14 +100,8 @@ def test_another_thinking_or_other_tools_is_rendered_as_before():
     request = before + prepare_messages([RESULT])
     for think, tools in ((True, TOOLS), (False, TOOLS + [{**TOOLS[0], "function": {**TOOLS[0]["function"],
                                                                                    "name": "get_time"}}])):
-        t = Counted()
-        b = t.boundaries()
-        b.foresee(before, TOOLS, False)
-        t.renders = 0
-        prompt, text = (lambda s: ([ord(c) for c in s], s))(
-            ChatTemplate(TEMPLATE).render(request, add_generation_prompt=True, think=think, tools=tools))
-        b.of(request, tools, think, prompt, text)
-        assert t.renders == 2
+        _, renders = after_foresight(before, request, think, tools, foreseen_with=(TOOLS, False))
+        assert renders == 2
 
 
 def test_what_is_foreseen_serves_one_request():
@@ -112,21 +110,18 @@ def test_what_is_foreseen_serves_one_request():
     t = Counted()
     b = t.boundaries()
     b.foresee(before, TOOLS, False)
-    b.of(request, TOOLS, False, *rendered(request, False))
+    b.of(request, TOOLS, *rendered(request, False))
     t.renders = 0
-    b.of(request, TOOLS, False, *rendered(request, False))
+    b.of(request, TOOLS, *rendered(request, False))
     assert t.renders == 2
 
 
 def test_a_conversation_holding_the_placeholder_is_not_foreseen():
     before = prepare_messages([{"role": "user", "content": f"What is {HOLE}?"}, CALL])
-    t = Counted()
-    b = t.boundaries()
-    b.foresee(before, TOOLS, False)
     request = before + prepare_messages([RESULT])
-    t.renders = 0
-    assert b.of(request, TOOLS, False, *rendered(request, False)) == by_rendering(request, False)
-    assert t.renders == 2
+    found, renders = after_foresight(before, request)
+    assert found == by_rendering(request, False)
+    assert renders == 2
 
 
 def test_a_template_that_refuses_the_guess_leaves_the_request_to_render_its_own():

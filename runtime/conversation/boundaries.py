@@ -19,7 +19,6 @@ the placeholder, and the stand-in renderings are taken the same way, in microsec
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 from ..engine.errors import ChatError
@@ -38,18 +37,16 @@ class TurnBoundaries:
     def __init__(self, render: Callable[..., str], cells: Callable[[str, list[dict]], list[int]]) -> None:
         self._render = render
         self._cells = cells
-        # (the messages before the next one, the tools and thinking, the next message's role, the prompt,
-        # the stand-in renderings), each text with HOLE for the next message's
-        self._foreseen: tuple[int, str, str, str, list[str]] | None = None
+        # (the messages before the next one, the tools, the next message's role, the prompt, the stand-in
+        # renderings), each text with HOLE for the next message's
+        self._foreseen: tuple[int, list[dict], str, str, list[str]] | None = None
 
-    def of(self, conversation: list[dict], tools: list[dict], think: bool | None, prompt: list[int],
-           prompt_text: str) -> set[int]:
+    def of(self, conversation: list[dict], tools: list[dict], prompt: list[int], prompt_text: str) -> set[int]:
         """How many of `prompt`'s tokens (the rendering `prompt_text` of `conversation`) the next
         turn's prompt will start with, after a new message and after tool results."""
-        texts = self._recall(conversation, tools, think, prompt_text)
+        texts = self._recall(conversation, tools, prompt_text)
         if texts is None:
-            texts = [self._render(conversation + [ANSWER, following], add_generation_prompt=False, think=None,
-                                  tools=tools) for following in STAND_INS]
+            texts = self._stand_ins(conversation, tools)
         return {common_prefix(prompt, self._cells(text, conversation + [ANSWER, following]))
                 for text, following in zip(texts, STAND_INS)}
 
@@ -62,33 +59,33 @@ class TurnBoundaries:
         upcoming = conversation + [{"role": role, "content": HOLE}]
         try:
             prompt = self._render(upcoming, add_generation_prompt=True, think=think, tools=tools)
-            texts = [self._render(upcoming + [ANSWER, following], add_generation_prompt=False, think=None,
-                                  tools=tools) for following in STAND_INS]
+            texts = self._stand_ins(upcoming, tools)
         except ChatError:  # (a template that refuses the guess: the request renders its own)
             return
         if all(text.count(HOLE) == 1 for text in [prompt, *texts]):  # (a message holding it: not foreseen)
-            self._foreseen = (len(conversation), _key(tools, think), role, prompt, texts)
+            self._foreseen = (len(conversation), tools, role, prompt, texts)
 
     def forget(self) -> None:
         self._foreseen = None
 
-    def _recall(self, conversation: list[dict], tools: list[dict], think: bool | None,
-                prompt_text: str) -> list[str] | None:
+    def _stand_ins(self, conversation: list[dict], tools: list[dict]) -> list[str]:
+        """`conversation` rendered with a stand-in answer and, after it, each stand-in of what follows."""
+        return [self._render(conversation + [ANSWER, following], add_generation_prompt=False, think=None, tools=tools)
+                for following in STAND_INS]
+
+    def _recall(self, conversation: list[dict], tools: list[dict], prompt_text: str) -> list[str] | None:
         """The stand-in renderings of `conversation`, if it is the foreseen one with one more message:
         its prompt is the foreseen prompt with that message's text in the placeholder. (The prompt
-        stands for the conversation: a client sends the reply back in its own shape — ids, an empty
-        content or none — which the template renders alike.)"""
+        stands for the conversation and its thinking — a client sends the reply back in its own shape:
+        ids, an empty content or none, which the template renders alike; the stand-ins also take the
+        tools, compared as such.)"""
         foreseen, self._foreseen = self._foreseen, None  # (good for one request)
         if foreseen is None:
             return None
-        count, key, role, prompt, texts = foreseen
+        count, foreseen_tools, role, prompt, texts = foreseen
         last = conversation[-1]
         text = last.get("content")
         if len(conversation) != count + 1 or last.get("role") != role or not isinstance(text, str) \
-                or HOLE in text or _key(tools, think) != key or prompt.replace(HOLE, text) != prompt_text:
+                or HOLE in text or tools != foreseen_tools or prompt.replace(HOLE, text) != prompt_text:
             return None
         return [t.replace(HOLE, text) for t in texts]
-
-
-def _key(tools: list[dict], think: bool | None) -> str:
-    return json.dumps([tools, think], ensure_ascii=False, default=str)

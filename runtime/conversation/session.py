@@ -468,7 +468,7 @@ class ChatSession:
         # A boundary inside the prompt ends a decode (costing about one token's decode more), unless
         # it is among the last few (READ_BACK); the prompt's end costs nothing: its snapshot is
         # taken after the last decode.
-        turns = self.boundaries.of(conversation, tools, request.think, prompt, prompt_text)
+        turns = self.boundaries.of(conversation, tools, prompt, prompt_text)
         boundaries = {len(prompt): PROMPT, **{n: TURN for n in turns}}
         prefix = self._prefix_boundary(conversation, tools)
         if prefix >= MIN_PREFIX_CHECKPOINT:

@@ -60,7 +60,7 @@ class ChatTemplate:
             try:
                 key = json.dumps(variables, ensure_ascii=False)
             except (TypeError, ValueError):  # (not JSON: rendered every time)
-                key = None
+                pass
             last = self._last
             if key is not None and last is not None and last[0] == key:
                 return last[1]

@@ -268,20 +268,24 @@ class Sampler:
         self.grammar = GrammarStage(grammar, s, n_vocab) if grammar is not None else None
         self._chain = build_chain(s, n_vocab, first=constraints, last=[self.grammar.ptr] if self.grammar else ())
         # Greedy and nothing else (an agent's temperature 0): the token is the logits' argmax, read
-        # where llama.cpp left them. llama_sampler_sample would first copy all 248,320 logits into
-        # candidates to walk them once: 0.3 ms a token on the AMD EPYC, a sixth of the demo model's
-        # step (docs/benchmarks.md, "Serving").
-        self._n_vocab = n_vocab
+        # where llama.cpp left them. llama_sampler_sample first copies all 248,320 logits into
+        # candidates to walk them once: 0.64 ms a token on the AMD EPYC, against 0.06 ms this way
+        # (the demo model's step is ~9 ms; docs/benchmarks.md, "Serving").
         self._argmax = s.temp <= 0 and s.repeat_penalty == 1.0 and s.presence_penalty == 0.0 \
             and not constraints and grammar is None
 
+    def _accept_argmax(self, logits) -> int | None:
+        """The greedy token of `logits`, accepted as the chain would; None: the chain decides."""
+        token = greedy_token(logits)
+        if token is not None:
+            L.llama_sampler_accept(self._chain, token)
+        return token
+
     def sample(self, ctx: "Context", i: int = -1) -> int:
         """Sample (and accept) a token from the logits of output `i` of the last decode (-1: the last)."""
-        if self._argmax:
-            token = greedy_token(ctx.logits_view(i))
-            if token is not None:
-                L.llama_sampler_accept(self._chain, token)
-                return token
+        token = self._accept_argmax(ctx.logits_view(i)) if self._argmax else None
+        if token is not None:
+            return token
         if self.grammar is None:
             return L.llama_sampler_sample(self._chain, ctx.ptr, i)
         self.grammar.logits = lambda: ctx.logits(i)
@@ -297,9 +301,8 @@ class Sampler:
         from .grammar import draw
 
         logits = np.ascontiguousarray(logits, dtype=np.float32)
-        token = greedy_token(logits) if self._argmax else None
+        token = self._accept_argmax(logits) if self._argmax else None
         if token is not None:
-            L.llama_sampler_accept(self._chain, token)
             return token
         if self.grammar is not None:
             self.grammar.logits = lambda: logits
